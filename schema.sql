@@ -1,0 +1,122 @@
+-- contenthubd schema. Applied at every start; every statement is idempotent.
+-- Times are UTC ISO-8601 text ('2026-11-22T13:00:00.123Z'), which sorts and compares as text
+-- and which sqlite3's date functions understand.
+-- A later change to the schema adds a numbered block in contenthubd.MIGRATIONS and bumps
+-- schema_version; this file always describes the newest schema.
+
+CREATE TABLE IF NOT EXISTS schema_version (
+    version     INTEGER NOT NULL,
+    applied_at  TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS accounts (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL,
+    category    TEXT NOT NULL DEFAULT '',
+    enabled     INTEGER NOT NULL DEFAULT 1,
+    updated_at  TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS content_generation_tasks (
+    id               INTEGER PRIMARY KEY,
+    task_id          TEXT NOT NULL UNIQUE,
+    content_id       INTEGER,
+    account_id       INTEGER NOT NULL,
+    topic            TEXT NOT NULL,
+    keywords         TEXT NOT NULL DEFAULT '',
+    category         TEXT NOT NULL DEFAULT '',
+    requirements     TEXT NOT NULL DEFAULT '',
+    tone             TEXT NOT NULL DEFAULT '',
+    target_audience  TEXT NOT NULL DEFAULT '',
+    status           TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'submitted', 'running', 'completed',
+                                       'failed', 'timeout', 'cancelled')),
+    priority         INTEGER NOT NULL DEFAULT 5 CHECK (priority BETWEEN 0 AND 10),
+    retry_count      INTEGER NOT NULL DEFAULT 0,
+    max_retries      INTEGER NOT NULL DEFAULT 3,
+    attempt          INTEGER NOT NULL DEFAULT 0,   -- bumped by every claim; fences stale workers
+    auto_approve     INTEGER NOT NULL DEFAULT 0,
+    progress         INTEGER,
+    stage            TEXT,
+    submitted_at     TEXT,
+    started_at       TEXT,
+    completed_at     TEXT,
+    timeout_at       TEXT,
+    next_attempt_at  TEXT NOT NULL,
+    result           TEXT,                         -- JSON
+    error_message    TEXT,
+    error_kind       TEXT,
+    external_id      TEXT,
+    pid              INTEGER,
+    pgid             INTEGER,
+    schedule_run_id  INTEGER,
+    dedup_key        TEXT UNIQUE,
+    created_at       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL
+);
+
+-- The queue: claim_next_tasks reads pending rows in this order.
+CREATE INDEX IF NOT EXISTS idx_tasks_queue
+    ON content_generation_tasks (status, priority DESC, next_attempt_at, id);
+CREATE INDEX IF NOT EXISTS idx_tasks_account
+    ON content_generation_tasks (account_id, status);
+CREATE INDEX IF NOT EXISTS idx_tasks_created ON content_generation_tasks (created_at);
+CREATE INDEX IF NOT EXISTS idx_tasks_updated ON content_generation_tasks (updated_at);
+CREATE INDEX IF NOT EXISTS idx_tasks_schedule_run ON content_generation_tasks (schedule_run_id);
+
+CREATE TABLE IF NOT EXISTS task_events (
+    id           INTEGER PRIMARY KEY,
+    task_id      TEXT NOT NULL REFERENCES content_generation_tasks (task_id) ON DELETE CASCADE,
+    at           TEXT NOT NULL,
+    from_status  TEXT,
+    to_status    TEXT NOT NULL,
+    detail       TEXT
+);
+CREATE INDEX IF NOT EXISTS idx_events_task ON task_events (task_id, id);
+
+CREATE TABLE IF NOT EXISTS contents (
+    id                    INTEGER PRIMARY KEY,
+    task_id               TEXT NOT NULL UNIQUE
+                          REFERENCES content_generation_tasks (task_id) ON DELETE CASCADE,
+    account_id            INTEGER NOT NULL,
+    title                 TEXT NOT NULL,
+    body                  TEXT NOT NULL,
+    summary               TEXT NOT NULL DEFAULT '',
+    word_count            INTEGER NOT NULL DEFAULT 0,
+    images                TEXT NOT NULL DEFAULT '[]',   -- JSON list
+    quality               TEXT NOT NULL DEFAULT '{}',   -- JSON object
+    review_status         TEXT NOT NULL DEFAULT 'pending_review'
+                          CHECK (review_status IN ('pending_review', 'approved', 'rejected')),
+    review_reason         TEXT,
+    publish_status        TEXT NOT NULL DEFAULT 'draft'
+                          CHECK (publish_status IN ('draft', 'scheduled', 'published', 'failed')),
+    publish_attempts      INTEGER NOT NULL DEFAULT 0,
+    publish_error         TEXT,
+    scheduled_publish_at  TEXT,
+    published_at          TEXT,
+    created_at            TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_contents_account ON contents (account_id, created_at);
+CREATE INDEX IF NOT EXISTS idx_contents_review ON contents (review_status, created_at);
+CREATE INDEX IF NOT EXISTS idx_contents_publish ON contents (publish_status, scheduled_publish_at);
+
+CREATE TABLE IF NOT EXISTS schedule_state (
+    name                TEXT PRIMARY KEY,
+    paused              INTEGER NOT NULL DEFAULT 0,
+    last_scheduled_for  TEXT,
+    next_fire_at        TEXT,
+    config_hash         TEXT
+);
+
+CREATE TABLE IF NOT EXISTS schedule_runs (
+    id             INTEGER PRIMARY KEY,
+    schedule_name  TEXT NOT NULL,
+    scheduled_for  TEXT NOT NULL,
+    fired_at       TEXT NOT NULL,
+    trigger        TEXT NOT NULL CHECK (trigger IN ('cron', 'interval', 'manual', 'catch_up')),
+    status         TEXT NOT NULL
+                   CHECK (status IN ('firing', 'fired', 'missed', 'skipped_overlap', 'failed')),
+    result         TEXT,                              -- JSON: the executor's ExecutionResult
+    UNIQUE (schedule_name, scheduled_for)
+);
+CREATE INDEX IF NOT EXISTS idx_runs_fired ON schedule_runs (fired_at);
