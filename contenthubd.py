@@ -637,7 +637,7 @@ CONTENT_LIST_COLUMNS = ("c.id, c.task_id, c.account_id, a.name AS account_name, 
                         " c.summary, c.word_count, c.images, c.quality, c.review_status,"
                         " c.review_reason, c.publish_status, c.scheduled_publish_at,"
                         " c.published_at, c.created_at")
-CONTENT_FROM = ("contents c JOIN content_generation_tasks t ON t.task_id = c.task_id"
+CONTENT_FROM = ("contents c LEFT JOIN content_generation_tasks t ON t.task_id = c.task_id"
                 " LEFT JOIN accounts a ON a.id = c.account_id")
 TRANSIENT_DB_ERRORS = ("locked", "busy", "disk is full", "disk i/o error", "unable to open")
 
@@ -1141,6 +1141,176 @@ class Store:
 
         return await self._read(collect)
 
+    async def stats(self, days: int, now: datetime, tz: ZoneInfo) -> dict[str, Any]:
+        """`monitor stats`: outcomes of the tasks created in the last `days` days."""
+        since = to_db_time(now - timedelta(days=days))
+        offset = f"{int(now.astimezone(tz).utcoffset().total_seconds())} seconds"
+
+        def collect(conn: sqlite3.Connection) -> dict[str, Any]:
+            def rows(sql: str, *params: Any) -> list[dict[str, Any]]:
+                cursor = conn.execute(sql, params)
+                return [_row_dict(cursor, row) for row in cursor.fetchall()]
+
+            outcome = ("COUNT(*) AS total, SUM(t.status = 'completed') AS completed,"
+                       " SUM(t.status IN ('failed', 'timeout')) AS failed")
+            [totals] = rows(f"SELECT {outcome}, SUM(t.status = 'timeout') AS timeout"
+                            " FROM content_generation_tasks t WHERE t.created_at >= ?", since)
+            reasons = rows("SELECT COALESCE(error_kind, 'unknown') AS kind, COUNT(*) AS n FROM"
+                           " content_generation_tasks WHERE created_at >= ? AND status IN"
+                           " ('failed', 'timeout') GROUP BY kind ORDER BY n DESC", since)
+            per_day = rows(f"SELECT date(t.created_at, ?) AS day, {outcome}"
+                           " FROM content_generation_tasks t WHERE t.created_at >= ?"
+                           " GROUP BY day ORDER BY day", offset, since)
+            per_account = rows(f"SELECT t.account_id, a.name AS account_name, {outcome}"
+                               f" FROM {TASK_FROM} WHERE t.created_at >= ?"
+                               " GROUP BY t.account_id ORDER BY t.account_id", since)
+            finished = (totals["completed"] or 0) + (totals["failed"] or 0)
+            return {"days": days, **{k: v or 0 for k, v in totals.items()},
+                    "success_rate": round((totals["completed"] or 0) / finished, 4)
+                    if finished else None,
+                    "failure_reasons": {r["kind"]: r["n"] for r in reasons},
+                    "per_day": per_day, "per_account": per_account}
+
+        return await self._read(collect)
+
+    async def task_stats(self) -> dict[str, Any]:
+        by_status = await self.status_counts()
+        by_account = await self.query(
+            "SELECT t.account_id, a.name AS account_name, COUNT(*) AS total,"
+            " SUM(t.status = 'completed') AS completed,"
+            f" SUM(t.status IN ('failed', 'timeout')) AS failed FROM {TASK_FROM}"
+            " GROUP BY t.account_id ORDER BY t.account_id")
+        return {"by_status": by_status, "by_account": by_account}
+
+    async def cleanup_tasks(self, cutoff: datetime, statuses: list[str],
+                            dry_run: bool) -> int:
+        """Delete terminal tasks last updated before `cutoff` with their events. Contents
+        (the articles) are kept: they are the product, not bookkeeping."""
+        where = (f"status IN ({', '.join('?' * len(statuses))}) AND updated_at < ?")
+        params = (*statuses, to_db_time(cutoff))
+
+        def cleanup(conn: sqlite3.Connection) -> int:
+            if dry_run:
+                return conn.execute(f"SELECT COUNT(*) FROM content_generation_tasks WHERE"
+                                    f" {where}", params).fetchone()[0]
+            return conn.execute(f"DELETE FROM content_generation_tasks WHERE {where}",
+                                params).rowcount
+
+        return await (self._read(cleanup) if dry_run else self._write(cleanup))
+
+    # -- schedules -----------------------------------------------------------------------------
+
+    async def schedule_states(self) -> dict[str, dict[str, Any]]:
+        return {row["name"]: row for row in await self.query("SELECT * FROM schedule_state")}
+
+    async def save_schedule_state(self, name: str, **values: Any) -> None:
+        columns = ", ".join(values)
+        updates = ", ".join(f"{column} = excluded.{column}" for column in values)
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(f"INSERT INTO schedule_state (name, {columns}) VALUES"
+                         f" (?, {', '.join('?' * len(values))}) ON CONFLICT (name) DO UPDATE"
+                         f" SET {updates}", (name, *values.values()))
+
+        await self._write(save)
+
+    async def begin_run(self, name: str, scheduled_for: datetime, now: datetime,
+                        trigger: str) -> tuple[int, str]:
+        """Claim one schedule instant. UNIQUE(schedule_name, scheduled_for) makes a second
+        claim return the existing run: ('firing' means a crash interrupted it)."""
+
+        def begin(conn: sqlite3.Connection) -> tuple[int, str]:
+            instant = to_db_time(scheduled_for)
+            existing = conn.execute("SELECT id, status FROM schedule_runs WHERE"
+                                    " schedule_name = ? AND scheduled_for = ?",
+                                    (name, instant)).fetchone()
+            if existing:
+                return existing[0], existing[1]
+            run_id = conn.execute(
+                "INSERT INTO schedule_runs (schedule_name, scheduled_for, fired_at, trigger,"
+                " status) VALUES (?, ?, ?, ?, 'firing')",
+                (name, instant, to_db_time(now), trigger)).lastrowid
+            if trigger != "manual":
+                conn.execute("UPDATE schedule_state SET last_scheduled_for = ? WHERE name = ?"
+                             " AND (last_scheduled_for IS NULL OR last_scheduled_for < ?)",
+                             (instant, name, instant))
+            return run_id, "new"
+
+        return await self._write(begin)
+
+    async def finish_run(self, run_id: int, status: str, result: dict[str, Any]) -> None:
+        def finish(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE schedule_runs SET status = ?, result = ? WHERE id = ?",
+                         (status, json.dumps(result, ensure_ascii=False, default=str), run_id))
+
+        await self._write(finish)
+
+    async def record_missed_runs(self, name: str, instants: list[datetime], now: datetime,
+                                 trigger: str, skipped: int) -> None:
+        def record(conn: sqlite3.Connection) -> None:
+            note = json.dumps({"missed_not_listed": skipped}) if skipped else None
+            conn.executemany(
+                "INSERT INTO schedule_runs (schedule_name, scheduled_for, fired_at, trigger,"
+                " status, result) VALUES (?, ?, ?, ?, 'missed', ?) ON CONFLICT DO NOTHING",
+                [(name, to_db_time(i), to_db_time(now), trigger, note) for i in instants])
+            if instants:
+                conn.execute("UPDATE schedule_state SET last_scheduled_for = ? WHERE name = ?"
+                             " AND (last_scheduled_for IS NULL OR last_scheduled_for < ?)",
+                             (to_db_time(instants[-1]), name, to_db_time(instants[-1])))
+
+        await self._write(record)
+
+    async def interrupted_runs(self) -> list[dict[str, Any]]:
+        return await self.query("SELECT * FROM schedule_runs WHERE status = 'firing'"
+                                " ORDER BY id")
+
+    async def previous_run_unfinished(self, name: str, before_run_id: int) -> bool:
+        rows = await self.query(
+            "SELECT EXISTS (SELECT 1 FROM content_generation_tasks WHERE schedule_run_id ="
+            " (SELECT MAX(id) FROM schedule_runs WHERE schedule_name = ? AND id < ?"
+            " AND status = 'fired') AND status IN ('pending', 'submitted', 'running')) AS busy",
+            (name, before_run_id))
+        return bool(rows[0]["busy"])
+
+    async def list_runs(self, name: str | None, limit: int) -> list[dict[str, Any]]:
+        if name is None:
+            return await self.query("SELECT * FROM schedule_runs ORDER BY id DESC LIMIT ?",
+                                    (limit,))
+        return await self.query("SELECT * FROM schedule_runs WHERE schedule_name = ?"
+                                " ORDER BY id DESC LIMIT ?", (name, limit))
+
+    async def tasks_for_run(self, run_id: int) -> list[dict[str, Any]]:
+        return await self.query(f"SELECT {TASK_COLUMNS} FROM {TASK_FROM}"
+                                " WHERE t.schedule_run_id = ? ORDER BY t.id", (run_id,))
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def due_for_publish(self, now: datetime, max_attempts: int,
+                              limit: int) -> list[dict[str, Any]]:
+        return await self.query(
+            f"SELECT {CONTENT_LIST_COLUMNS}, c.body FROM {CONTENT_FROM}"
+            " WHERE c.review_status = 'approved' AND c.publish_status IN ('draft', 'scheduled')"
+            " AND (c.scheduled_publish_at IS NULL OR c.scheduled_publish_at <= ?)"
+            " AND c.publish_attempts < ? ORDER BY c.id LIMIT ?",
+            (to_db_time(now), max_attempts, limit))
+
+    async def record_publish(self, content_id: int, ok: bool, error: str | None,
+                             max_attempts: int, now: datetime) -> str:
+        def record(conn: sqlite3.Connection) -> str:
+            if ok:
+                conn.execute("UPDATE contents SET publish_status = 'published', published_at = ?,"
+                             " publish_error = NULL, publish_attempts = publish_attempts + 1"
+                             " WHERE id = ?", (to_db_time(now), content_id))
+                return "published"
+            conn.execute("UPDATE contents SET publish_attempts = publish_attempts + 1,"
+                         " publish_error = ?, publish_status = CASE WHEN publish_attempts + 1"
+                         " >= ? THEN 'failed' ELSE publish_status END WHERE id = ?",
+                         (error, max_attempts, content_id))
+            return conn.execute("SELECT publish_status FROM contents WHERE id = ?",
+                                (content_id,)).fetchone()[0]
+
+        return await self._write(record)
+
 # Creator runner ################################################################################
 
 PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
@@ -1512,6 +1682,576 @@ def article_row(article: Article, topic: str) -> dict[str, Any]:
     }
 
 
+# Executors #####################################################################################
+
+#: Topic templates per category (seed 000): topic i of an account is
+#: "{account_name} - {template} {i}", cycling through the category's templates.
+TOPIC_TEMPLATES = {
+    "技术": ("技术解析", "实践指南", "趋势分析"),
+    "产品": ("产品评测", "使用体验", "功能介绍"),
+    "运营": ("运营策略", "增长技巧", "案例分析"),
+    "营销": ("营销方法", "获客策略", "转化优化"),
+}
+DEFAULT_TOPIC_FORMAT = "{account_name} - {template} {i}"
+
+
+class ExecutorNotFound(ContentHubError):
+    code = "not_found"
+
+
+class InvalidParameters(ContentHubError):
+    code = "invalid"
+
+
+@dataclass
+class ExecutionResult:
+    """What one executor run did (seed 004's TaskExecutionResult)."""
+
+    success: bool
+    message: str
+    data: dict[str, Any] | None = None
+    error: str | None = None
+    duration: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ExecutionContext:
+    """What an executor may touch: the store, the config, and the run it belongs to."""
+
+    store: Store
+    config: Config
+    environ: dict[str, str]
+    now: datetime
+    schedule_name: str = ""
+    scheduled_for: datetime | None = None
+    run_id: int | None = None
+    wake_pool: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True)
+class ParamDoc:
+    name: str
+    type: str
+    required: bool
+    doc: str
+
+
+class Executor:
+    """Base of the registry: a type name, documented params, validation, and execute()."""
+
+    executor_type = ""
+    description = ""
+    params: tuple[ParamDoc, ...] = ()
+
+    def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
+        """Every problem with `params`, in words an operator can act on; [] when fine."""
+        known = {p.name for p in self.params}
+        return [f"unknown parameter '{name}'" for name in params if name not in known]
+
+    async def execute(self, ctx: ExecutionContext, params: dict[str, Any]) -> ExecutionResult:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.executor_type, "description": self.description,
+                "params": [dataclasses.asdict(p) for p in self.params]}
+
+
+def _check_type(problems: list[str], params: dict[str, Any], name: str, kind: type | tuple,
+                what: str) -> Any:
+    value = params.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        problems.append(f"'{name}' must be {what}, got {value!r}")
+        return None
+    return value
+
+
+class ContentGenerationExecutor(Executor):
+    """Turns one firing into tasks: one per account x count (or per listed topic)."""
+
+    executor_type = "async_content_generation"
+    description = "Queue article generation tasks for accounts (seed 000/003)."
+    params = (
+        ParamDoc("account_ids", "list[int]", True, "accounts from [[accounts]]"),
+        ParamDoc("count_per_account", "int", False, "articles per account (default 1)"),
+        ParamDoc("category", "str", False, "技术|产品|运营|营销; default: the account's"),
+        ParamDoc("topics", "list[{topic,keywords,requirements,tone}]", False,
+                 "explicit topics; each account gets each topic"),
+        ParamDoc("topic_format", "str", False,
+                 "overrides \"{account_name} - {template} {i}\""),
+        ParamDoc("keywords", "str", False, "comma-separated keywords for generated topics"),
+        ParamDoc("requirements", "str", False, "writing requirements for every task"),
+        ParamDoc("tone", "str", False, "tone for every task"),
+        ParamDoc("target_audience", "str", False, "audience for every task"),
+        ParamDoc("priority", "int", False, "0-10, default 5"),
+        ParamDoc("auto_approve", "bool", False, "approve contents on completion"),
+    )
+
+    def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
+        problems = super().validate_params(params, config)
+        accounts = {a.id: a for a in config.accounts}
+        account_ids = _check_type(problems, params, "account_ids", list, "a list of account ids")
+        if not account_ids:
+            if "account_ids" not in params or account_ids == []:
+                problems.append("'account_ids' is required: a non-empty list of account ids")
+            account_ids = []
+        for account_id in account_ids:
+            if not isinstance(account_id, int) or isinstance(account_id, bool):
+                problems.append(f"'account_ids' has a non-integer {account_id!r}")
+            elif account_id not in accounts:
+                problems.append(f"account {account_id} is not in [[accounts]]")
+        count = _check_type(problems, params, "count_per_account", int, "a positive integer")
+        if count is not None and count < 1:
+            problems.append("'count_per_account' must be at least 1")
+        priority = _check_type(problems, params, "priority", int, "an integer 0-10")
+        if priority is not None and not 0 <= priority <= 10:
+            problems.append("'priority' must be between 0 and 10")
+        _check_type(problems, params, "auto_approve", bool, "true or false")
+        for name in ("category", "topic_format", "keywords", "requirements", "tone",
+                     "target_audience"):
+            _check_type(problems, params, name, str, "a string")
+        topics = _check_type(problems, params, "topics", list, "a list of tables")
+        for i, topic in enumerate(topics or []):
+            if not isinstance(topic, dict) or not isinstance(topic.get("topic"), str) \
+                    or not topic["topic"].strip():
+                problems.append(f"'topics[{i}]' needs a non-empty 'topic' string")
+                continue
+            extra = set(topic) - {"topic", "keywords", "requirements", "tone", "category",
+                                  "target_audience"}
+            if extra:
+                problems.append(f"'topics[{i}]' has unknown keys {sorted(extra)}")
+        if not topics and "topic_format" not in params:
+            for account_id in account_ids:
+                account = accounts.get(account_id)
+                category = params.get("category") or (account.category if account else "")
+                if account and category not in TOPIC_TEMPLATES:
+                    problems.append(f"no topic templates for category {category!r} (account"
+                                    f" {account_id}); use one of {', '.join(TOPIC_TEMPLATES)},"
+                                    " or give 'topics' or 'topic_format'")
+        fmt = params.get("topic_format")
+        if isinstance(fmt, str):
+            try:
+                fmt.format(account_name="a", template="t", i=1, category="c")
+            except (KeyError, IndexError, ValueError) as exc:
+                problems.append(f"'topic_format' has a bad placeholder: {exc}")
+        total = len(account_ids) * (len(topics) if topics else (count or 1))
+        if total > config.daemon.max_batch:
+            problems.append(f"one firing would create {total} tasks, over max_batch ="
+                            f" {config.daemon.max_batch}; raise [daemon] max_batch to allow it")
+        return problems
+
+    @staticmethod
+    def plan_tasks(params: dict[str, Any], config: Config) -> list[dict[str, Any]]:
+        """The tasks of one firing, in a stable order (so dedup keys are stable)."""
+        accounts = {a.id: a for a in config.accounts}
+        planned = []
+        for account_id in params["account_ids"]:
+            account = accounts[account_id]
+            category = params.get("category") or account.category
+            common = {"account_id": account_id, "category": category,
+                      "keywords": params.get("keywords", ""),
+                      "requirements": params.get("requirements", ""),
+                      "tone": params.get("tone", ""),
+                      "target_audience": params.get("target_audience", "")}
+            if params.get("topics"):
+                for topic in params["topics"]:
+                    planned.append({**common, **topic})
+                continue
+            templates = TOPIC_TEMPLATES.get(category, ("",))
+            fmt = params.get("topic_format") or DEFAULT_TOPIC_FORMAT
+            for i in range(1, params.get("count_per_account", 1) + 1):
+                template = templates[(i - 1) % len(templates)]
+                planned.append({**common, "topic": fmt.format(
+                    account_name=account.name, template=template, i=i, category=category)})
+        return planned
+
+    async def execute(self, ctx: ExecutionContext, params: dict[str, Any]) -> ExecutionResult:
+        accounts = {a.id: a for a in ctx.config.accounts}
+        instant = to_db_time(ctx.scheduled_for or ctx.now)
+        tasks = []
+        for i, task in enumerate(self.plan_tasks(params, ctx.config), start=1):
+            tasks.append({**task, "priority": params.get("priority", 5),
+                          "auto_approve": params.get("auto_approve",
+                                                     ctx.config.daemon.auto_approve),
+                          "max_retries": ctx.config.daemon.max_retries,
+                          "schedule_run_id": ctx.run_id,
+                          "dedup_key": f"{ctx.schedule_name}:{instant}:{task['account_id']}:{i}",
+                          "origin": f"schedule {ctx.schedule_name}"})
+        await ctx.store.add_tasks(tasks, ctx.now)
+        ctx.wake_pool()
+        queued = await ctx.store.tasks_for_run(ctx.run_id) if ctx.run_id else []
+        stats: dict[str, dict[str, Any]] = {}
+        for task in tasks:
+            entry = stats.setdefault(str(task["account_id"]), {
+                "account_name": accounts[task["account_id"]].name, "success": 0, "failed": 0,
+                "total": 0})
+            entry["total"] += 1
+        for task in queued:
+            stats[str(task["account_id"])]["success"] += 1
+        for entry in stats.values():
+            entry["failed"] = entry["total"] - entry["success"]
+        data = {
+            "total_submitted": len(queued),
+            "total_failed": len(tasks) - len(queued),
+            "tasks": [{"task_id": t["task_id"], "account_id": t["account_id"],
+                       "account_name": t["account_name"], "topic": t["topic"],
+                       "category": t["category"]} for t in queued],
+            "errors": [],
+            "account_stats": stats,
+        }
+        return ExecutionResult(True, f"Successfully submitted {len(queued)} async tasks for"
+                                     f" {len(stats)} accounts", data)
+
+
+class PublishExecutor(Executor):
+    """Runs `[publish] command` for approved contents that are due, with retries."""
+
+    executor_type = "publish"
+    description = "Publish approved, due contents with [publish] command."
+    params = (ParamDoc("limit", "int", False, "contents per run (default 20)"),)
+
+    def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
+        problems = super().validate_params(params, config)
+        limit = _check_type(problems, params, "limit", int, "a positive integer")
+        if limit is not None and limit < 1:
+            problems.append("'limit' must be at least 1")
+        if not config.publish.command:
+            problems.append("[publish] command is not set")
+        return problems
+
+    async def execute(self, ctx: ExecutionContext, params: dict[str, Any]) -> ExecutionResult:
+        publish = ctx.config.publish
+        due = await ctx.store.due_for_publish(ctx.now, publish.max_attempts,
+                                              params.get("limit", 20))
+        counts = {"published": 0, "failed": 0, "retrying": 0}
+        errors = []
+        for content in due:
+            argv = render_argv(publish.command, {
+                "content_id": content["id"], "task_id": content["task_id"],
+                "account_id": content["account_id"], "title": content["title"]})
+            error = None
+            try:
+                result = await run_process(
+                    argv, stdin=json.dumps(content, ensure_ascii=False).encode(),
+                    env=child_environment(ctx.environ, {}), timeout=publish.timeout)
+                if result.exit_code != 0 or result.timed_out:
+                    error = ("timed out" if result.timed_out else
+                             f"exit {result.exit_code}: {result.stderr_tail(500)}")
+            except OSError as exc:
+                error = f"cannot run {argv[0]}: {exc}"
+            status = await ctx.store.record_publish(content["id"], error is None, error,
+                                                    publish.max_attempts, ctx.now)
+            counts["published" if status == "published" else
+                   "failed" if status == "failed" else "retrying"] += 1
+            if error:
+                errors.append({"content_id": content["id"], "error": error})
+        return ExecutionResult(not errors, f"published {counts['published']} of {len(due)}",
+                               {**counts, "errors": errors})
+
+
+class CleanupExecutor(Executor):
+    """The seed's retention job: prune old terminal tasks (articles are kept)."""
+
+    executor_type = "cleanup"
+    description = "Delete terminal tasks older than N days with their events."
+    params = (ParamDoc("days", "int", False, "default: [daemon] retention_days"),
+              ParamDoc("statuses", "list[str]", False, "default: all terminal statuses"),
+              ParamDoc("dry_run", "bool", False, "count only"))
+
+    def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
+        problems = super().validate_params(params, config)
+        days = _check_type(problems, params, "days", int, "a non-negative integer")
+        if days is not None and days < 0:
+            problems.append("'days' must not be negative")
+        _check_type(problems, params, "dry_run", bool, "true or false")
+        for status in _check_type(problems, params, "statuses", list, "a list") or []:
+            if status not in TERMINAL_STATUSES:
+                problems.append(f"'statuses' may hold only {', '.join(TERMINAL_STATUSES)};"
+                                f" got {status!r}")
+        return problems
+
+    async def execute(self, ctx: ExecutionContext, params: dict[str, Any]) -> ExecutionResult:
+        days = params.get("days", ctx.config.daemon.retention_days)
+        statuses = params.get("statuses") or list(TERMINAL_STATUSES)
+        cutoff = ctx.now - timedelta(days=days)
+        dry_run = params.get("dry_run", False)
+        count = await ctx.store.cleanup_tasks(cutoff, statuses, dry_run)
+        verb = "would delete" if dry_run else "deleted"
+        return ExecutionResult(True, f"{verb} {count} tasks older than {days} days",
+                               {"matched": count, "deleted": 0 if dry_run else count,
+                                "dry_run": dry_run, "cutoff": to_db_time(cutoff),
+                                "statuses": statuses})
+
+
+EXECUTORS: dict[str, Executor] = {executor.executor_type: executor for executor in (
+    ContentGenerationExecutor(), PublishExecutor(), CleanupExecutor())}
+
+
+def get_executor(executor_type: str) -> Executor:
+    try:
+        return EXECUTORS[executor_type]
+    except KeyError:
+        raise ExecutorNotFound(f"ExecutorNotFound: {executor_type}") from None
+
+# Scheduler #####################################################################################
+
+#: A due instant found later than this after its time counts as a misfire (asleep, down,
+#: clock jump) and goes through the schedule's misfire policy instead of firing plainly.
+MISFIRE_THRESHOLD_S = 60.0
+#: The loop never sleeps longer than this, so a wall-clock jump or a host that slept is
+#: noticed within a minute; monotonic sleeps stop while the host is suspended.
+MAX_SLEEP_S = 60.0
+
+
+def schedule_trigger(schedule: ScheduleConfig, default_tz: str) -> Trigger:
+    return parse_trigger(schedule.cron or None, schedule.every,
+                         schedule.timezone or default_tz, interval=schedule.interval or None,
+                         interval_unit=schedule.interval_unit or None)
+
+
+def check_schedules(config: Config) -> list[str]:
+    """Load-time validation of every schedule: trigger, executor, params (SPEC §8)."""
+    errors = []
+    for i, schedule in enumerate(config.schedules):
+        where = f"schedules[{i}] {schedule.name!r}"
+        try:
+            schedule_trigger(schedule, config.daemon.timezone)
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}")
+        try:
+            executor = get_executor(schedule.executor)
+        except ExecutorNotFound as exc:
+            errors.append(f"{where}: {exc}")
+            continue
+        problems = executor.validate_params(schedule.params, config)
+        if problems:
+            errors.append(f"{where}: InvalidParameters: {'; '.join(problems)}")
+    return errors
+
+
+def schedule_hash(schedule: ScheduleConfig) -> str:
+    text = json.dumps(dataclasses.asdict(schedule), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PlannedSchedule:
+    config: ScheduleConfig
+    trigger: Trigger
+    paused: bool = False
+    last_scheduled_for: datetime | None = None
+    next_fire_at: datetime | None = None
+
+    @property
+    def trigger_kind(self) -> str:
+        return "cron" if self.config.cron else "interval"
+
+
+class Scheduler:
+    """The cron loop.
+
+    Semantics, stated once:
+    - Instants come from the schedule's trigger in its IANA timezone (see parse_trigger for
+      cron and DST rules). Interval schedules are anchored to the last scheduled instant.
+    - Every instant is claimed in schedule_runs, UNIQUE(schedule_name, scheduled_for), before
+      the executor runs; a run left 'firing' by a crash is resumed at start, and the
+      executor's dedup keys make the resumed firing add only what is missing.
+    - Misfires (daemon down, host asleep, clock jump): the instants since last_scheduled_for
+      go through the schedule's policy: skip records them as missed, once fires the latest
+      (within misfire_grace if set), all fires each (at most max_catch_up).
+    - Overlap: skip records skipped_overlap while the previous run still has unfinished
+      tasks; allow fires anyway.
+    - A new or edited schedule starts from now: no catch-up for time before it existed.
+      A paused schedule fires nothing; resuming starts from now.
+    """
+
+    def __init__(self, store: Store, config: Config, environ: dict[str, str],
+                 wake_pool: Callable[[], None], clock: Callable[[], datetime] = utc_now):
+        self.store = store
+        self.config = config
+        self.environ = environ
+        self.wake_pool = wake_pool
+        self.clock = clock
+        self.schedules: dict[str, PlannedSchedule] = {}
+        self._wake = asyncio.Event()
+        self._running = False
+        self._loop_task: asyncio.Task | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._running
+
+    async def start(self) -> None:
+        await self.apply_config(self.config)
+        for run in await self.store.interrupted_runs():
+            planned = self.schedules.get(run["schedule_name"])
+            if planned is not None:
+                log.warning("schedule_run_resumed", schedule=run["schedule_name"],
+                            scheduled_for=run["scheduled_for"])
+                await self._execute(planned, run["id"], from_db_time(run["scheduled_for"]))
+        self._running = True
+        self._loop_task = asyncio.create_task(self._loop(), name="cron-loop")
+
+    async def stop(self) -> None:
+        self._running = False
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+            self._loop_task = None
+
+    async def apply_config(self, config: Config) -> None:
+        """(Re)plan every schedule from config + schedule_state; pause state is kept."""
+        self.config = config
+        states = await self.store.schedule_states()
+        now = self.clock()
+        planned: dict[str, PlannedSchedule] = {}
+        for schedule in config.schedules:
+            if not schedule.enabled:
+                continue
+            entry = PlannedSchedule(schedule, schedule_trigger(schedule, config.daemon.timezone))
+            state = states.get(schedule.name)
+            digest = schedule_hash(schedule)
+            if state is None or state["config_hash"] != digest:
+                entry.last_scheduled_for = now
+                entry.paused = bool(state and state["paused"])
+                await self.store.save_schedule_state(
+                    schedule.name, paused=int(entry.paused), config_hash=digest,
+                    last_scheduled_for=to_db_time(now))
+            else:
+                entry.paused = bool(state["paused"])
+                entry.last_scheduled_for = from_db_time(state["last_scheduled_for"]) or now
+            self._plan_next(entry, now)
+            planned[schedule.name] = entry
+        self.schedules = planned
+        self._wake.set()
+
+    @staticmethod
+    def _plan_next(entry: PlannedSchedule, now: datetime) -> None:
+        last = entry.last_scheduled_for or now
+        entry.next_fire_at = entry.trigger.next_after(last, last)
+
+    async def _loop(self) -> None:
+        while self._running:
+            self._wake.clear()
+            now = self.clock()
+            due = [e for e in self.schedules.values()
+                   if not e.paused and e.next_fire_at is not None and e.next_fire_at <= now]
+            for entry in due:
+                try:
+                    await self._fire_due(entry, now)
+                except Exception:
+                    log.exception("schedule_fire_failed", schedule=entry.config.name)
+                    entry.last_scheduled_for = now
+                self._plan_next(entry, now)
+                await self.store.save_schedule_state(
+                    entry.config.name, next_fire_at=to_db_time(entry.next_fire_at))
+            if due:
+                continue
+            upcoming = [e.next_fire_at for e in self.schedules.values()
+                        if not e.paused and e.next_fire_at is not None]
+            delay = MAX_SLEEP_S
+            if upcoming:
+                delay = min(delay, max(0.0, (min(upcoming) - self.clock()).total_seconds()))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _fire_due(self, entry: PlannedSchedule, now: datetime) -> None:
+        schedule = entry.config
+        missed, total = missed_instants(entry.trigger, entry.last_scheduled_for, now,
+                                        self.config.daemon.max_catch_up)
+        if not missed:
+            return
+        latest = missed[-1]
+        if total == 1 and (now - latest).total_seconds() <= MISFIRE_THRESHOLD_S:
+            await self.fire(entry, latest, entry.trigger_kind)
+        else:
+            grace = timedelta(seconds=schedule.misfire_grace) if schedule.misfire_grace else None
+            to_fire, to_skip = plan_misfires(schedule.misfire, missed, total, now, grace,
+                                             self.config.daemon.max_catch_up)
+            not_listed = total - len(missed)
+            log.warning("schedule_misfire", schedule=schedule.name, policy=schedule.misfire,
+                        missed=total, firing=len(to_fire))
+            await self.store.record_missed_runs(schedule.name, to_skip, now, entry.trigger_kind,
+                                                not_listed)
+            for instant in to_fire:
+                await self.fire(entry, instant, "catch_up")
+        entry.last_scheduled_for = max(latest, entry.last_scheduled_for or latest)
+
+    async def fire(self, entry: PlannedSchedule, scheduled_for: datetime,
+                   trigger: str) -> dict[str, Any]:
+        """Claim one instant, apply the overlap policy, run the executor, record the run."""
+        now = self.clock()
+        run_id, state = await self.store.begin_run(entry.config.name, scheduled_for, now,
+                                                   trigger)
+        if state not in ("new", "firing"):
+            return {"run_id": run_id, "status": state}
+        if entry.config.overlap == "skip" and await self.store.previous_run_unfinished(
+                entry.config.name, run_id):
+            result = ExecutionResult(False, "previous run still has unfinished tasks",
+                                     error="skipped_overlap")
+            await self.store.finish_run(run_id, "skipped_overlap", result.to_dict())
+            log.info("schedule_skipped_overlap", schedule=entry.config.name)
+            return {"run_id": run_id, "status": "skipped_overlap", "result": result.to_dict()}
+        return await self._execute(entry, run_id, scheduled_for)
+
+    async def _execute(self, entry: PlannedSchedule, run_id: int,
+                       scheduled_for: datetime) -> dict[str, Any]:
+        schedule = entry.config
+        started = time.monotonic()
+        ctx = ExecutionContext(self.store, self.config, self.environ, self.clock(),
+                               schedule.name, scheduled_for, run_id, self.wake_pool)
+        try:
+            result = await get_executor(schedule.executor).execute(ctx, schedule.params)
+        except Exception as exc:
+            log.exception("executor_failed", schedule=schedule.name)
+            result = ExecutionResult(False, "executor raised", error=f"{type(exc).__name__}:"
+                                                                      f" {exc}")
+        result.duration = round(time.monotonic() - started, 4)
+        status = "fired" if result.success else "failed"
+        await self.store.finish_run(run_id, status, result.to_dict())
+        log.info("schedule_fired", schedule=schedule.name, run_id=run_id, status=status,
+                 scheduled_for=to_db_time(scheduled_for), message=result.message)
+        return {"run_id": run_id, "status": status, "result": result.to_dict()}
+
+    # -- operator actions ----------------------------------------------------------------------
+
+    def get(self, name: str) -> PlannedSchedule:
+        try:
+            return self.schedules[name]
+        except KeyError:
+            raise NotFound(f"no schedule {name!r}") from None
+
+    async def set_paused(self, name: str, paused: bool) -> PlannedSchedule:
+        entry = self.get(name)
+        now = self.clock()
+        entry.paused = paused
+        if not paused:
+            entry.last_scheduled_for = max(entry.last_scheduled_for or now, now)
+        self._plan_next(entry, now)
+        await self.store.save_schedule_state(
+            name, paused=int(paused), last_scheduled_for=to_db_time(entry.last_scheduled_for),
+            next_fire_at=to_db_time(entry.next_fire_at))
+        self._wake.set()
+        return entry
+
+    async def trigger_now(self, name: str) -> dict[str, Any]:
+        entry = self.get(name)
+        return await self.fire(entry, self.clock(), "manual")
+
+    def describe(self, entry: PlannedSchedule) -> dict[str, Any]:
+        schedule = entry.config
+        return {"name": schedule.name, "executor": schedule.executor,
+                "trigger": schedule.cron or f"every {schedule.every or schedule.interval}"
+                           f"{(' ' + schedule.interval_unit) if schedule.interval_unit else ''}",
+                "timezone": entry.trigger.timezone, "paused": entry.paused,
+                "next_fire_at": None if entry.paused else to_db_time(entry.next_fire_at),
+                "last_scheduled_for": to_db_time(entry.last_scheduled_for)}
+
 # Worker pool ###################################################################################
 
 
@@ -1829,6 +2569,67 @@ def peer_allowed(sock: socket.socket, group: str) -> tuple[bool, int]:
     return False, uid
 
 
+CSV_COLUMNS = ("account_id", "topic", "keywords", "priority", "auto_approve", "requirements",
+               "tone", "category", "target_audience")
+CSV_TRUE = ("true", "1", "yes", "y")
+CSV_FALSE = ("false", "0", "no", "n", "")
+
+
+def parse_task_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
+                                                           list[dict[str, Any]]]:
+    """Tasks from a bulk-import CSV (seed columns + requirements, tone, category,
+    target_audience), and every error as {line, column, message}."""
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    errors = []
+    unknown = [c for c in header if c not in CSV_COLUMNS]
+    missing = [c for c in ("account_id", "topic") if c not in header]
+    for column in unknown:
+        errors.append({"line": 1, "column": column, "message": "unknown column; expected "
+                       + ", ".join(CSV_COLUMNS)})
+    for column in missing:
+        errors.append({"line": 1, "column": column, "message": "required column missing"})
+    if errors:
+        return [], errors
+    rows = []
+    line = 1
+    for record in reader:
+        line_start, line = line + 1, reader.line_num
+        row: dict[str, Any] = {}
+
+        def bad(column: str, message: str) -> None:
+            errors.append({"line": line_start, "column": column, "message": message})
+
+        if None in record:
+            bad("-", f"{len(record[None])} more field(s) than the header has")
+        values = {k: (v or "").strip() for k, v in record.items() if k is not None}
+        if not values.get("account_id", "").isdigit():
+            bad("account_id", f"expected a positive integer, got {values.get('account_id')!r}")
+        elif int(values["account_id"]) not in accounts:
+            bad("account_id", f"unknown account {values['account_id']}; see [[accounts]]")
+        else:
+            row["account_id"] = int(values["account_id"])
+        if not values.get("topic"):
+            bad("topic", "must not be empty")
+        row["topic"] = values.get("topic", "")
+        priority = values.get("priority", "") or "5"
+        if not (priority.isdigit() and 0 <= int(priority) <= 10):
+            bad("priority", f"expected an integer 0-10, got {priority!r}")
+        else:
+            row["priority"] = int(priority)
+        approve = values.get("auto_approve", "").lower()
+        if approve not in CSV_TRUE + CSV_FALSE:
+            bad("auto_approve", f"expected true or false, got {values['auto_approve']!r}")
+        row["auto_approve"] = approve in CSV_TRUE
+        for column in ("keywords", "requirements", "tone", "category", "target_audience"):
+            row[column] = values.get(column, "")
+        row["origin"] = f"bulk-import line {line_start}"
+        rows.append(row)
+    return rows, errors
+
 class ControlServer:
     """NDJSON over a Unix stream socket: one request per line, replies in order.
 
@@ -1837,11 +2638,13 @@ class ControlServer:
     """
 
     def __init__(self, path: Path, config: Config, store: Store, pool: WorkerPool,
+                 scheduler: Scheduler,
                  app_commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]):
         self.path = path
         self.config = config
         self.store = store
         self.pool = pool
+        self.scheduler = scheduler
         # `task.status` is served by cmd_task_status, `bulk_import` by cmd_bulk_import.
         self.commands = {self._command_name(name): getattr(self, name)
                          for name in dir(self) if name.startswith("cmd_")}
@@ -2124,6 +2927,101 @@ class ControlServer:
             order="t.priority DESC, t.next_attempt_at, t.id")
 
 
+    async def cmd_monitor_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        days = arg(args, "days", int, default=7, minimum=1, maximum=3650)
+        return await self.store.stats(days, self.pool.clock(), self.tz)
+
+    async def cmd_task_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.store.task_stats()
+
+    async def cmd_task_cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+        params = {"days": arg(args, "days", int, required=True, minimum=0),
+                  "statuses": arg(args, "status", list, default=list(TERMINAL_STATUSES)),
+                  "dry_run": arg(args, "dry_run", bool, default=False)}
+        problems = EXECUTORS["cleanup"].validate_params(params, self.config)
+        if problems:
+            raise InvalidRequest("; ".join(problems))
+        ctx = ExecutionContext(self.store, self.config, {}, self.pool.clock())
+        return (await EXECUTORS["cleanup"].execute(ctx, params)).data
+
+    # -- commands: bulk import -----------------------------------------------------------------
+
+    async def cmd_bulk_import(self, args: dict[str, Any]) -> dict[str, Any]:
+        """All rows are validated first; any bad row imports nothing."""
+        text = arg(args, "csv", str, required=True)
+        filename = arg(args, "filename", str, default="tasks.csv")
+        tasks, errors = parse_task_csv(text.lstrip("\ufeff"),
+                                       {a.id for a in self.config.accounts if a.enabled})
+        if errors:
+            raise InvalidRequest(f"{filename}: {len(errors)} bad row(s); nothing imported",
+                                 data={"errors": errors})
+        if not tasks:
+            raise InvalidRequest(f"{filename}: no rows to import")
+        max_retries = self.config.daemon.max_retries
+        task_ids = await self.store.add_tasks([{**t, "max_retries": max_retries} for t in tasks],
+                                              self.pool.clock())
+        self.pool.wake()
+        log.info("bulk_imported", count=len(task_ids), file=filename)
+        return {"imported": len(task_ids), "task_ids": task_ids}
+
+    # -- commands: scheduler -------------------------------------------------------------------
+
+    async def cmd_scheduler_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [self.scheduler.describe(e) for e in self.scheduler.schedules.values()]
+
+    async def cmd_scheduler_show(self, args: dict[str, Any]) -> dict[str, Any]:
+        entry = self.scheduler.get(arg(args, "name", str, required=True))
+        schedule = entry.config
+        return {**self.scheduler.describe(entry), "params": schedule.params,
+                "misfire": schedule.misfire, "misfire_grace": schedule.misfire_grace,
+                "overlap": schedule.overlap, "description": schedule.description,
+                "recent_runs": await self.store.list_runs(schedule.name, 5)}
+
+    async def cmd_scheduler_history(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.store.list_runs(arg(args, "name", str),
+                                          arg(args, "limit", int, default=20, minimum=1))
+
+    async def cmd_scheduler_pause(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.scheduler.describe(
+            await self.scheduler.set_paused(arg(args, "name", str, required=True), True))
+
+    async def cmd_scheduler_resume(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.scheduler.describe(
+            await self.scheduler.set_paused(arg(args, "name", str, required=True), False))
+
+    async def cmd_scheduler_trigger(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.scheduler.trigger_now(arg(args, "name", str, required=True))
+
+    async def cmd_scheduler_next(self, args: dict[str, Any]) -> dict[str, Any]:
+        entry = self.scheduler.get(arg(args, "name", str, required=True))
+        count = arg(args, "count", int, default=5, minimum=1, maximum=1000)
+        after = arg(args, "after", str)
+        if after is None:
+            start = entry.last_scheduled_for or self.pool.clock()
+        else:
+            try:
+                start = datetime.fromisoformat(after)
+            except ValueError:
+                raise InvalidRequest(f"argument 'after' is not an ISO date/time: {after!r}")
+            if start.tzinfo is None:
+                start = start.replace(tzinfo=ZoneInfo(entry.trigger.timezone))
+        instants = next_instants(entry.trigger, start.astimezone(timezone.utc), count,
+                                 entry.last_scheduled_for)
+        tz = ZoneInfo(entry.trigger.timezone)
+        return {"name": entry.config.name, "timezone": entry.trigger.timezone,
+                "instants": [i.astimezone(tz).isoformat() for i in instants]}
+
+    async def cmd_scheduler_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        active = [e for e in self.scheduler.schedules.values() if not e.paused]
+        upcoming = min(active, key=lambda e: e.next_fire_at, default=None)
+        return {"running": self.scheduler.is_running, "schedules": len(self.scheduler.schedules),
+                "paused": len(self.scheduler.schedules) - len(active),
+                "next": {"name": upcoming.config.name, "at": to_db_time(upcoming.next_fire_at)}
+                if upcoming else None}
+
+    async def cmd_executors(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [executor.describe() for executor in EXECUTORS.values()]
+
 # Built-in creator ##############################################################################
 
 def markdown_title(md):  # TEMP until merge
@@ -2160,6 +3058,37 @@ def run_builtin_creator(argv):  # TEMP
 # App ###########################################################################################
 
 
+HOOK_CONCURRENCY = 4
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for the plain values a schedule holds (str, number, bool, list, table)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else json.dumps(k, ensure_ascii=False)}"
+                 f" = {toml_value(v)}" for k, v in value.items())
+        return "{ " + ", ".join(items) + " }"
+    raise InvalidRequest(f"cannot write {value!r} to TOML")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` so a reader sees the old file or the new one, never half of it."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    with contextlib.suppress(OSError):
+        os.chmod(temp, path.stat().st_mode & 0o7777)
+    os.replace(temp, path)
+
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
@@ -2179,12 +3108,16 @@ class App:
         self.clock = clock
         self.store = Store(config.database_path(environ))
         self.pool = WorkerPool(self.store, config, environ, clock)
+        self.scheduler = Scheduler(self.store, config, environ, self.pool.wake, clock)
         self.control: ControlServer | None = None
         self.should_exit = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.status_dirty = asyncio.Event()
         self.started_at: datetime | None = None
         self.last_reload_error: str | None = None
+        self.last_hook_error: str | None = None
+        self._hook_slots = asyncio.Semaphore(HOOK_CONCURRENCY)
+        self._hooks_running: set[asyncio.Task] = set()
         self._lock_fd: int | None = None
         self._background: list[asyncio.Task] = []
 
@@ -2226,12 +3159,14 @@ class App:
                                                                       exist_ok=True)
         socket_path = self.config.socket_path(self.environ)
         await self._claim_socket(socket_path)
-        self.control = ControlServer(socket_path, self.config, self.store, self.pool, {
+        self.control = ControlServer(socket_path, self.config, self.store, self.pool,
+                                     self.scheduler, {
             "version": self.cmd_version, "reload": self.cmd_reload, "config": self.cmd_config,
-            "monitor.health": self.cmd_health})
+            "monitor.health": self.cmd_health, "scheduler.create": self.cmd_scheduler_create})
         await self.control.start()
         self.pool.on_finished = self._task_finished
         await self.pool.start()
+        await self.scheduler.start()
         self._background.append(asyncio.create_task(self._notify_loop(), name="sd-notify"))
         self.started_at = self.clock()
         sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
@@ -2256,7 +3191,10 @@ class App:
         sd_notify("STOPPING=1", environ=self.environ)
         if self.control is not None:
             await self.control.stop()
+        await self.scheduler.stop()
         await self.pool.stop(self.config.daemon.shutdown_grace)
+        if self._hooks_running:
+            await asyncio.wait(self._hooks_running, timeout=self.config.daemon.shutdown_grace)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -2316,7 +3254,7 @@ class App:
         sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
                   environ=self.environ)
         try:
-            new = load_config(self.config.path or None, self.environ)
+            new = load_config(self.config.path or None, self.environ, check_schedules)
         except ConfigError as exc:
             self.last_reload_error = str(exc)
             log.error("reload_rejected", errors=exc.errors)
@@ -2325,11 +3263,19 @@ class App:
         old, self.config = self.config, new
         await self.store.sync_accounts(new.accounts, self.clock())
         self.pool.apply_config(new)
+        await self.scheduler.apply_config(new)
         if self.control is not None:
             self.control.config = new
         self.last_reload_error = None
-        changes = {"workers": [old.daemon.max_concurrent_tasks, new.daemon.max_concurrent_tasks],
-                   "accounts": len(new.accounts), "creator_changed": old.creator != new.creator}
+        old_schedules = {s.name: s for s in old.schedules}
+        new_schedules = {s.name: s for s in new.schedules}
+        changes = {
+            "workers": [old.daemon.max_concurrent_tasks, new.daemon.max_concurrent_tasks],
+            "accounts": len(new.accounts), "creator_changed": old.creator != new.creator,
+            "schedules_added": sorted(new_schedules.keys() - old_schedules.keys()),
+            "schedules_removed": sorted(old_schedules.keys() - new_schedules.keys()),
+            "schedules_changed": sorted(n for n in new_schedules.keys() & old_schedules.keys()
+                                        if new_schedules[n] != old_schedules[n])}
         log.info("config_reloaded", **changes)
         sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
         return changes
@@ -2338,6 +3284,36 @@ class App:
 
     def _task_finished(self, task_id: str, status: str) -> None:
         self.status_dirty.set()
+        for hook in self.config.hooks:
+            if status in hook.on:
+                task = asyncio.create_task(self._run_hook(hook, task_id, status))
+                self._hooks_running.add(task)
+                task.add_done_callback(self._hooks_running.discard)
+
+    async def _run_hook(self, hook: HookConfig, task_id: str, status: str) -> None:
+        """Completion hooks (the seed's webhook, the Unix way): the task and its content as
+        JSON on stdin; bounded in time and concurrency; never in the worker pool's way."""
+        async with self._hook_slots:
+            task = await self.store.get_task(task_id)
+            content = None
+            if task["content_id"]:
+                content = await self.store.get_content(task["content_id"])
+            tz = ZoneInfo(self.config.daemon.timezone)
+            payload = json.dumps({"event": status, "task": present(task, tz),
+                                  "content": present(content, tz)}, ensure_ascii=False)
+            argv = render_argv(hook.command, task_values(task))
+            try:
+                result = await run_process(argv, stdin=payload.encode(), timeout=hook.timeout,
+                                           env=child_environment(self.environ, {}),
+                                           max_output=1 << 20)
+                error = None if result.exit_code == 0 else (
+                    "timed out" if result.timed_out else
+                    f"exit {result.exit_code}: {result.stderr_tail(300)}")
+            except OSError as exc:
+                error = f"cannot run {argv[0]}: {exc}"
+            if error:
+                self.last_hook_error = f"{argv[0]} for {task_id}: {error}"
+                log.warning("hook_failed", task_id=task_id, hook=argv[0], error=error)
 
     async def _status_line(self) -> str:
         rows = await self.store.query("SELECT COUNT(*) AS n FROM content_generation_tasks"
@@ -2380,6 +3356,10 @@ class App:
              "detail": self.last_reload_error or (self.config.path or "embedded default")},
             {"name": "workers", "ok": True,
              "detail": f"{len(self.pool.running)}/{self.pool.capacity} busy"},
+            {"name": "hooks", "ok": self.last_hook_error is None,
+             "detail": self.last_hook_error or f"{len(self.config.hooks)} configured"},
+            {"name": "scheduler", "ok": self.scheduler.is_running,
+             "detail": f"{len(self.scheduler.schedules)} schedules"},
         ]
         checks.append(await self._creator_health())
         return {"status": "ok" if all(c["ok"] for c in checks) else "degraded",
@@ -2404,6 +3384,33 @@ class App:
         return {"name": "creator", "ok": ok, "detail": detail}
 
 
+    async def cmd_scheduler_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Append a validated [[schedules]] block to the config file, then reload. The rest of
+        the file stays byte for byte; the write is atomic (temp file + rename)."""
+        if not self.config.path:
+            raise Conflict("the daemon runs on the embedded default config; start it with"
+                           " --config FILE to create schedules")
+        name = arg(args, "name", str, required=True)
+        if any(s.name == name for s in self.config.schedules):
+            raise Conflict(f"schedule {name!r} already exists")
+        block = {"name": name, "executor": arg(args, "executor", str, required=True)}
+        for key in ("cron", "every", "timezone", "misfire", "overlap", "description"):
+            if args.get(key) is not None:
+                block[key] = arg(args, key, str)
+        block["params"] = arg(args, "params", dict, default={})
+        text = self.config.text
+        new_text = (text + ("" if text.endswith("\n") or not text else "\n") + "\n"
+                    + "[[schedules]]\n"
+                    + "".join(f"{key} = {toml_value(value)}\n" for key, value in block.items()))
+        try:
+            parse_config(new_text, self.config.path, self.environ, check_schedules)
+        except ConfigError as exc:
+            raise InvalidRequest(f"schedule {name!r} is not valid: {exc}",
+                                 data={"errors": exc.errors}) from None
+        write_atomically(Path(self.config.path), new_text)
+        await self.reload()
+        return self.scheduler.describe(self.scheduler.get(name))
+
 # CLI entry #####################################################################################
 
 
@@ -2424,7 +3431,7 @@ def main(argv: list[str] | None = None) -> int:
     environ = dict(os.environ)
     if options.check_config:
         try:
-            load_config(options.check_config, environ)
+            load_config(options.check_config, environ, check_schedules)
         except ConfigError as exc:
             for error in exc.errors:
                 print(f"error: {error}", file=sys.stderr)
@@ -2433,7 +3440,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     path = options.config or environ.get("CONTENTHUB_CONFIG") or None
     try:
-        config = load_config(path, environ)
+        config = load_config(path, environ, check_schedules)
     except ConfigError as exc:
         for error in exc.errors:
             print(f"contenthubd: config error: {error}", file=sys.stderr)

@@ -76,8 +76,8 @@ CREATE INDEX IF NOT EXISTS idx_events_task ON task_events (task_id, id);
 
 CREATE TABLE IF NOT EXISTS contents (
     id                    INTEGER PRIMARY KEY,
-    task_id               TEXT NOT NULL UNIQUE
-                          REFERENCES content_generation_tasks (task_id) ON DELETE CASCADE,
+    -- No foreign key: an article outlives its task when `task cleanup` prunes old tasks.
+    task_id               TEXT NOT NULL UNIQUE,
     account_id            INTEGER NOT NULL,
     title                 TEXT NOT NULL,
     body                  TEXT NOT NULL,

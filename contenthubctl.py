@@ -1,0 +1,1181 @@
+#!/usr/bin/env python3
+"""contenthubctl: the command-line client of contenthubd's control socket.
+
+It sends one NDJSON request per command over the daemon's Unix socket (docs/protocol.md) and
+prints the reply as a table, JSON or CSV. Standard library only, nothing imported from
+contenthubd.py, and modules that only some commands need are imported inside them, so it
+starts fast and runs on hosts where the daemon's dependencies are not installed.
+
+Sections, in order (`grep '^# .*###' contenthubctl.py`):
+    Constants       exit codes, defaults, the choices the daemon accepts
+    Errors          the ways a command ends badly, each carrying its exit code
+    Socket client   finding the socket (flag, env, config, default), request/reply, events
+    Formatting      display width (CJK counts 2), tables, key/value blocks, CSV, Prometheus
+                    text, export files, the --wait progress line; all pure functions
+    Commands        one function per subcommand: build the args, call, print, exit code
+    Main            the argparse tree and main()
+
+Exit codes: 0 ok, 1 the command failed, 2 usage error, 69 contenthubd unreachable.
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+
+__version__ = "0.1.0"
+
+# Constants #####################################################################################
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69  #: EX_UNAVAILABLE from sysexits.h
+EXIT_INTERRUPTED = 130  #: 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_BROKEN_PIPE = 141  #: 128 + SIGPIPE, as a shell reports `| head` closing early
+
+#: systemd's RuntimeDirectory=contenthubd, where the packaged service puts its socket.
+DEFAULT_SOCKET = "/run/contenthubd/contenthubd.sock"
+#: The daemon run without a config keeps its state (and socket) here, relative to its cwd.
+EMBEDDED_DEFAULT_SOCKET = os.path.join("state", "contenthubd.sock")
+DEFAULT_CONFIG_NAME = "contenthubd.toml"
+REPLY_TIMEOUT_S = 120.0  #: for ordinary commands; `task.watch` waits as long as the task runs
+MAX_REQUEST_BYTES = 1 << 20  #: the daemon rejects longer request lines
+
+TASK_STATUSES = ("pending", "submitted", "running", "completed", "failed", "timeout",
+                 "cancelled")
+REVIEW_STATUSES = ("pending_review", "approved", "rejected")
+FORMATS = ("table", "json", "csv", "prometheus")
+
+COLUMN_GAP = "  "
+MIN_COLUMN_WIDTH = 4  #: a truncated column keeps at least this many cells, "…" included
+PROGRESS_BAR_WIDTH = 20
+SLUG_MAX_BYTES = 150  #: keeps `<id>-<slug>.md` far below the usual 255-byte name limit
+
+ISO_TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:?\d{2})?")
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]+")
+
+# Errors ########################################################################################
+
+
+class CtlError(Exception):
+    """A command that cannot go on; main() prints the message as one line."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(CtlError):
+    """A bad option value argparse could not check (JSON in --params, an unreadable config)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DaemonUnreachable(CtlError):
+    """No daemon answers at the socket: not running, no permission, or it went away."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class CommandFailed(CtlError):
+    """The daemon answered `ok: false`."""
+
+    def __init__(self, code: str, message: str, data=None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.data = data
+
+
+# Socket client #################################################################################
+
+
+def socket_from_config(config_path: str, environ) -> str:
+    """The socket a daemon started with this config listens on, by the daemon's own rules:
+    a relative `socket` lives in RUNTIME_DIRECTORY, else in the state dir (STATE_DIRECTORY,
+    else `state_dir` relative to the config file's directory)."""
+    import tomllib
+
+    try:
+        with open(config_path, "rb") as file:
+            daemon = tomllib.load(file).get("daemon", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read config {config_path}: {exc}") from None
+    socket_name = str(daemon.get("socket", "contenthubd.sock"))
+    if os.path.isabs(socket_name):
+        return socket_name
+    base = (environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+            or environ.get("STATE_DIRECTORY", "").split(":")[0]
+            or os.path.join(os.path.dirname(os.path.abspath(config_path)),
+                            str(daemon.get("state_dir", "./state"))))
+    return os.path.normpath(os.path.join(base, socket_name))
+
+
+def discover_socket(socket_option, config_option, environ, cwd: str) -> tuple[str, str | None]:
+    """(socket path, config path or None): --socket, $CONTENTHUB_SOCKET, the config
+    (--config, $CONTENTHUB_CONFIG, ./contenthubd.toml), else the systemd default.
+
+    A config describes where the daemon listens unless systemd moved the socket into
+    /run/contenthubd (the shell has no RUNTIME_DIRECTORY), so when the config's socket does
+    not exist but the systemd one does, that one is used.
+    """
+    if socket_option:
+        return socket_option, None
+    if environ.get("CONTENTHUB_SOCKET"):
+        return environ["CONTENTHUB_SOCKET"], None
+    config_path = config_option or environ.get("CONTENTHUB_CONFIG")
+    if not config_path and os.path.isfile(os.path.join(cwd, DEFAULT_CONFIG_NAME)):
+        config_path = os.path.join(cwd, DEFAULT_CONFIG_NAME)
+    if config_path:
+        candidates = [socket_from_config(config_path, environ), DEFAULT_SOCKET]
+    else:
+        candidates = [DEFAULT_SOCKET, os.path.join(cwd, EMBEDDED_DEFAULT_SOCKET)]
+    existing = [path for path in candidates if os.path.exists(path)]
+    return (existing or candidates)[0], config_path
+
+
+class ControlClient:
+    """One connection to the daemon, opened on first use; requests go one at a time."""
+
+    def __init__(self, path: str, config_path: str | None = None):
+        self.path = path
+        self.config_path = config_path
+        self._sock = None
+        self._lines = None
+        self._last_id = 0
+
+    def _connect(self) -> None:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            start = f"contenthubd --config {self.config_path or DEFAULT_CONFIG_NAME}"
+            raise DaemonUnreachable(f"cannot reach contenthubd at {self.path} (is it running?"
+                                    f" start it with: {start})") from None
+        except PermissionError:
+            sock.close()
+            raise DaemonUnreachable(f"cannot reach contenthubd at {self.path}: permission denied"
+                                    " (run as root, the daemon's user, or a member of its"
+                                    " socket_group)") from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnreachable(f"cannot reach contenthubd at {self.path}:"
+                                    f" {exc.strerror or exc}") from None
+        self._sock = sock
+        self._lines = sock.makefile("rb")
+
+    def call(self, cmd: str, args: dict | None = None, on_event=None,
+             timeout: float | None = REPLY_TIMEOUT_S):
+        """Send one request and return its result; streamed events go to `on_event`.
+
+        Raises CommandFailed for `ok: false`, DaemonUnreachable when the connection fails.
+        """
+        self._last_id += 1
+        request_id = self._last_id
+        line = json.dumps({"v": 1, "id": request_id, "cmd": cmd, "args": args or {}},
+                          ensure_ascii=False).encode() + b"\n"
+        if len(line) > MAX_REQUEST_BYTES:
+            raise CtlError(f"request is {len(line)} bytes; the daemon accepts at most"
+                           f" {MAX_REQUEST_BYTES} per line (split the input)")
+        if self._sock is None:
+            self._connect()
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.sendall(line)
+            while True:
+                raw = self._lines.readline()
+                if not raw:
+                    raise DaemonUnreachable(f"contenthubd at {self.path} closed the connection"
+                                            " before replying (did it stop?)")
+                message = self._decode(raw)
+                if message.get("id") not in (request_id, None):
+                    continue
+                if "event" in message:
+                    if on_event is not None:
+                        on_event(message["event"])
+                    continue
+                if message.get("ok"):
+                    return message.get("result")
+                error = message.get("error") or {}
+                if message.get("id") is None:
+                    # Refused before the request was read: busy, or the peer is not allowed.
+                    raise DaemonUnreachable(f"contenthubd at {self.path} refused the connection:"
+                                            f" {error.get('message', error.get('code'))}")
+                raise CommandFailed(error.get("code", "error"),
+                                    error.get("message", "(no message)"), error.get("data"))
+        except TimeoutError:
+            raise DaemonUnreachable(f"contenthubd at {self.path} did not reply within"
+                                    f" {timeout:g} s") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise DaemonUnreachable(f"lost the connection to contenthubd at {self.path}"
+                                    " (did it stop?)") from None
+
+    @staticmethod
+    def _decode(raw: bytes) -> dict:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            raise CtlError(f"contenthubd sent a line that is not JSON: {raw[:200]!r}") from None
+        if not isinstance(message, dict):
+            raise CtlError(f"contenthubd sent a reply that is not an object: {raw[:200]!r}")
+        return message
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._lines.close()
+            self._sock.close()
+            self._sock = self._lines = None
+
+
+# Formatting ####################################################################################
+
+
+def char_width(char: str) -> int:
+    """Terminal cells of one character: 2 for wide/fullwidth (CJK), 0 for combining marks."""
+    import unicodedata
+
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def display_width(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return sum(char_width(char) for char in text)
+
+
+def truncate(text: str, width: int) -> str:
+    """`text` cut to at most `width` cells, ending in "…" when something was cut."""
+    if display_width(text) <= width:
+        return text
+    if width <= 0:
+        return ""
+    kept, used = [], 0
+    for char in text:
+        cells = char_width(char)
+        if used + cells > width - 1:
+            break
+        kept.append(char)
+        used += cells
+    return "".join(kept) + "…"
+
+
+def pad(text: str, width: int, align: str = "left") -> str:
+    gap = " " * max(0, width - display_width(text))
+    return gap + text if align == "right" else text + gap
+
+
+def short_time(text: str) -> str:
+    """The daemon's ISO times as `YYYY-MM-DD HH:MM:SS` (already in its timezone)."""
+    return f"{text[:10]} {text[11:19]}" if ISO_TIME_RE.fullmatch(text) else text
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def format_value(key: str, value) -> str:
+    """One value for humans, on one line."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        if key in ("success_rate", "success_ratio"):
+            return f"{value * 100:.1f}%"
+        if key == "progress":
+            return f"{value}%"
+        if key.endswith("_seconds"):
+            return f"{value:.1f} s" if isinstance(value, float) else f"{value} s"
+        return str(value)
+    if isinstance(value, str):
+        return CONTROL_CHARS_RE.sub(" ", short_time(value))
+    if isinstance(value, dict) and all(_is_scalar(item) for item in value.values()):
+        return ", ".join(f"{k}={format_value(k, v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list) and all(_is_scalar(item) for item in value):
+        return ", ".join(format_value(key, item) for item in value) or "-"
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+#: A table column: `key` names a field of the row, or is a function of the row.
+Column = collections.namedtuple("Column", "header key flex align", defaults=(False, "left"))
+
+
+def cell_text(row: dict, column: Column) -> str:
+    if callable(column.key):
+        return format_value("", column.key(row))
+    return format_value(column.key, row.get(column.key))
+
+
+def fit_widths(widths: list[int], columns, headers: list[str], max_width: int) -> list[int]:
+    """Shrink columns until the row fits: the widest flexible column (topic, title) first,
+    then the widest of any; no column goes below its header or MIN_COLUMN_WIDTH."""
+    widths = list(widths)
+    excess = sum(widths) + len(COLUMN_GAP) * (len(widths) - 1) - max_width
+    floors = [max(MIN_COLUMN_WIDTH, display_width(header)) for header in headers]
+    flexible = [i for i, column in enumerate(columns) if column.flex]
+    for group in (flexible, range(len(widths))):
+        while excess > 0:
+            shrinkable = [i for i in group if widths[i] > floors[i]]
+            if not shrinkable:
+                break
+            widest = max(shrinkable, key=widths.__getitem__)
+            narrower = [widths[i] for i in shrinkable if widths[i] < widths[widest]]
+            tied = len(shrinkable) - len(narrower) > 1
+            target = widths[widest] - 1 if tied else max(narrower + [floors[widest]])
+            step = min(excess, widths[widest] - max(target, floors[widest]))
+            widths[widest] -= step
+            excess -= step
+    return widths
+
+
+def table_lines(rows: list[dict], columns, max_width: int | None = None) -> list[str]:
+    """Rows as aligned columns, measured in display cells so CJK text lines up."""
+    headers = [column.header for column in columns]
+    cells = [[cell_text(row, column) for column in columns] for row in rows]
+    widths = [max(display_width(text) for text in texts) for texts in zip(headers, *cells)]
+    if max_width:
+        widths = fit_widths(widths, columns, headers, max_width)
+    return [COLUMN_GAP.join(pad(truncate(text, width), width, column.align)
+                            for text, width, column in zip(texts, widths, columns))
+            for texts in [headers, *cells]]
+
+
+def auto_columns(rows: list[dict]) -> list[Column]:
+    """Columns for rows no command describes: every key, long text ones flexible."""
+    keys = dict.fromkeys(key for row in rows if isinstance(row, dict) for key in row)
+    return [Column(key.upper(), key, flex=key in FLEXIBLE_KEYS) for key in keys]
+
+
+FLEXIBLE_KEYS = {"topic", "title", "detail", "message", "description", "result", "value",
+                 "error_message", "summary", "reason", "params"}
+
+
+def object_lines(obj: dict, order=(), max_width: int | None = None) -> list[str]:
+    """One object as aligned `key: value` lines; lists of objects (events, runs, checks)
+    follow as tables."""
+    keys = [key for key in order if key in obj] + [key for key in obj if key not in order]
+    pairs, tables = [], []
+    for key in keys:
+        value = obj[key]
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            tables.append((key, value))
+        else:
+            pairs.append((key, value))
+    label_width = max((display_width(key) for key, _ in pairs), default=0) + 1
+    lines = []
+    for key, value in pairs:
+        text = format_value(key, value)
+        if max_width and not _is_scalar(value):
+            text = truncate(text, max_width - label_width - 1)
+        lines.append(f"{pad(key + ':', label_width)} {text}")
+    for key, rows in tables:
+        lines += ["", f"{key}:", *table_lines(rows, auto_columns(rows), max_width)]
+    return lines
+
+
+def json_text(value) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=2) + "\n"
+
+
+def csv_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return str(value)
+
+
+def csv_text(value) -> str:
+    """A list of objects as a header row plus one row each; one object as key,value rows."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if isinstance(value, list):
+        rows = [row if isinstance(row, dict) else {"value": row} for row in value]
+        header = list(dict.fromkeys(key for row in rows for key in row))
+        if header:
+            writer.writerow(header)
+        writer.writerows([csv_cell(row.get(key)) for key in header] for row in rows)
+    elif isinstance(value, dict):
+        writer.writerow(["key", "value"])
+        writer.writerows([key, csv_cell(item)] for key, item in value.items())
+    else:
+        writer.writerows([["value"], [csv_cell(value)]])
+    return buffer.getvalue()
+
+
+#: (metric, help) for one gauge per metrics key; tasks by status are a labelled family.
+PROMETHEUS_GAUGES = {
+    "success_rate": ("contenthub_success_ratio",
+                     "Completed tasks over finished ones (completed, failed, timeout)."),
+    "avg_completion_seconds": ("contenthub_avg_completion_seconds",
+                               "Mean run time of the tasks completed in the last day."),
+    "contents_total": ("contenthub_contents_total", "Contents in the content pool."),
+    "pending_review": ("contenthub_contents_pending_review", "Contents awaiting review."),
+    "workers_busy": ("contenthub_workers_busy", "Workers running a task now."),
+    "workers_max": ("contenthub_workers_max", "Size of the worker pool."),
+    "uptime_seconds": ("contenthub_uptime_seconds", "Seconds since the daemon started."),
+}
+#: contenthub_tasks{status=…} from these metrics keys.
+PROMETHEUS_TASK_KEYS = {"pending": "pending", "submitted": "submitted", "running": "running",
+                        "completed": "completed", "failed": "failed_count",
+                        "timeout": "timeout_count", "cancelled": "cancelled_count"}
+
+
+def _prometheus_number(value) -> str:
+    if value is None:
+        return "NaN"
+    return str(int(value)) if isinstance(value, bool) else repr(value)
+
+
+def prometheus_up_text(up: bool) -> str:
+    return ("# HELP contenthub_up Whether contenthubd answered the metrics request.\n"
+            f"# TYPE contenthub_up gauge\ncontenthub_up {int(up)}\n")
+
+
+def prometheus_text(metrics: dict) -> str:
+    """`monitor.metrics` in the text exposition format, for node_exporter's textfile
+    collector. Keys the daemon does not send are left out; null is NaN."""
+    lines = ["# HELP contenthub_tasks Tasks by status.", "# TYPE contenthub_tasks gauge"]
+    lines += [f'contenthub_tasks{{status="{status}"}} {_prometheus_number(metrics[key])}'
+              for status, key in PROMETHEUS_TASK_KEYS.items() if key in metrics]
+    for key, (name, help_text) in PROMETHEUS_GAUGES.items():
+        if key in metrics:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
+                      f"{name} {_prometheus_number(metrics[key])}"]
+    return prometheus_up_text(True) + "\n".join(lines) + "\n"
+
+
+#: Front-matter fields of an exported file, in this order; values are JSON (valid YAML).
+FRONT_MATTER_KEYS = ("id", "task_id", "title", "account_id", "account_name", "topic",
+                     "review_status", "word_count", "created_at", "images")
+
+
+def slugify(title: str) -> str:
+    """A file-name-safe slug that keeps CJK and other letters: anything that is not a letter,
+    digit, `_` or `.` becomes `-`; no leading dot, no path separators, bounded length."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", title).lower()
+    slug = "".join(char if char.isalnum() or char in "_." else "-" for char in text)
+    slug = re.sub(r"-{2,}", "-", slug).strip("-.")
+    while len(slug.encode()) > SLUG_MAX_BYTES:
+        slug = slug[:-1]
+    return slug.strip("-.") or "untitled"
+
+
+def export_file_name(content: dict) -> str:
+    return f"{content['id']}-{slugify(content.get('title') or content.get('topic') or '')}.md"
+
+
+def export_document(content: dict) -> str:
+    """Markdown with a front-matter header; JSON-encoded values keep quotes and newlines in
+    titles safe."""
+    header = [f"{key}: {json.dumps(content.get(key), ensure_ascii=False)}"
+              for key in FRONT_MATTER_KEYS if key in content]
+    body = (content.get("body") or "").rstrip("\n")
+    return "\n".join(["---", *header, "---", "", body]) + "\n"
+
+
+def write_export_files(contents: list[dict], directory: str) -> list[str]:
+    """One `<id>-<slug>.md` per content; each written to a temp name and renamed, so a
+    reader never sees half a file."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for content in contents:
+        path = os.path.join(directory, export_file_name(content))
+        partial = f"{path}.partial-{os.getpid()}"
+        with open(partial, "w", encoding="utf-8", newline="\n") as file:
+            file.write(export_document(content))
+        os.replace(partial, path)
+        paths.append(path)
+    return paths
+
+
+def jsonl_text(contents: list[dict]) -> str:
+    return "".join(json.dumps(content, ensure_ascii=False) + "\n" for content in contents)
+
+
+def progress_bar_line(status: str, progress, stage) -> str:
+    percent = progress if progress is not None else (100 if status == "completed" else 0)
+    percent = max(0, min(100, int(percent)))
+    filled = percent * PROGRESS_BAR_WIDTH // 100
+    bar = "#" * filled + "." * (PROGRESS_BAR_WIDTH - filled)
+    return f"[{bar}] {percent:3d}% {status}" + (f" {stage}" if stage else "")
+
+
+def progress_status_line(task_id: str, status: str, progress, stage) -> str:
+    parts = [task_id, status]
+    if progress is not None:
+        parts.append(f"{progress}%")
+    if stage:
+        parts.append(str(stage))
+    return " ".join(parts)
+
+
+class ProgressReporter:
+    """`--wait` output on stderr: one bar redrawn in place on a terminal, otherwise one plain
+    line per change of status or stage (readable in logs, no carriage returns)."""
+
+    def __init__(self, stream, task_id: str, width: int | None = None):
+        self.stream = stream
+        self.task_id = task_id
+        self.width = width
+        self.tty = bool(getattr(stream, "isatty", None) and stream.isatty())
+        self._last_change = None
+        self._drawn = 0
+
+    def update(self, event: dict) -> None:
+        status, progress, stage = event.get("status"), event.get("progress"), event.get("stage")
+        if self.tty:
+            line = progress_bar_line(status, progress, stage)
+            if self.width:
+                line = truncate(line, self.width - 1)
+            cells = display_width(line)
+            self.stream.write("\r" + line + " " * max(0, self._drawn - cells))
+            self._drawn = cells
+        elif (status, stage) != self._last_change:
+            self._last_change = (status, stage)
+            self.stream.write(progress_status_line(self.task_id, status, progress, stage) + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = 0
+
+
+def account_of(row: dict):
+    return row.get("account_name") or row.get("account_id")
+
+
+def error_of(row: dict):
+    return ": ".join(str(part) for part in (row.get("error_kind"), row.get("error_message"))
+                     if part) or None
+
+
+def executor_params_of(row: dict) -> str:
+    """`name*` for required parameters."""
+    return ", ".join(param.get("name", "?") + ("*" if param.get("required") else "")
+                     for param in row.get("params") or [])
+
+
+TASK_COLUMNS = (Column("TASK_ID", "task_id"), Column("STATUS", "status"),
+                Column("PRI", "priority", align="right"), Column("ACCOUNT", account_of),
+                Column("TOPIC", "topic", flex=True), Column("UPDATED", "updated_at"))
+FAILED_TASK_COLUMNS = (Column("TASK_ID", "task_id"), Column("STATUS", "status"),
+                       Column("ACCOUNT", account_of), Column("TOPIC", "topic", flex=True),
+                       Column("ERROR", error_of, flex=True), Column("UPDATED", "updated_at"))
+CONTENT_COLUMNS = (Column("ID", "id", align="right"), Column("REVIEW", "review_status"),
+                   Column("ACCOUNT", account_of), Column("WORDS", "word_count", align="right"),
+                   Column("CREATED", "created_at"), Column("TITLE", "title", flex=True))
+EXPORT_COLUMNS = (Column("ID", "id", align="right"), Column("FILE", "file"),
+                  Column("TITLE", "title", flex=True))
+SCHEDULE_COLUMNS = (Column("NAME", "name"), Column("EXECUTOR", "executor"),
+                    Column("TRIGGER", "trigger", flex=True), Column("PAUSED", "paused"),
+                    Column("NEXT_FIRE", "next_fire_at"), Column("TIMEZONE", "timezone"))
+RUN_COLUMNS = (Column("ID", "id", align="right"), Column("SCHEDULE", "schedule_name"),
+               Column("SCHEDULED_FOR", "scheduled_for"), Column("FIRED_AT", "fired_at"),
+               Column("TRIGGER", "trigger"), Column("STATUS", "status"),
+               Column("RESULT", "result", flex=True))
+EXECUTOR_COLUMNS = (Column("TYPE", "type"), Column("DESCRIPTION", "description", flex=True),
+                    Column("PARAMS", executor_params_of, flex=True))
+CONFIG_COLUMNS = (Column("KEY", "key"), Column("VALUE", "value", flex=True),
+                  Column("SOURCE", "source"))
+
+#: Key order of single objects in table format; keys not named follow in the daemon's order.
+TASK_ORDER = ("task_id", "status", "progress", "stage", "account_id", "account_name", "topic",
+              "keywords", "category", "priority", "attempt", "retry_count", "max_retries",
+              "auto_approve", "content_id", "error_kind", "error_message", "submitted_at",
+              "started_at", "completed_at", "next_attempt_at", "timeout_at")
+CONTENT_ORDER = ("id", "task_id", "title", "account_id", "account_name", "topic",
+                 "review_status", "review_reason", "publish_status", "word_count", "images",
+                 "summary", "created_at")
+METRICS_ORDER = ("total", "pending", "submitted", "running", "completed", "failed_count",
+                 "timeout_count", "cancelled_count", "success_rate", "avg_completion_seconds")
+
+# Commands ######################################################################################
+
+
+def terminal_width(stream) -> int | None:
+    """Columns to fit tables into: $COLUMNS, else the terminal's; None (no truncation) when
+    the output goes to a pipe or file."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if getattr(stream, "isatty", None) and stream.isatty():
+        import shutil
+
+        return shutil.get_terminal_size().columns
+    return None
+
+
+class Session:
+    """What a command works with: the daemon connection, the output format and streams."""
+
+    def __init__(self, client: ControlClient, output_format: str, out, err):
+        self.client = client
+        self.format = output_format
+        self.out = out
+        self.err = err
+        self.width = terminal_width(out)
+
+    def call(self, cmd: str, args: dict | None = None, **kwargs):
+        return self.client.call(cmd, args, **kwargs)
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+
+    def write_lines(self, lines: list[str]) -> None:
+        self.out.write("".join(line + "\n" for line in lines))
+
+    def warn(self, message: str) -> None:
+        self.err.write(f"contenthubctl: {message}\n")
+
+    def show(self, value, columns=None, order=()) -> None:
+        """Print a result in the chosen format: a list as a table, an object as key/values."""
+        if self.format == "json":
+            self.write(json_text(value))
+        elif self.format == "csv":
+            self.write(csv_text(value))
+        elif isinstance(value, list):
+            self.write_lines(table_lines(value, columns or auto_columns(value), self.width)
+                             if value else ["(none)"])
+        elif isinstance(value, dict):
+            self.write_lines(object_lines(value, order, self.width))
+        else:
+            self.write_lines([format_value("", value)])
+
+
+def without_none(mapping: dict) -> dict:
+    """Request args with unset options left out, so the daemon applies its defaults."""
+    return {key: value for key, value in mapping.items() if value is not None}
+
+
+def cmd_version(session: Session, options) -> int:
+    daemon = session.call("version")
+    session.show({"client_version": __version__, "daemon_version": daemon.get("version"),
+                  **{key: value for key, value in daemon.items() if key != "version"}})
+    return EXIT_OK
+
+
+def cmd_content_generate(session: Session, options) -> int:
+    submitted = session.call("content.generate", without_none({
+        "account_id": options.account_id, "topic": options.topic,
+        "keywords": options.keywords, "requirements": options.requirements,
+        "tone": options.tone, "category": options.category,
+        "target_audience": options.target_audience, "priority": options.priority,
+        "auto_approve": options.auto_approve}))
+    if not options.wait:
+        session.show({key: submitted.get(key) for key in ("task_id", "status", "message")})
+        return EXIT_OK
+    return wait_for_task(session, submitted["task_id"])
+
+
+def wait_for_task(session: Session, task_id: str) -> int:
+    """Follow `task.watch` to the end; exit 0 only when the task completed."""
+    reporter = ProgressReporter(session.err, task_id, terminal_width(session.err))
+    try:
+        task = session.call("task.watch", {"task_id": task_id}, on_event=reporter.update,
+                            timeout=None)
+    except KeyboardInterrupt:
+        reporter.finish()
+        session.warn(f"stopped waiting; {task_id} keeps going"
+                     f" (see: contenthubctl task status {task_id})")
+        return EXIT_INTERRUPTED
+    reporter.update(task)
+    reporter.finish()
+    completed = task.get("status") == "completed"
+    if session.format != "table":
+        session.show(task, order=TASK_ORDER)
+    elif completed:
+        content_id = task.get("content_id")
+        title = ""
+        if content_id is not None:
+            try:
+                title = session.call("content.show", {"id": content_id}).get("title") or ""
+            except CommandFailed:
+                title = ""
+        session.write_lines([f"{task_id} completed: content {content_id} {title}".rstrip()])
+    if not completed:
+        session.warn(f"task {task_id} {task.get('status')}: {error_of(task) or 'no reason given'}")
+    return EXIT_OK if completed else EXIT_FAILED
+
+
+def cmd_content_list(session: Session, options) -> int:
+    session.show(session.call("content.list", without_none({
+        "account_id": options.account_id, "review_status": options.review_status,
+        "since": options.since, "limit": options.limit})), CONTENT_COLUMNS)
+    return EXIT_OK
+
+
+def content_key(text: str):
+    """`content show` takes a content id (int) or the id of the task that made it (str)."""
+    return int(text) if text.isdigit() else text
+
+
+def cmd_content_show(session: Session, options) -> int:
+    content = session.call("content.show", {"id": content_key(options.id)})
+    if session.format != "table":
+        session.show(content)
+        return EXIT_OK
+    header = {key: value for key, value in content.items() if key != "body"}
+    session.write_lines(object_lines(header, CONTENT_ORDER, session.width))
+    session.write_lines(["", (content.get("body") or "").rstrip("\n")])
+    return EXIT_OK
+
+
+def review(session: Session, cmd: str, args: dict) -> int:
+    result = session.call(cmd, args)
+    session.show(result)
+    if result.get("missing"):
+        session.warn("no content with id " + ", ".join(map(str, result["missing"])))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_content_approve(session: Session, options) -> int:
+    return review(session, "content.approve", {"ids": options.ids})
+
+
+def cmd_content_reject(session: Session, options) -> int:
+    return review(session, "content.reject", without_none({"ids": options.ids,
+                                                           "reason": options.reason}))
+
+
+def cmd_content_export(session: Session, options) -> int:
+    contents = session.call("content.export", without_none({
+        "ids": options.ids or None, "account_id": options.account_id,
+        "review_status": options.review_status, "since": options.since,
+        "limit": options.limit}))
+    if options.dir:
+        paths = write_export_files(contents, options.dir)
+        session.show([{"id": content.get("id"), "file": path, "title": content.get("title")}
+                      for content, path in zip(contents, paths)], EXPORT_COLUMNS)
+    elif options.output:
+        with open(options.output, "w", encoding="utf-8", newline="\n") as file:
+            file.write(jsonl_text(contents))
+    else:
+        session.write(jsonl_text(contents))
+    return EXIT_OK
+
+
+def cmd_task_status(session: Session, options) -> int:
+    session.show(session.call("task.status", {"task_id": options.task_id}), order=TASK_ORDER)
+    return EXIT_OK
+
+
+def cmd_task_list(session: Session, options) -> int:
+    status = options.status[0] if options.status and len(options.status) == 1 else options.status
+    session.show(session.call("task.list", without_none({
+        "account_id": options.account_id, "status": status, "limit": options.limit})),
+        TASK_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_task_cancel(session: Session, options) -> int:
+    session.show(session.call("task.cancel", {"task_id": options.task_id}), order=TASK_ORDER)
+    return EXIT_OK
+
+
+def cmd_task_retry(session: Session, options) -> int:
+    session.show(session.call("task.retry", {"task_id": options.task_id}), order=TASK_ORDER)
+    return EXIT_OK
+
+
+def cmd_task_cleanup(session: Session, options) -> int:
+    session.show(session.call("task.cleanup", without_none({
+        "days": options.days, "status": options.status, "dry_run": options.dry_run})))
+    return EXIT_OK
+
+
+def cmd_task_stats(session: Session, options) -> int:
+    session.show(session.call("task.stats"))
+    return EXIT_OK
+
+
+def cmd_monitor_metrics(session: Session, options) -> int:
+    try:
+        metrics = session.call("monitor.metrics")
+    except DaemonUnreachable:
+        if session.format == "prometheus":
+            session.write(prometheus_up_text(False))
+        raise
+    if session.format == "prometheus":
+        session.write(prometheus_text(metrics))
+    else:
+        session.show(metrics, order=METRICS_ORDER)
+    return EXIT_OK
+
+
+def cmd_monitor_recent(session: Session, options) -> int:
+    session.show(session.call("monitor.recent", without_none({"limit": options.limit})),
+                 TASK_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_monitor_failed(session: Session, options) -> int:
+    session.show(session.call("monitor.failed", without_none({"limit": options.limit})),
+                 FAILED_TASK_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_monitor_pending(session: Session, options) -> int:
+    session.show(session.call("monitor.pending", without_none({"limit": options.limit})),
+                 TASK_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_monitor_stats(session: Session, options) -> int:
+    session.show(session.call("monitor.stats", without_none({"days": options.days})),
+                 order=("days", "total", "completed", "failed", "timeout", "success_rate",
+                        "failure_reasons"))
+    return EXIT_OK
+
+
+def cmd_monitor_health(session: Session, options) -> int:
+    health = session.call("monitor.health")
+    session.show(health)
+    return EXIT_OK if health.get("status") == "ok" else EXIT_FAILED
+
+
+def cmd_scheduler_list(session: Session, options) -> int:
+    session.show(session.call("scheduler.list"), SCHEDULE_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_scheduler_show(session: Session, options) -> int:
+    session.show(session.call("scheduler.show", {"name": options.name}))
+    return EXIT_OK
+
+
+def cmd_scheduler_history(session: Session, options) -> int:
+    session.show(session.call("scheduler.history", without_none({
+        "name": options.name, "limit": options.limit})), RUN_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_scheduler_pause(session: Session, options) -> int:
+    session.show(session.call("scheduler.pause", {"name": options.name}))
+    return EXIT_OK
+
+
+def cmd_scheduler_resume(session: Session, options) -> int:
+    session.show(session.call("scheduler.resume", {"name": options.name}))
+    return EXIT_OK
+
+
+def cmd_scheduler_trigger(session: Session, options) -> int:
+    session.show(session.call("scheduler.trigger", {"name": options.name}))
+    return EXIT_OK
+
+
+def cmd_scheduler_next(session: Session, options) -> int:
+    result = session.call("scheduler.next", without_none({
+        "name": options.name, "count": options.count, "after": options.after}))
+    if session.format != "table":
+        session.show(result)
+        return EXIT_OK
+    session.write_lines([f"next fire times of {result.get('name')} ({result.get('timezone')}):",
+                         *(short_time(instant) for instant in result.get("instants") or [])])
+    return EXIT_OK
+
+
+def cmd_scheduler_status(session: Session, options) -> int:
+    session.show(session.call("scheduler.status"))
+    return EXIT_OK
+
+
+def cmd_scheduler_create(session: Session, options) -> int:
+    try:
+        params = json.loads(options.params)
+    except ValueError as exc:
+        raise UsageError(f"--params is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise UsageError("--params must be a JSON object, e.g. '{\"account_ids\": [49]}'")
+    session.show(session.call("scheduler.create", without_none({
+        "name": options.name, "executor": options.type, "cron": options.cron,
+        "every": options.every, "timezone": options.timezone, "misfire": options.misfire,
+        "overlap": options.overlap, "params": params})))
+    return EXIT_OK
+
+
+def cmd_executors(session: Session, options) -> int:
+    session.show(session.call("executors"), EXECUTOR_COLUMNS)
+    return EXIT_OK
+
+
+def bulk_error_line(file_name: str, error: dict) -> str:
+    """`tasks.csv:LINE: column COL: message`, the shape editors and grep understand."""
+    where = f"{file_name}:{error['line']}" if error.get("line") is not None else file_name
+    column = f" column {error['column']}:" if error.get("column") else ""
+    return f"{where}:{column} {error.get('message', 'invalid row')}"
+
+
+def cmd_bulk_import(session: Session, options) -> int:
+    try:
+        with open(options.file, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        raise CtlError(f"cannot read {options.file}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CtlError(f"{options.file}: not UTF-8 (bad byte at offset {exc.start});"
+                       " save it as UTF-8") from None
+    try:
+        result = session.call("bulk_import", {"csv": text,
+                                              "filename": os.path.basename(options.file)})
+    except CommandFailed as exc:
+        errors = exc.data.get("errors") if isinstance(exc.data, dict) else None
+        if not errors:
+            raise
+        session.err.write("".join(bulk_error_line(options.file, error) + "\n"
+                                  for error in errors))
+        session.warn(f"nothing imported: {len(errors)} bad row(s) in {options.file}")
+        return EXIT_FAILED
+    session.show(result)
+    return EXIT_OK
+
+
+def cmd_reload(session: Session, options) -> int:
+    session.show(session.call("reload"))
+    return EXIT_OK
+
+
+def cmd_config(session: Session, options) -> int:
+    session.show(session.call("config"), CONFIG_COLUMNS)
+    return EXIT_OK
+
+
+# Main ##########################################################################################
+
+
+def int_in_range(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    format_option = argparse.ArgumentParser(add_help=False)
+    format_option.add_argument("--format", choices=FORMATS, default=argparse.SUPPRESS,
+                               help="output format (may also come before the command)")
+    parser = argparse.ArgumentParser(
+        prog="contenthubctl", description="Control a running contenthubd.",
+        epilog="Socket: --socket, $CONTENTHUB_SOCKET, [daemon] socket of the config"
+               " (--config, $CONTENTHUB_CONFIG, ./contenthubd.toml), else " + DEFAULT_SOCKET
+               + ". Exit codes: 0 ok, 1 failed, 2 usage, 69 daemon unreachable.")
+    parser.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
+    parser.add_argument("--config", metavar="FILE", help="find the socket from this config")
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="table (default), json, csv; prometheus for monitor metrics")
+    parser.add_argument("--version", action="version", version=f"contenthubctl {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def group(name: str, help_text: str):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        return sub.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+    def command(parent, name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, parents=[format_option], help=help_text,
+                                description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def add_limit(sub) -> None:
+        sub.add_argument("--limit", type=int_in_range(1), help="at most this many rows")
+
+    command(commands, "version", cmd_version, "client and daemon versions")
+
+    content = group("content", "generate and review content")
+    sub = command(content, "generate", cmd_content_generate, "queue one generation task")
+    sub.add_argument("-a", "--account-id", type=int, required=True)
+    sub.add_argument("-t", "--topic", required=True)
+    sub.add_argument("-k", "--keywords", help="comma-separated")
+    sub.add_argument("--requirements", metavar="TEXT|JSON")
+    sub.add_argument("--tone")
+    sub.add_argument("--category")
+    sub.add_argument("--target-audience")
+    sub.add_argument("--priority", type=int_in_range(0, 10), help="0-10 (daemon default 5)")
+    sub.add_argument("--auto-approve", action=argparse.BooleanOptionalAction, default=None,
+                     help="approve the result without review (default: the daemon's config)")
+    sub.add_argument("--async", dest="async_mode", action="store_true",
+                     help="accepted for compatibility: generation is always asynchronous")
+    sub.add_argument("--wait", action="store_true",
+                     help="follow the task to its end; exit 0 only if it completed")
+    sub = command(content, "list", cmd_content_list, "list contents (without bodies)")
+    sub.add_argument("--account-id", type=int)
+    sub.add_argument("--review-status", choices=REVIEW_STATUSES)
+    sub.add_argument("--since", metavar="ISO", help="created at or after this date/time")
+    add_limit(sub)
+    sub = command(content, "show", cmd_content_show, "one content with its body")
+    sub.add_argument("id", metavar="ID", help="content id, or the id of the task that made it")
+    for name, handler in (("approve", cmd_content_approve), ("reject", cmd_content_reject)):
+        sub = command(content, name, handler, f"{name} contents")
+        sub.add_argument("ids", metavar="ID", type=int, nargs="+")
+        if name == "reject":
+            sub.add_argument("--reason")
+    sub = command(content, "export", cmd_content_export,
+                  "write contents as Markdown files or JSON Lines")
+    sub.add_argument("ids", metavar="ID", type=int, nargs="*", help="only these contents")
+    target = sub.add_mutually_exclusive_group()
+    target.add_argument("--dir", metavar="DIR", help="one <id>-<slug>.md per content")
+    target.add_argument("--jsonl", action="store_true", help="JSON Lines (the default)")
+    sub.add_argument("--output", metavar="FILE", help="JSON Lines to FILE instead of stdout")
+    sub.add_argument("--account-id", type=int)
+    sub.add_argument("--review-status", choices=REVIEW_STATUSES)
+    sub.add_argument("--since", metavar="ISO")
+    add_limit(sub)
+
+    task = group("task", "inspect and manage generation tasks")
+    for name, handler, help_text in (("status", cmd_task_status, "one task with its events"),
+                                     ("cancel", cmd_task_cancel, "cancel a task"),
+                                     ("retry", cmd_task_retry, "run a finished task again")):
+        command(task, name, handler, help_text).add_argument("task_id", metavar="TASK_ID")
+    sub = command(task, "list", cmd_task_list, "list tasks, newest first")
+    sub.add_argument("--account-id", type=int)
+    sub.add_argument("--status", choices=TASK_STATUSES, action="append",
+                     help="repeat for several")
+    add_limit(sub)
+    sub = command(task, "cleanup", cmd_task_cleanup, "delete old finished tasks")
+    sub.add_argument("--days", type=int_in_range(0), required=True,
+                     help="older than this many days")
+    sub.add_argument("--status", choices=TASK_STATUSES, nargs="+",
+                     help="only these statuses (default: the terminal ones)")
+    sub.add_argument("--dry-run", action="store_true", help="count, do not delete")
+    command(task, "stats", cmd_task_stats, "task counts by status and account")
+
+    monitor = group("monitor", "metrics and health")
+    command(monitor, "metrics", cmd_monitor_metrics,
+            "overall metrics (--format prometheus for a textfile collector)")
+    for name, handler, help_text in (("recent", cmd_monitor_recent, "recently updated tasks"),
+                                     ("failed", cmd_monitor_failed, "failed and timed-out tasks"),
+                                     ("pending", cmd_monitor_pending, "tasks not finished yet")):
+        add_limit(command(monitor, name, handler, help_text))
+    sub = command(monitor, "stats", cmd_monitor_stats, "daily statistics and failure reasons")
+    sub.add_argument("--days", type=int_in_range(1), help="how many days back (default 7)")
+    command(monitor, "health", cmd_monitor_health, "health checks; exit 1 unless all pass")
+
+    scheduler = group("scheduler", "schedules and their runs")
+    command(scheduler, "list", cmd_scheduler_list, "all schedules")
+    for name, handler, help_text in (("show", cmd_scheduler_show, "one schedule in full"),
+                                     ("pause", cmd_scheduler_pause, "stop firing a schedule"),
+                                     ("resume", cmd_scheduler_resume, "fire a schedule again"),
+                                     ("trigger", cmd_scheduler_trigger, "fire a schedule now")):
+        command(scheduler, name, handler, help_text).add_argument("name", metavar="NAME")
+    sub = command(scheduler, "history", cmd_scheduler_history, "recent runs")
+    sub.add_argument("name", metavar="NAME", nargs="?", help="only this schedule")
+    add_limit(sub)
+    sub = command(scheduler, "next", cmd_scheduler_next, "the next fire times of a schedule")
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--count", type=int_in_range(1), help="how many (default 5)")
+    sub.add_argument("--after", metavar="ISO", help="from this time instead of now")
+    command(scheduler, "status", cmd_scheduler_status, "scheduler state and the next firing")
+    sub = command(scheduler, "create", cmd_scheduler_create,
+                  "add a schedule to the config file and reload")
+    sub.add_argument("--name", required=True)
+    sub.add_argument("--type", required=True, metavar="EXECUTOR",
+                     help="executor type (see: contenthubctl executors)")
+    trigger = sub.add_mutually_exclusive_group(required=True)
+    trigger.add_argument("--cron", metavar="EXPR", help='five fields, e.g. "0 8 * * *"')
+    trigger.add_argument("--every", metavar="DURATION", help="interval, e.g. 2h")
+    sub.add_argument("--timezone", help="IANA name (default: the daemon's)")
+    sub.add_argument("--misfire", choices=("skip", "once", "all"))
+    sub.add_argument("--overlap", choices=("skip", "allow"))
+    sub.add_argument("--params", default="{}", metavar="JSON", help="executor parameters")
+
+    command(commands, "executors", cmd_executors, "executor types and their parameters")
+    sub = command(commands, "bulk-import", cmd_bulk_import,
+                  "queue every row of a CSV file, all or nothing")
+    sub.add_argument("--file", required=True, metavar="CSV",
+                     help="columns account_id,topic,keywords,priority,auto_approve"
+                          " [,requirements,tone,category]")
+    sub.add_argument("--async", dest="async_mode", action="store_true",
+                     help="accepted for compatibility: generation is always asynchronous")
+    command(commands, "reload", cmd_reload, "re-read the config file (like SIGHUP)")
+    command(commands, "config", cmd_config, "effective settings and where each came from")
+    return parser
+
+
+def use_utf8(stream) -> None:
+    """UTF-8 output whatever the locale says, so Chinese titles survive LANG=C."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(encoding="utf-8", errors="replace")
+        except (ValueError, OSError):
+            pass
+
+
+def report_failure(err, exc: CommandFailed) -> None:
+    err.write(f"contenthubctl: {exc}\n")
+    errors = exc.data.get("errors") if isinstance(exc.data, dict) else None
+    for error in errors if isinstance(errors, list) else ():
+        err.write(f"  {error if isinstance(error, str) else format_value('', error)}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    use_utf8(sys.stdout)
+    use_utf8(sys.stderr)
+    out, err = sys.stdout, sys.stderr
+    parser = build_parser()
+    try:
+        options = parser.parse_args(argv)
+        if options.format == "prometheus" and options.handler is not cmd_monitor_metrics:
+            parser.error("--format prometheus is only valid for: monitor metrics")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE if exc.code else EXIT_OK
+    try:
+        socket_path, config_path = discover_socket(options.socket, options.config, os.environ,
+                                                   os.getcwd())
+        session = Session(ControlClient(socket_path, config_path), options.format, out, err)
+        try:
+            code = options.handler(session, options)
+        finally:
+            session.client.close()
+        out.flush()
+        return code
+    except CommandFailed as exc:
+        report_failure(err, exc)
+        return exc.exit_code
+    except CtlError as exc:
+        err.write(f"contenthubctl: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.write("\ncontenthubctl: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`); point stdout at /dev/null so the final flush at
+        # interpreter exit does not raise again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
+    except Exception as exc:
+        err.write(f"contenthubctl: {type(exc).__name__}: {exc}\n")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
