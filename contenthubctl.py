@@ -293,7 +293,7 @@ def format_value(key: str, value) -> str:
             return f"{value:.1f} s" if isinstance(value, float) else f"{value} s"
         return str(value)
     if isinstance(value, str):
-        return CONTROL_CHARS_RE.sub(" ", short_time(value))
+        return CONTROL_CHARS_RE.sub(" ", short_time(value)) or "-"
     if isinstance(value, dict) and all(_is_scalar(item) for item in value.values()):
         return ", ".join(f"{k}={format_value(k, v)}" for k, v in value.items()) or "-"
     if isinstance(value, list) and all(_is_scalar(item) for item in value):
@@ -346,9 +346,16 @@ def table_lines(rows: list[dict], columns, max_width: int | None = None) -> list
 
 
 def auto_columns(rows: list[dict]) -> list[Column]:
-    """Columns for rows no command describes: every key, long text ones flexible."""
+    """Columns for rows no command describes: every key, long text ones flexible, numbers
+    right-aligned."""
     keys = dict.fromkeys(key for row in rows if isinstance(row, dict) for key in row)
-    return [Column(key.upper(), key, flex=key in FLEXIBLE_KEYS) for key in keys]
+    return [Column(key.upper(), key, flex=key in FLEXIBLE_KEYS,
+                   align="right" if all(_is_number(row.get(key)) for row in rows) else "left")
+            for key in keys]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 FLEXIBLE_KEYS = {"topic", "title", "detail", "message", "description", "result", "value",
@@ -571,13 +578,16 @@ def executor_params_of(row: dict) -> str:
 
 
 TASK_COLUMNS = (Column("TASK_ID", "task_id"), Column("STATUS", "status"),
-                Column("PRI", "priority", align="right"), Column("ACCOUNT", account_of),
-                Column("TOPIC", "topic", flex=True), Column("UPDATED", "updated_at"))
+                Column("PRI", "priority", align="right"),
+                Column("ACCOUNT", account_of, flex=True), Column("TOPIC", "topic", flex=True),
+                Column("UPDATED", "updated_at"))
 FAILED_TASK_COLUMNS = (Column("TASK_ID", "task_id"), Column("STATUS", "status"),
-                       Column("ACCOUNT", account_of), Column("TOPIC", "topic", flex=True),
+                       Column("ACCOUNT", account_of, flex=True),
+                       Column("TOPIC", "topic", flex=True),
                        Column("ERROR", error_of, flex=True), Column("UPDATED", "updated_at"))
 CONTENT_COLUMNS = (Column("ID", "id", align="right"), Column("REVIEW", "review_status"),
-                   Column("ACCOUNT", account_of), Column("WORDS", "word_count", align="right"),
+                   Column("ACCOUNT", account_of, flex=True),
+                   Column("WORDS", "word_count", align="right"),
                    Column("CREATED", "created_at"), Column("TITLE", "title", flex=True))
 EXPORT_COLUMNS = (Column("ID", "id", align="right"), Column("FILE", "file"),
                   Column("TITLE", "title", flex=True))
@@ -705,7 +715,7 @@ def wait_for_task(session: Session, task_id: str) -> int:
             try:
                 title = session.call("content.show", {"id": content_id}).get("title") or ""
             except CommandFailed:
-                title = ""
+                pass  # the task did complete; a title we cannot fetch is no reason to fail
         session.write_lines([f"{task_id} completed: content {content_id} {title}".rstrip()])
     if not completed:
         session.warn(f"task {task_id} {task.get('status')}: {error_of(task) or 'no reason given'}")
@@ -758,6 +768,8 @@ def cmd_content_export(session: Session, options) -> int:
         "ids": options.ids or None, "account_id": options.account_id,
         "review_status": options.review_status, "since": options.since,
         "limit": options.limit}))
+    if options.dir and options.output:
+        raise UsageError("--output is for JSON Lines; with --dir the files go in DIR")
     if options.dir:
         paths = write_export_files(contents, options.dir)
         session.show([{"id": content.get("id"), "file": path, "title": content.get("title")}

@@ -27,9 +27,11 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import email.utils
 import fcntl
 import grp
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -40,10 +42,13 @@ import secrets
 import signal
 import socket
 import sqlite3
+import ssl
 import struct
 import sys
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -70,6 +75,7 @@ ACTIVE_STATUSES = ("pending", "submitted", "running")
 MAX_LINE_BYTES = 1 << 20  #: control-socket request limit
 KILL_GRACE_S = 5.0  #: SIGTERM -> SIGKILL for a creator's process group
 PIPE_DRAIN_S = 2.0  #: how long stray grandchildren may hold the pipes after the creator exits
+POLL_COMMAND_TIMEOUT_S = 60.0  #: an async creator's submit/status/result/cancel command
 STDERR_TAIL_CHARS = 2000
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
@@ -1390,6 +1396,13 @@ def process_group_is_creator(pgid: int, task_id: str) -> bool:
     return False
 
 
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI_RE.sub("", text)
+
+
 @dataclass
 class ProcessResult:
     """What one creator process did. `exit_code` < 0 means killed by that signal."""
@@ -1570,14 +1583,101 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
     return result
 
 
+# Markdown: what the contents row derives from an article body.
+
+#: One CJK "word" each: ideographs (URO, extensions A-G, compatibility), kana, Hangul. CJK
+#: punctuation (U+3000-303F, the katakana middle dot, fullwidth forms) deliberately not.
+CJK_CHAR_RE = re.compile(
+    "[\u1100-\u11ff\u3040-\u309f\u30a0-\u30fa\u30fc-\u30ff\u3130-\u318f\u3400-\u4dbf"
+    "\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff\uf900-\ufaff\U00020000-\U0003134f]")
+_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_H1_RE = re.compile(r"^ {0,3}#[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+_HEADING_MARK_RE = re.compile(r"^ {0,3}#{1,6}(?:[ \t]+|$)")
+_CLOSING_HASHES_RE = re.compile(r"[ \t]+#+[ \t]*$")
+_RULE_RE = re.compile(r"^ {0,3}([-=*_])(?:[ \t]*\1){2,}[ \t]*$")  #: also setext underlines
+_TABLE_RULE_RE = re.compile(r"^[ \t]*\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)+\|?[ \t]*$")
+_BLOCK_PREFIX_RE = re.compile(r"^[ \t]*(?:>[ \t]?)*[ \t]*(?:(?:[-*+]|\d{1,9}[.)])[ \t]+"
+                              r"(?:\[[ xX]\][ \t]+)?)?")
+_ESCAPED_RE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!~|<>])")
+_ESCAPE_BASE = 0xE000  #: escaped punctuation is parked in the Private Use Area while stripping
+_INLINE_RULES = (
+    (re.compile(r"<!--.*?-->", re.S), ""),
+    (re.compile(r"!\[[^\]]*\]\([^)]*\)"), ""),                      # images
+    (re.compile(r"!\[[^\]]*\]\[[^\]]*\]"), ""),
+    (re.compile(r"\[([^\]]*)\]\([^)]*\)"), r"\1"),                  # [text](url) -> text
+    (re.compile(r"\[([^\]]+)\]\[[^\]]*\]"), r"\1"),                 # [text][ref] -> text
+    (re.compile(r"<((?:https?|mailto):[^>\s]+)>"), r"\1"),          # autolinks
+    (re.compile(r"</?[A-Za-z][^>]*>"), ""),                         # inline HTML tags
+    (re.compile(r"(`+)(.+?)\1"), r"\2"),                            # inline code
+    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),
+    (re.compile(r"\*(?=\S)(.+?)(?<=\S)\*"), r"\1"),
+    (re.compile(r"(?<!\w)_(?=\S)(.+?)(?<=\S)_(?!\w)"), r"\1"),      # not inside snake_case
+    (re.compile(r"~~(?=\S)(.+?)(?<=\S)~~"), r"\1"),
+)
+
+
+def _prose_lines(md: str) -> list[str]:
+    """The lines of `md` outside fenced code blocks; an unclosed fence runs to the end, as in
+    CommonMark, so a `# comment` in code is never taken for a title."""
+    lines: list[str] = []
+    fence = ""
+    for line in md.lstrip("\ufeff").splitlines():
+        opening = _FENCE_RE.match(line)
+        if fence:
+            closing = line.strip()
+            if closing.startswith(fence) and not closing.strip(fence[0]):
+                fence = ""
+        elif opening:
+            fence = opening.group(1)
+        else:
+            lines.append(line)
+    return lines
+
+
+def _inline_text(text: str) -> str:
+    """`text` without inline Markdown: links keep their text, images and HTML go."""
+    text = _ESCAPED_RE.sub(lambda m: chr(_ESCAPE_BASE + ord(m.group(1))), text)
+    for pattern, replacement in _INLINE_RULES:
+        text = pattern.sub(replacement, text)
+    return re.sub("[\ue000-\ue07f]", lambda m: chr(ord(m.group()) - _ESCAPE_BASE), text)
+
+
+def markdown_title(md: str) -> str | None:
+    """The text of the first ATX H1 (`# Title`) outside fenced code, inline markup stripped;
+    None when there is none."""
+    for line in _prose_lines(md):
+        match = _H1_RE.match(line)
+        if match:
+            title = " ".join(_inline_text(match.group(1)).split())
+            if title:
+                return title
+    return None
+
+
+def plain_summary(md: str, limit: int = 200) -> str:
+    """The first `limit` characters of `md` as plain text: code blocks, images, rules and
+    Markdown markers removed, heading and link texts kept, whitespace collapsed."""
+    kept = []
+    for line in _prose_lines(md):
+        if _RULE_RE.match(line) or _TABLE_RULE_RE.match(line):
+            continue
+        if _HEADING_MARK_RE.match(line):
+            line = _CLOSING_HASHES_RE.sub("", _HEADING_MARK_RE.sub("", line))
+        else:
+            line = _BLOCK_PREFIX_RE.sub("", line).replace("|", " ")
+        kept.append(line)
+    text = " ".join(_inline_text("\n".join(kept)).split())
+    return text[:limit].rstrip()
+
+
+def count_words(text: str) -> int:
+    """Words as a reader of mixed text counts them: each CJK character is one word, and so is
+    each whitespace-separated run of other text that holds a letter or digit ("GPT-4")."""
+    cjk = len(CJK_CHAR_RE.findall(text))
+    others = CJK_CHAR_RE.sub(" ", text).split()
+    return cjk + sum(1 for token in others if any(ch.isalnum() for ch in token))
+
 # Output adapters: a creator's stdout becomes an Article, or a CreatorFailure saying why not.
-
-ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def strip_ansi(text: str) -> str:
-    return ANSI_RE.sub("", text)
-
 
 @dataclass
 class CreatorFailure:
@@ -1647,6 +1747,316 @@ def parse_json_output(stdout: str) -> Article | CreatorFailure:
                    external_id=data.get("task_id") or data.get("taskId"), extra=extra)
 
 
+# content-creator's text output (the real CLI, see tests/fixtures/content-creator).
+
+CC_SEPARATOR = "\u2500" * 40
+#: The CLI prints the quality score as "<score>/100", but the score is a 0-10 weighted average.
+CC_SCORE_SCALE = "0-10 (printed as x/100 by content-creator 0.2.0)"
+CC_STDERR_TAIL_CHARS = 2000
+CC_STDOUT_TAIL_LINES = 8
+
+_CC_STATUS_HEADER = "✅ 执行成功"
+_CC_ARTICLE_HEADER = "📝 生成的内容:"
+_CC_IMAGES_HEADER = "🖼️ 生成的配图:"
+_CC_QUALITY_HEADER = "🔍 文本质检:"
+_CC_COMPLETED = ("已完成", "completed")
+_CC_FAILED = ("失败", "failed")
+_CC_CANCELLED = ("已取消", "cancelled")
+
+_CC_DEV_LOG_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(?:\.\d+)?Z? \[(?P<level>[a-z]+)\]: (?P<rest>.*)$")
+_CC_KEY_VALUE_RE = re.compile(r"^(?P<key>[^:：]+)[:：] ?(?P<value>.*)$")
+_CC_DURATION_RE = re.compile(r"^(?:(?P<m>\d+)分)?(?P<s>\d+)秒$")
+_CC_SCORE_RE = re.compile(r"^(?P<score>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*/\s*100$")
+_CC_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+# commander's argument errors and create.ts's own "must provide" checks: retrying cannot help.
+_CC_USAGE_ERROR_RE = re.compile(
+    r"^(?:error: (?:unknown option|unknown command|missing required argument|option '.*' "
+    r"argument missing|required option|too many arguments|option '.*' argument '.*' is "
+    r"invalid)|❌ 错误: 必须提供)", re.MULTILINE)
+
+
+def priority_to_content_creator(priority: int) -> str:
+    """Map a task priority (0-10, higher first) onto content-creator's `--priority` levels.
+
+    0-3 -> "low", 4-6 -> "normal" (the daemon's default 5 and the CLI's default agree),
+    7-8 -> "high", 9-10 -> "urgent". Values outside 0-10 are clamped first.
+    """
+    priority = max(0, min(10, int(priority)))
+    if priority <= 3:
+        return "low"
+    if priority <= 6:
+        return "normal"
+    if priority <= 8:
+        return "high"
+    return "urgent"
+
+
+def parse_content_creator_run(stdout: str, stderr: str, exit_code: int,
+                              cwd: str | None) -> dict:
+    """Turn one finished `content-creator create --mode sync` run into an article or a failure.
+
+    Success: {"ok": True, "title", "body", "images", "quality", "external_id",
+    "duration_seconds", "status_text"}. `body` is exactly the text the CLI printed between the
+    article's two separators: console.log adds one line break after the article, so a body
+    that ended with "\\n" shows as a trailing empty line and is kept as that "\\n"; nothing is
+    stripped. Relative image paths (the repo-head CLI prints downloaded files such as
+    data/images/x.png) are made absolute against `cwd`; the body's own links stay as printed.
+
+    Failure: {"ok": False, "error_kind", "error_message", "retryable"} with error_kind one of
+    creator_failed (状态: 失败; the reason comes from the log lines), creator_cancelled,
+    invalid_arguments (commander/usage errors, not retryable), exit_code, killed (negative
+    exit code: a signal) and bad_output (exit 0 without a usable result block).
+    """
+    if exit_code != 0:
+        return _cc_exit_failure(stdout, stderr, exit_code)
+    lines = strip_ansi(stdout.replace("\r\n", "\n")).split("\n")
+    status_block = _cc_find_block(lines, _CC_STATUS_HEADER, 0, first_key="任务ID")
+    if status_block is None:
+        return _cc_failure("bad_output", "content-creator exited 0 without a '✅ 执行成功' "
+                           f"result block; stdout ends with: {_cc_stdout_tail(lines)}", True)
+    fields = _cc_key_values(status_block[0])
+    external_id = fields.get("任务ID") or None
+    task = f"content-creator task {external_id}" if external_id else "content-creator task"
+    if "状态" not in fields:
+        return _cc_failure("bad_output", f"{task}: result block has no '状态:' line", True)
+    status_text = fields["状态"]
+    if status_text in _CC_CANCELLED:
+        return _cc_failure("creator_cancelled", f"{task} was cancelled (状态: {status_text})",
+                           False)
+    if status_text not in _CC_COMPLETED:
+        reason = _cc_failure_reason(lines) or "no error detail in its log lines"
+        shown = status_text if status_text in _CC_FAILED else f"unexpected {status_text!r}"
+        return _cc_failure("creator_failed", f"{reason} ({task}, 状态: {shown})", True)
+    article = _cc_article(lines, status_block[1])
+    if article is None:
+        return _cc_failure("bad_output", f"{task} reported 状态: {status_text} but printed no "
+                           "'📝 生成的内容:' article", True)
+    body, article_end = article
+    if not body.strip():
+        return _cc_failure("bad_output", f"{task} printed an empty article", True)
+    images_block = _cc_find_block(lines, _CC_IMAGES_HEADER, article_end)
+    quality_block = _cc_find_block(lines, _CC_QUALITY_HEADER, article_end)
+    return {
+        "ok": True,
+        "title": markdown_title(body),
+        "body": body,
+        "images": _cc_images(images_block[0] if images_block else [], cwd),
+        "quality": _cc_quality(quality_block[0] if quality_block else []),
+        "external_id": external_id,
+        "duration_seconds": _cc_duration_seconds(fields.get("耗时", "")),
+        "status_text": status_text,
+    }
+
+
+def _cc_failure(kind: str, message: str, retryable: bool) -> dict:
+    return {"ok": False, "error_kind": kind, "error_message": message, "retryable": retryable}
+
+
+def _cc_exit_failure(stdout: str, stderr: str, exit_code: int) -> dict:
+    """A non-zero exit: argument and env errors, or an exception outside the executor."""
+    err = strip_ansi(stderr.replace("\r\n", "\n")).strip()
+    if len(err) > CC_STDERR_TAIL_CHARS:
+        err = "…" + err[-CC_STDERR_TAIL_CHARS:]
+    if exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
+        return _cc_failure("killed", f"content-creator killed by {name}; stderr: "
+                           f"{err or '(empty)'}", True)
+    if _CC_USAGE_ERROR_RE.search(err):
+        return _cc_failure("invalid_arguments", f"content-creator rejected its arguments "
+                           f"(exit {exit_code}): {err}", False)
+    if err:
+        return _cc_failure("exit_code", f"content-creator exited {exit_code}: {err}", True)
+    # An uncaught error at start-up (e.g. no ./data directory for SQLite in the working
+    # directory) goes to winston's ./logs/app.exceptions.log, not to stderr.
+    lines = strip_ansi(stdout.replace("\r\n", "\n")).split("\n")
+    return _cc_failure("exit_code", f"content-creator exited {exit_code} with empty stderr "
+                       "(start-up errors go to ./logs/app.exceptions.log in its working "
+                       "directory; a missing ./data directory is the usual cause); stdout "
+                       f"ends with: {_cc_stdout_tail(lines)}", True)
+
+
+def _cc_stdout_tail(lines: list[str]) -> str:
+    tail = [line.strip() for line in lines if line.strip()][-CC_STDOUT_TAIL_LINES:]
+    return " | ".join(tail)[-CC_STDERR_TAIL_CHARS:] or "(empty)"
+
+
+def _cc_log_record(line: str) -> tuple[str, str, dict] | None:
+    """(level, message, metadata) of a winston log line, in either format, else None."""
+    match = _CC_DEV_LOG_RE.match(line)
+    if match:
+        rest = match["rest"]
+        start = rest.find("{")
+        while start != -1:
+            try:
+                meta = json.loads(rest[start:])
+            except ValueError:
+                meta = None
+            if isinstance(meta, dict):
+                return match["level"], rest[:start].strip(), meta
+            start = rest.find("{", start + 1)
+        return match["level"], rest.strip(), {}
+    if line.startswith("{") and '"level"' in line:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        if (isinstance(record, dict) and isinstance(record.get("level"), str)
+                and isinstance(record.get("message"), str)):
+            return record["level"], record["message"], record
+    return None
+
+
+def _cc_is_noise(line: str) -> bool:
+    """Blank lines and log lines, which may land between (not inside) the CLI's lines."""
+    return not line.strip() or _cc_log_record(line) is not None
+
+
+def _cc_is_separator(line: str) -> bool:
+    return line.strip() == CC_SEPARATOR
+
+
+def _cc_next_meaningful(lines: list[str], start: int) -> int | None:
+    for index in range(start, len(lines)):
+        if not _cc_is_noise(lines[index]):
+            return index
+    return None
+
+
+def _cc_find_block(lines: list[str], header: str, start: int,
+                   first_key: str | None = None) -> tuple[list[str], int] | None:
+    """The first `header` block at or after `start`: its non-log lines and the index after
+    its closing separator. With `first_key`, the block's first line must be that key, so a
+    header echoed inside user text (a topic, a requirement) is not mistaken for the block."""
+    for index in range(start, len(lines) - 1):
+        if lines[index].strip() != header:
+            continue
+        opening = _cc_next_meaningful(lines, index + 1)
+        if opening is None or not _cc_is_separator(lines[opening]):
+            continue
+        content: list[str] = []
+        closing = opening + 1
+        while closing < len(lines) and not _cc_is_separator(lines[closing]):
+            if not _cc_is_noise(lines[closing]):
+                content.append(lines[closing].strip())
+            closing += 1
+        if closing == len(lines):
+            return None
+        if first_key and not (content and content[0].startswith(first_key)):
+            continue
+        return content, closing + 1
+    return None
+
+
+def _cc_article(lines: list[str], start: int) -> tuple[str, int] | None:
+    """The article between its separators, verbatim, and the index after the closing one.
+
+    The article is printed by one console.log call, so nothing can interleave with it, but
+    the text itself may contain a 40 x U+2500 line: the closing separator is the first one
+    after which only whole image/quality blocks and log lines follow (failing that, the
+    first one, so unknown trailing output from another CLI version still parses)."""
+    header = next((i for i in range(start, len(lines))
+                   if lines[i].strip() == _CC_ARTICLE_HEADER), None)
+    if header is None:
+        return None
+    opening = _cc_next_meaningful(lines, header + 1)
+    if opening is None or not _cc_is_separator(lines[opening]):
+        return None
+    candidates = [i for i in range(opening + 1, len(lines)) if _cc_is_separator(lines[i])]
+    if not candidates:
+        return None
+    closing = next((i for i in candidates if _cc_only_result_blocks_follow(lines, i + 1)),
+                   candidates[0])
+    return "\n".join(lines[opening + 1:closing]), closing + 1
+
+
+def _cc_only_result_blocks_follow(lines: list[str], start: int) -> bool:
+    index = _cc_next_meaningful(lines, start)
+    while index is not None:
+        if lines[index].strip() not in (_CC_IMAGES_HEADER, _CC_QUALITY_HEADER):
+            return False
+        opening = _cc_next_meaningful(lines, index + 1)
+        if opening is None or not _cc_is_separator(lines[opening]):
+            return False
+        closing = next((i for i in range(opening + 1, len(lines))
+                        if _cc_is_separator(lines[i])), None)
+        if closing is None:
+            return False
+        index = _cc_next_meaningful(lines, closing + 1)
+    return True
+
+
+def _cc_key_values(block: list[str]) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in block:
+        match = _CC_KEY_VALUE_RE.match(line)
+        if match:
+            fields.setdefault(match["key"].strip(), match["value"].strip())
+    return fields
+
+
+def _cc_failure_reason(lines: list[str]) -> str | None:
+    """The error of the last `[SyncExecutor] Task execution failed` log line, else of the last
+    log line carrying an error string (e.g. `Task marked as failed`'s errorMessage)."""
+    fallback = None
+    for line in reversed(lines):
+        record = _cc_log_record(line)
+        if record is None:
+            continue
+        _level, message, meta = record
+        error = meta.get("error") or meta.get("errorMessage")
+        if isinstance(error, dict):
+            error = error.get("message") or json.dumps(error, ensure_ascii=False)
+        if not error or not isinstance(error, str):
+            continue
+        if "Task execution failed" in message:
+            return error
+        fallback = fallback or error
+    return fallback
+
+
+def _cc_images(block: list[str], cwd: str | None) -> list[str]:
+    """One image per line: URLs as printed, relative local paths made absolute against cwd.
+    The CLI prints `img.url` (0.2.0) or `localPath || url` (repo head) unchecked, so a missing
+    value shows as "undefined"; such lines are dropped."""
+    images = []
+    for line in block:
+        if line in ("undefined", "null"):
+            continue
+        if not (_CC_URL_RE.match(line) or os.path.isabs(line) or cwd is None):
+            line = os.path.normpath(os.path.join(cwd, line))
+        images.append(line)
+    return images
+
+
+def _cc_quality(block: list[str]) -> dict:
+    fields = _cc_key_values(block)
+    passed = {"通过": True, "未通过": False}.get(fields.get("状态", ""))
+    score_match = _CC_SCORE_RE.match(fields.get("评分", ""))
+    suggestions = [s.strip() for s in fields.get("建议", "").split(", ") if s.strip()]
+    return {"passed": passed, "score": float(score_match["score"]) if score_match else None,
+            "score_scale": CC_SCORE_SCALE, "suggestions": suggestions}
+
+
+def _cc_duration_seconds(text: str) -> int | None:
+    """`耗时:` as printed by formatDuration: `N秒` or `M分N秒` (M may exceed 59)."""
+    match = _CC_DURATION_RE.match(text.strip())
+    return int(match["m"] or 0) * 60 + int(match["s"]) if match else None
+
+def content_creator_text_outcome(result: ProcessResult, cwd: Path) -> Article | CreatorFailure:
+    """The content-creator-text adapter on one finished run."""
+    parsed = parse_content_creator_run(result.stdout, result.stderr, result.exit_code or 0,
+                                       str(cwd))
+    if not parsed["ok"]:
+        return CreatorFailure(parsed["error_kind"], parsed["error_message"], parsed["retryable"])
+    return Article(body=parsed["body"], title=parsed["title"], images=parsed["images"],
+                   quality=parsed["quality"], external_id=parsed["external_id"],
+                   extra={"duration_seconds_reported": parsed["duration_seconds"],
+                          "status_text": parsed["status_text"]})
+
 def classify_result(result: ProcessResult, creator: CreatorConfig,
                     cwd: Path) -> Article | CreatorFailure:
     """Decide what one finished creator process produced."""
@@ -1656,7 +2066,7 @@ def classify_result(result: ProcessResult, creator: CreatorConfig,
     if result.timed_out:
         return CreatorFailure("timeout", "creator did not finish within task_timeout")
     if creator.output == "content-creator-text":
-        return parse_content_creator_text(result, cwd)
+        return content_creator_text_outcome(result, cwd)
     if result.exit_code is not None and result.exit_code < 0:
         name = signal.Signals(-result.exit_code).name
         return CreatorFailure("killed", f"creator killed by {name}; stderr: "
@@ -1668,6 +2078,51 @@ def classify_result(result: ProcessResult, creator: CreatorConfig,
                               f"{result.stderr_tail() or '(stderr empty)'}", not permanent)
     return parse_json_output(result.stdout)
 
+
+ASYNC_STATES = {
+    "completed": "completed", "complete": "completed", "success": "completed",
+    "succeeded": "completed", "done": "completed", "已完成": "completed", "成功": "completed",
+    "failed": "failed", "error": "failed", "失败": "failed",
+    "cancelled": "cancelled", "canceled": "cancelled", "已取消": "cancelled",
+}
+EXTERNAL_ID_KEYS = ("external_id", "task_id", "taskId", "id", "job_id", "jobId")
+
+
+def parse_external_id(stdout: str) -> str | None:
+    """The id an asynchronous creator's submit command printed: a JSON object's id key,
+    content-creator's `任务ID: …` line, or a last line that is one bare token."""
+    data = _last_json_object(stdout)
+    if data is not None:
+        if isinstance(data.get("data"), dict):
+            data = data["data"]
+        for key in EXTERNAL_ID_KEYS:
+            if data.get(key):
+                return str(data[key])
+    text = strip_ansi(stdout)
+    match = re.search(r"任务ID:\s*(\S+)", text)
+    if match:
+        return match.group(1)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and re.fullmatch(r"[\w.:-]{1,200}", lines[-1]):
+        return lines[-1]
+    return None
+
+
+def parse_async_status(stdout: str) -> tuple[str, int | None, str | None]:
+    """(state, progress, message) from a status command: `{"status": …, "progress": …,
+    "error": …}` or content-creator's `状态: …` line. Unknown states mean still running."""
+    data = _last_json_object(stdout)
+    if data is not None:
+        if isinstance(data.get("data"), dict):
+            data = data["data"]
+        raw = str(data.get("status") or data.get("state") or "").lower()
+        progress = data.get("progress")
+        message = data.get("error") or data.get("message")
+        return (ASYNC_STATES.get(raw, "running"),
+                int(progress) if isinstance(progress, (int, float)) else None,
+                str(message) if message else None)
+    match = re.search(r"状态:\s*(\S+)", strip_ansi(stdout))
+    return (ASYNC_STATES.get(match.group(1), "running") if match else "running"), None, None
 
 def article_row(article: Article, topic: str) -> dict[str, Any]:
     """The contents row's derived fields, by SPEC §7's rules."""
@@ -2391,6 +2846,10 @@ class WorkerPool:
             if not self.running:
                 self._idle.set()
             self.wake()
+        self.finished(task_id, status)
+
+    def finished(self, task_id: str, status: str | None) -> None:
+        """Tell watchers and the App's hooks about a transition made outside a worker."""
         if status is not None:
             self.publish(task_id, status=status)
             if self.on_finished is not None and status in TERMINAL_STATUSES:
@@ -2400,41 +2859,53 @@ class WorkerPool:
         daemon = self.config.daemon
         return retry_delay(daemon.retry_backoff, daemon.retry_backoff_max, task["retry_count"])
 
-    async def _attempt(self, running: RunningTask, task_log: Any) -> str | None:
-        """Run the creator once and record the outcome; returns the task's new status."""
-        task = running.task
-        task_id, attempt = task["task_id"], task["attempt"]
+    async def run_creator_command(self, template: list[str], task: dict[str, Any], *,
+                                  timeout: float, stop: asyncio.Event | None = None,
+                                  on_line: Callable[[str], None] | None = None,
+                                  on_spawn: Callable[[int], Awaitable[None]] | None = None
+                                  ) -> ProcessResult:
+        """One creator command for a task: argv from the template, the task as JSON on stdin,
+        CONTENTHUB_TASK_ID in the environment, in creator.cwd (with the data/ it needs)."""
         creator = self.config.creator
         cwd = self.config.creator_cwd(self.environ)
         (cwd / "data").mkdir(parents=True, exist_ok=True)
         values = task_values(task)
-        argv = render_argv(creator_argv(creator), values)
         env = child_environment(self.environ, {
             "DOTENV_CONFIG_QUIET": "true", **expand_env(creator.env, self.environ),
-            "CONTENTHUB_TASK_ID": task_id})
+            "CONTENTHUB_TASK_ID": task["task_id"]})
+        return await run_process(
+            render_argv(template, values), cwd=cwd, env=env, timeout=timeout,
+            stdin=json.dumps(values, ensure_ascii=False).encode() + b"\n",
+            max_output=creator.max_output, kill_grace=creator.kill_grace, stop=stop,
+            on_stdout_line=on_line, on_spawn=on_spawn)
+
+    async def _attempt(self, running: RunningTask, task_log: Any) -> str | None:
+        """Run the creator (or submit to an asynchronous one) once and record the outcome;
+        returns the task's new status."""
+        task = running.task
+        task_id, attempt = task["task_id"], task["attempt"]
+        creator = self.config.creator
         last_progress: list[Any] = [None]
 
         def on_line(line: str) -> None:
             progress = progress_from_line(line)
             if progress is not None and progress != last_progress[0]:
                 last_progress[0] = progress
-                self.publish(task_id, status="running", progress=progress[0], stage=progress[1])
-                asyncio.ensure_future(self.store.record_progress(task_id, attempt, *progress))
+                self.report_progress(task_id, attempt, *progress)
 
         async def on_spawn(pid: int) -> None:
             running.pgid = pid
             await self.store.record_process(task_id, attempt, pid)
 
+        template = creator.submit_command if creator.mode == "async" else creator_argv(creator)
         try:
-            result = await run_process(
-                argv, stdin=json.dumps(values, ensure_ascii=False).encode() + b"\n", cwd=cwd,
-                env=env, timeout=self.config.daemon.task_timeout,
-                max_output=creator.max_output, kill_grace=creator.kill_grace,
-                stop=running.stop, on_stdout_line=on_line, on_spawn=on_spawn)
+            result = await self.run_creator_command(
+                template, task, timeout=self.config.daemon.task_timeout, stop=running.stop,
+                on_line=on_line, on_spawn=on_spawn)
         except OSError as exc:
-            task_log.error("creator_spawn_failed", error=str(exc), argv0=argv[0])
+            task_log.error("creator_spawn_failed", error=str(exc), argv0=template[0])
             return await self.store.fail_attempt(task_id, attempt, self.clock(), "spawn_failed",
-                                                 f"cannot start {argv[0]}: {exc}",
+                                                 f"cannot start {template[0]}: {exc}",
                                                  self._retry_delay(task))
         if result.stopped:
             if running.stop_reason == "shutdown":
@@ -2443,7 +2914,29 @@ class WorkerPool:
                 return "pending"
             task_log.info("task_cancelled", duration=round(result.duration, 3))
             return None
-        outcome = classify_result(result, creator, cwd)
+        if creator.mode == "async" and not (result.exit_code or result.timed_out):
+            external_id = parse_external_id(result.stdout)
+            if external_id is not None:
+                if await self.store.mark_submitted(task_id, attempt, external_id, self.clock()):
+                    task_log.info("task_submitted_to_creator", external_id=external_id)
+                    return "submitted"
+                return None
+            outcome: Article | CreatorFailure = CreatorFailure(
+                "bad_output", "submit command printed no task id")
+        else:
+            outcome = classify_result(result, creator, self.config.creator_cwd(self.environ))
+        return await self.record_outcome(task, outcome, result, task_log)
+
+    def report_progress(self, task_id: str, attempt: int, progress: int,
+                        stage: str | None) -> None:
+        self.publish(task_id, status="running", progress=progress, stage=stage)
+        asyncio.ensure_future(self.store.record_progress(task_id, attempt, progress, stage))
+
+    async def record_outcome(self, task: dict[str, Any], outcome: Article | CreatorFailure,
+                             result: ProcessResult, task_log: Any) -> str | None:
+        """The one place an attempt's outcome becomes a transition: completed with its
+        contents row, a retry, or a terminal failure."""
+        task_id, attempt = task["task_id"], task["attempt"]
         if isinstance(outcome, Article):
             row = article_row(outcome, task["topic"])
             content_id = await self.store.complete_task(
@@ -2473,11 +2966,24 @@ class WorkerPool:
         if running is not None:
             running.stop_reason = "cancel"
             running.stop.set()
-        self.publish(task_id, status="cancelled")
-        if self.on_finished is not None:
-            self.on_finished(task_id, "cancelled")
+        elif before["status"] == "submitted":
+            await self.cancel_remote(before)
+        self.finished(task_id, "cancelled")
         log.info("task_cancel_requested", task_id=task_id, was=before["status"])
         return before
+
+    async def cancel_remote(self, task: dict[str, Any]) -> None:
+        """Ask an asynchronous creator to drop a job; failure is logged, not fatal."""
+        template = self.config.creator.cancel_command
+        if not template or not task.get("external_id"):
+            return
+        try:
+            result = await self.run_creator_command(template, task, timeout=POLL_COMMAND_TIMEOUT_S)
+            if result.exit_code:
+                log.warning("creator_cancel_failed", task_id=task["task_id"],
+                            exit_code=result.exit_code, stderr=result.stderr_tail(300))
+        except OSError as exc:
+            log.warning("creator_cancel_failed", task_id=task["task_id"], error=str(exc))
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; give running creators `grace` seconds, then kill their groups and
@@ -2503,6 +3009,102 @@ class WorkerPool:
             if running.pgid:
                 kill_process_group(running.pgid)
 
+
+
+# Poll loop #####################################################################################
+
+class PollLoop:
+    """Drives tasks that an asynchronous creator holds (status 'submitted').
+
+    Every poll_interval (with ±10 % jitter, so many daemons do not poll in step) it runs the
+    status command for each submitted task, at most max_concurrent_tasks at once; a finished
+    job's result command goes through the same output adapter and record_outcome as a
+    synchronous run. A job past task_timeout is cancelled remotely and times out. Submitted
+    tasks survive a restart: nothing about them lives in memory.
+    """
+
+    def __init__(self, store: Store, pool: WorkerPool, clock: Callable[[], datetime] = utc_now):
+        self.store = store
+        self.pool = pool
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._running = False
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._running = True
+        self._loop_task = asyncio.create_task(self._loop(), name="poll-loop")
+
+    async def stop(self) -> None:
+        self._running = False
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+            self._loop_task = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while self._running:
+            self._wake.clear()
+            config = self.pool.config
+            if config.creator.status_command:
+                submitted = await self.store.list_tasks(status="submitted", limit=10_000,
+                                                        order="t.submitted_at, t.id")
+                slots = asyncio.Semaphore(config.daemon.max_concurrent_tasks)
+
+                async def check(task: dict[str, Any]) -> None:
+                    async with slots:
+                        await self.check(task)
+
+                await asyncio.gather(*(check(task) for task in submitted))
+            delay = config.daemon.poll_interval * random.uniform(0.9, 1.1)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def check(self, task: dict[str, Any]) -> None:
+        creator = self.pool.config.creator
+        task_log = log.bind(task_id=task["task_id"], external_id=task["external_id"])
+        try:
+            if from_db_time(task["timeout_at"]) <= self.clock():
+                await self.pool.cancel_remote(task)
+                outcome = CreatorFailure("timeout", "asynchronous creator did not finish within"
+                                                    " task_timeout")
+                result = ProcessResult(None, "", "", 0.0)
+            else:
+                result = await self.pool.run_creator_command(
+                    creator.status_command, task, timeout=POLL_COMMAND_TIMEOUT_S)
+                state, progress, message = parse_async_status(result.stdout)
+                if result.exit_code or result.timed_out:
+                    task_log.warning("status_command_failed", exit_code=result.exit_code,
+                                     stderr=result.stderr_tail(300))
+                    return
+                if state == "running":
+                    if progress is not None and progress != task["progress"]:
+                        self.pool.report_progress(task["task_id"], task["attempt"], progress,
+                                                  None)
+                    return
+                outcome = await self._final_outcome(task, state, message, result)
+            status = await self.pool.record_outcome(task, outcome, result, task_log)
+            self.pool.finished(task["task_id"], status)
+            self.pool.wake()
+        except OSError as exc:
+            task_log.error("poll_command_failed", error=str(exc))
+
+    async def _final_outcome(self, task: dict[str, Any], state: str, message: str | None,
+                             status_result: ProcessResult) -> Article | CreatorFailure:
+        creator = self.pool.config.creator
+        if state == "failed":
+            return CreatorFailure("creator_failed", message or "creator reported failure")
+        if state == "cancelled":
+            return CreatorFailure("creator_cancelled", message or "cancelled in the creator",
+                                  False)
+        result = status_result
+        if creator.result_command:
+            result = await self.pool.run_creator_command(creator.result_command, task,
+                                                         timeout=POLL_COMMAND_TIMEOUT_S)
+        return classify_result(result, creator, self.pool.config.creator_cwd(self.pool.environ))
 
 # Control server ################################################################################
 
@@ -2651,6 +3253,7 @@ class ControlServer:
         self.commands.update(app_commands)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
+        self.started_monotonic = time.monotonic()
 
     @staticmethod
     def _command_name(method: str) -> str:
@@ -2665,6 +3268,7 @@ class ControlServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.started_monotonic = time.monotonic()
         self._server = await asyncio.start_unix_server(self._serve_connection, path=self.path,
                                                        limit=MAX_LINE_BYTES + 1)
         os.chmod(self.path, self.config.daemon.socket_mode)
@@ -2908,7 +3512,8 @@ class ControlServer:
 
     async def cmd_monitor_metrics(self, args: dict[str, Any]) -> dict[str, Any]:
         metrics = await self.store.metrics()
-        metrics.update(workers_busy=len(self.pool.running), workers_max=self.pool.capacity)
+        metrics.update(workers_busy=len(self.pool.running), workers_max=self.pool.capacity,
+                       uptime_seconds=round(time.monotonic() - self.started_monotonic, 1))
         return metrics
 
     async def cmd_monitor_recent(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -3024,34 +3629,583 @@ class ControlServer:
 
 # Built-in creator ##############################################################################
 
-def markdown_title(md):  # TEMP until merge
-    for line in md.splitlines():
-        if line.startswith("# "):
-            return line[2:].strip()
-    return None
+CREATOR_EXIT_RETRYABLE = 1  #: the daemon retries the task with backoff
+CREATOR_EXIT_PERMANENT = 2  #: in the default `permanent_exit_codes`: fail the task at once
+LLM_RETRY_AFTER_CAP_S = 30.0  #: a longer Retry-After is better handled by the daemon's retry
+LLM_MAX_RESPONSE_BYTES = 16 << 20
+LLM_TEMPERATURE = 0.7
+LLM_RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})  #: plus every 5xx
+_THINK_BLOCK_RE = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
+_WRAPPING_FENCE_RE = re.compile(r"^\s*```[ \t]*(?:markdown|md)?[ \t]*\n(.*?)\n[ \t]*```\s*$",
+                                re.S | re.I)
+_CATEGORY_KEYS = {"技术": "技术", "tech": "技术", "technology": "技术",
+                  "产品": "产品", "product": "产品",
+                  "运营": "运营", "operations": "运营", "ops": "运营",
+                  "营销": "营销", "marketing": "营销"}
+_CATEGORY_NAMES_EN = {"技术": "Tech", "产品": "Product", "运营": "Operations", "营销": "Marketing"}
+
+#: Per language and category: the title's subtitle and the sections (heading, opening text).
+#: "" is the outline for any other category. {topic} and {audience} are filled in.
+_OFFLINE_OUTLINES: dict[str, dict[str, tuple[str, tuple[tuple[str, str], ...]]]] = {
+    "zh": {
+        "技术": ("原理、实践与趋势", (
+            ("背景", "{topic}之所以受到关注，是因为它正在改变团队解决问题的方式。对{audience}而言，"
+                     "先弄清它出现的背景和要解决的痛点，才能判断它是否值得投入。"),
+            ("原理解析", "理解{topic}，关键在于拆开它的核心机制：输入是什么、经过哪些处理、输出又如何被"
+                         "验证。把每一层的职责讲清楚，复杂的系统也就有了清晰的脉络。"),
+            ("实践要点", "落地{topic}时，建议从一个边界清晰的小场景开始，先跑通流程、建立评估指标，再逐步"
+                         "扩大范围，同时关注稳定性、成本与可维护性。"),
+            ("趋势展望", "展望未来，{topic}会朝着更易用、更可靠、更低成本的方向演进。持续跟踪社区动态、"
+                         "保留可替换的架构设计，是应对变化的稳妥做法。"))),
+        "产品": ("体验、功能与价值", (
+            ("产品定位", "评价{topic}，首先要回答它为谁解决什么问题。清晰的定位决定了功能取舍，也决定了"
+                         "{audience}能否在第一时间感受到价值。"),
+            ("核心功能", "{topic}的核心功能可以从高频场景出发梳理：哪些能力每天都会用到，哪些只是锦上添花。"
+                         "主次分明，产品才不会变得臃肿。"),
+            ("使用体验", "真实的使用体验藏在细节里：上手是否顺畅、反馈是否及时、出错时能否快速恢复。这些"
+                         "细节共同构成了用户对{topic}的整体印象。"),
+            ("优化建议", "针对{topic}，可以从数据和用户反馈两条线同时入手，优先解决影响面最大的问题，再逐步"
+                         "打磨体验细节。"))),
+        "运营": ("策略、执行与复盘", (
+            ("现状分析", "做好{topic}，第一步是看清现状：用户从哪里来、在哪里流失、哪些环节贡献了主要价值。"
+                         "数据是判断的起点，而不是事后的装饰。"),
+            ("策略制定", "在现状基础上，{topic}的策略应当聚焦少数关键目标，把资源投入到最能撬动增长的环节，"
+                         "并为每个目标设定可衡量的指标。"),
+            ("执行落地", "策略需要拆解成具体动作：谁负责、什么时候完成、用什么标准验收。节奏稳定、分工清晰，"
+                         "{topic}才能真正落地。"),
+            ("复盘优化", "每个周期结束后都应复盘{topic}的结果，保留有效做法、淘汰低效动作，让运营形成持续"
+                         "改进的闭环。"))),
+        "营销": ("洞察、策略与转化", (
+            ("市场洞察", "{topic}的出发点是对市场的准确判断：需求在哪里、竞争者在做什么、还有哪些未被满足的"
+                         "空白。"),
+            ("目标人群", "明确目标人群，才能让{topic}的信息触达真正需要的人。对{audience}来说，画像越具体，"
+                         "沟通就越有效。"),
+            ("策略打法", "围绕{topic}，可以把内容、渠道与活动组合起来，形成前后呼应的节奏，让每一次触达都为"
+                         "下一次转化做铺垫。"),
+            ("转化优化", "转化是检验{topic}成效的最终标准。持续测试文案、页面与流程，把每一步的流失降到最低，"
+                         "投入才能产生可衡量的回报。"))),
+        "": ("要点与实践", (
+            ("背景", "{topic}并不是一个孤立的话题，它与行业的发展和用户需求的变化紧密相连。先了解来龙去脉，"
+                     "才能把握讨论的重点。"),
+            ("核心要点", "梳理{topic}，可以抓住几个核心要点：它解决什么问题、依赖哪些条件、可能带来哪些影响。"),
+            ("实践建议", "在实际工作中推进{topic}，建议先小范围尝试，及时总结经验，再逐步推广。"),
+            ("未来展望", "展望未来，{topic}仍有很大的发展空间，值得{audience}持续关注与投入。"))),
+    },
+    "en": {
+        "技术": ("Principles, Practice and Trends", (
+            ("Background", "{topic} draws attention because it changes how teams approach a familiar "
+                           "problem. For {audience}, knowing where it comes from and which pain points "
+                           "it addresses is the first step in deciding whether it deserves investment."),
+            ("How It Works", "Understanding {topic} means taking its core mechanism apart: what goes "
+                             "in, how it is processed and how the output is verified. Once each "
+                             "layer's job is clear, even a complex system becomes easy to follow."),
+            ("Putting It into Practice", "When adopting {topic}, start with a small, well-bounded use "
+                                         "case, get it running end to end and define how success is "
+                                         "measured before widening the scope, keeping an eye on "
+                                         "reliability, cost and maintainability."),
+            ("Looking Ahead", "Looking ahead, {topic} will keep moving toward being easier to use, more "
+                              "dependable and cheaper to run. Following the community closely and "
+                              "keeping the architecture replaceable is the safe way to ride that "
+                              "change."))),
+        "产品": ("Experience, Features and Value", (
+            ("Positioning", "Evaluating {topic} starts with one question: whom does it serve, and which "
+                            "problem does it solve? A clear position drives every feature decision and "
+                            "decides whether {audience} see its value right away."),
+            ("Core Features", "The core features of {topic} are best mapped from high-frequency "
+                              "scenarios: which capabilities are used every day and which are "
+                              "nice-to-have extras. Clear priorities keep a product from bloating."),
+            ("User Experience", "Real user experience lives in the details: how smooth onboarding is, "
+                                "how quickly the product responds and how easily users recover from "
+                                "mistakes. Together they shape how people feel about {topic}."),
+            ("Recommendations", "To improve {topic}, work from both data and user feedback, fix the "
+                                "issues with the widest impact first, then polish the details."))),
+        "运营": ("Strategy, Execution and Review", (
+            ("Where Things Stand", "Doing {topic} well starts with an honest look at the current "
+                                   "state: where users come from, where they drop off and which "
+                                   "steps create most of the value. Data is where judgment starts, "
+                                   "not decoration added afterwards."),
+            ("Strategy", "Building on that picture, the strategy for {topic} should focus on a few key "
+                         "goals, put resources where they move growth the most and give every goal a "
+                         "measurable target."),
+            ("Execution", "A strategy only works once it is broken down into concrete actions: who owns "
+                          "them, when they are due and how they are accepted. A steady rhythm and "
+                          "clear ownership turn {topic} into results."),
+            ("Review and Iterate", "At the end of each cycle, review the results of {topic}: keep what "
+                                   "worked, drop what did not and let operations improve in a "
+                                   "continuous loop."))),
+        "营销": ("Insight, Strategy and Conversion", (
+            ("Market Insight", "{topic} begins with an accurate reading of the market: where the demand "
+                               "is, what competitors are doing and which needs remain unmet."),
+            ("Target Audience", "A clearly defined audience lets {topic} reach the people who actually "
+                                "need it. For {audience}, the sharper the persona, the more effective "
+                                "the message."),
+            ("Playbook", "Around {topic}, combine content, channels and campaigns into a coordinated "
+                         "rhythm so that every touchpoint prepares the next conversion."),
+            ("Conversion", "Conversion is the final test of {topic}. Keep testing copy, landing pages "
+                           "and flows, and cut drop-off at every step so the investment produces "
+                           "measurable returns."))),
+        "": ("Key Points and Practice", (
+            ("Background", "{topic} is not an isolated subject; it is closely tied to how the industry "
+                           "is evolving and how user needs are changing. Knowing the context makes it "
+                           "easier to focus on what matters."),
+            ("Key Points", "A few key points frame {topic}: which problem it solves, which conditions it "
+                           "depends on and what impact it may have."),
+            ("In Practice", "To move {topic} forward in day-to-day work, start with a small trial, "
+                            "capture the lessons quickly and then roll out step by step."),
+            ("Outlook", "Looking ahead, {topic} still has plenty of room to grow and deserves continued "
+                        "attention from {audience}."))),
+    },
+}
+#: Openings for sections the requirements name ("sections": [...]), used in rotation.
+_CUSTOM_SECTION_TEXTS = {
+    "zh": ("谈到{heading}，首先要把它放回{topic}的整体语境中理解，弄清它解决的问题和适用的边界。",
+           "从{heading}的角度看，{topic}已经在多个场景中展现出价值，关键在于找到与自身需求匹配的切入点。",
+           "{heading}这一部分值得{audience}重点关注：它直接关系到{topic}能否真正产生效果。",
+           "围绕{heading}，建议保持开放而审慎的态度，既积极尝试，也用数据检验每一步的成效。"),
+    "en": ("When it comes to {heading}, it helps to place it in the wider context of {topic} and be "
+           "clear about the problem it solves and where its limits lie.",
+           "From the angle of {heading}, {topic} has already shown its value in several scenarios; the "
+           "key is finding the entry point that matches your own needs.",
+           "{heading} deserves particular attention from {audience}, because it decides whether "
+           "{topic} delivers real results.",
+           "Around {heading}, keep an open but careful attitude: experiment actively and check every "
+           "step against data."),
+}
+#: How a section's share of the keywords is woven in, used in rotation.
+_KEYWORD_SENTENCES = {
+    "zh": ("这一部分需要特别关注{keywords}。", "结合{keywords}来看，这一点体现得尤为明显。",
+           "在实践中，对{keywords}的把握往往决定了最终效果的上限。", "围绕{keywords}的新进展，同样值得持续关注。"),
+    "en": ("In this part, pay particular attention to {keywords}.",
+           "Seen through {keywords}, this point becomes especially clear.",
+           "In practice, the handling of {keywords} often sets the ceiling for the result.",
+           "Developments around {keywords} are also worth following closely."),
+}
 
 
-def plain_summary(md, limit=200):  # TEMP
-    return re.sub(r"\s+", " ", re.sub(r"[#*>`]", "", md)).strip()[:limit]
+class BuiltinCreatorError(Exception):
+    """Why `contenthubd create` gives up; `exit_code` tells the daemon whether to retry."""
+
+    def __init__(self, message: str, exit_code: int = CREATOR_EXIT_PERMANENT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def count_words(text):  # TEMP
-    cjk = len(re.findall(r"[\u4e00-\u9fff]", text))
-    return cjk + len(re.findall(r"[A-Za-z0-9]+", text))
+class _RetryableLLMError(Exception):
+    """One failed LLM attempt that another attempt may fix."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
 
 
-def priority_to_content_creator(p):  # TEMP
-    return "low" if p <= 3 else "normal" if p <= 6 else "high" if p <= 8 else "urgent"
+@dataclass(frozen=True)
+class ArticleBrief:
+    """A task's fields, normalised, with a JSON `requirements` text taken apart."""
+
+    topic: str
+    keywords: tuple[str, ...]
+    category: str
+    account_name: str
+    tone: str
+    audience: str
+    requirements: str  #: the free-text requirement, or "" when it was a JSON object without one
+    style: str
+    length: str
+    sections: tuple[str, ...]  #: section headings the requirements ask for, in order
+    other_requirements: tuple[tuple[str, str], ...]  #: any other JSON keys, as (key, text)
+    chinese: bool  #: the topic holds CJK text, so the article is written in Chinese
 
 
-def parse_content_creator_text(result, cwd):  # TEMP
-    return CreatorFailure("bad_output", "not yet")
+def _field_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_field_text(item) for item in value)
+    return " ".join(str(value).split())
 
 
-def run_builtin_creator(argv):  # TEMP
-    task = json.loads(sys.stdin.read())
-    body = f"# {task['topic']}\n\n关于{task['topic']}的草稿，关键词 {task['keywords']}。" * 1 + "\n\n## 背景\n\n" + "内容" * 80 + "\n"
-    print(json.dumps({"title": task["topic"], "content": body, "generator": "offline-template"}, ensure_ascii=False))
+def _split_list(value: Any) -> tuple[str, ...]:
+    """Keywords or sections from a list or a comma/、-separated string; blanks and repeats go."""
+    items = value if isinstance(value, (list, tuple)) else re.split(r"[,，、;；]", _field_text(value))
+    return tuple(dict.fromkeys(text for text in map(_field_text, items) if text))
+
+
+def parse_creator_task(raw: str) -> ArticleBrief:
+    """The task the daemon wrote on stdin; anything unusable is a permanent error."""
+    if not raw.strip():
+        raise BuiltinCreatorError("no task on stdin (expected one JSON object)")
+    try:
+        task = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BuiltinCreatorError(f"task on stdin is not valid JSON: {exc}") from None
+    if not isinstance(task, dict):
+        raise BuiltinCreatorError("task on stdin must be a JSON object")
+    topic = _field_text(task.get("topic"))
+    if not topic:
+        raise BuiltinCreatorError("task has no topic")
+    requirements = task.get("requirements")
+    requirements_text = "" if isinstance(requirements, dict) else str(requirements or "").strip()
+    spec: dict[str, Any] = requirements if isinstance(requirements, dict) else {}
+    if requirements_text.startswith("{"):
+        with_json = _json_object_or_none(requirements_text)
+        if with_json is not None:
+            spec, requirements_text = with_json, ""
+    known = {"style", "length", "sections", "tone", "audience", "target_audience", "requirements"}
+    chinese = bool(CJK_CHAR_RE.search(topic))
+    return ArticleBrief(
+        topic=topic,
+        keywords=_split_list(task.get("keywords")),
+        category=_field_text(task.get("category")),
+        account_name=_field_text(task.get("account_name")),
+        tone=(_field_text(task.get("tone")) or _field_text(spec.get("tone"))
+              or ("专业" if chinese else "professional")),
+        audience=(_field_text(task.get("target_audience")) or _field_text(spec.get("audience"))
+                  or _field_text(spec.get("target_audience"))
+                  or ("普通读者" if chinese else "general readers")),
+        requirements=requirements_text or _field_text(spec.get("requirements")),
+        style=_field_text(spec.get("style")),
+        length=_field_text(spec.get("length")),
+        sections=_split_list(spec.get("sections")),
+        other_requirements=tuple(
+            (key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+            for key, value in spec.items() if key not in known and value not in (None, "")),
+        chinese=chinese)
+
+
+def _json_object_or_none(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# Offline draft ---------------------------------------------------------------------------------
+
+
+def _join_words(items: tuple[str, ...] | list[str], chinese: bool) -> str:
+    """"A、B和C" or "A, B and C"."""
+    if len(items) < 2:
+        return "".join(items)
+    return (("、".join(items[:-1]) + "和") if chinese else (", ".join(items[:-1]) + " and ")) + items[-1]
+
+
+def _category_key(category: str) -> str:
+    return _CATEGORY_KEYS.get(category.strip().lower(), "")
+
+
+def offline_article_markdown(brief: ArticleBrief) -> str:
+    """A structured Markdown draft built only from the task's fields: same task, same text."""
+    lang = "zh" if brief.chinese else "en"
+    zh = brief.chinese
+    subtitle, outline = _OFFLINE_OUTLINES[lang][_category_key(brief.category)]
+    if brief.sections:
+        texts = _CUSTOM_SECTION_TEXTS[lang]
+        outline = tuple((heading, texts[i % len(texts)]) for i, heading in enumerate(brief.sections))
+    topic_ref = f"“{brief.topic}”" if zh else brief.topic
+    has_subtitle = not brief.sections and not re.search("[:：]", brief.topic)
+    title = f"{brief.topic}{'：' if zh else ': '}{subtitle}" if has_subtitle else brief.topic
+    headings = [heading for heading, _ in outline]
+    keywords_bold = _join_words([f"**{word}**" for word in brief.keywords], zh)
+
+    source = "「" + brief.account_name + "」" if brief.account_name else ""
+    if zh:
+        column = f"的「{brief.category}」栏目" if source and brief.category else (
+            f"「{brief.category}」栏目" if brief.category else "")
+        origin = f"来自{source}{column}，" if source or column else ""
+        intro = (f"本文{origin}面向{brief.audience}，以{brief.tone}的语气探讨{topic_ref}。"
+                 + (f"文章围绕{keywords_bold}展开，" if brief.keywords else "文章")
+                 + f"依次讨论{_join_words(headings, zh)}。")
+    else:
+        category = _CATEGORY_NAMES_EN.get(_category_key(brief.category), brief.category)
+        origin = (f" from {brief.account_name}" if brief.account_name else "") + (
+            f" ({category})" if category else "")
+        intro = (f"This article{origin} is written for {brief.audience} in a {brief.tone} tone and "
+                 f"explores {brief.topic}. "
+                 + (f"It focuses on {keywords_bold} and covers " if brief.keywords else "It covers ")
+                 + f"{_join_words(headings, zh)} in turn.")
+    parts = [f"# {title}", intro]
+
+    sentences = _KEYWORD_SENTENCES[lang]
+    for index, (heading, text) in enumerate(outline):
+        share = brief.keywords[index::len(outline)]
+        paragraph = text.format(topic=topic_ref, audience=brief.audience, heading=heading)
+        if share:
+            woven = sentences[index % len(sentences)].format(
+                keywords=_join_words([f"**{word}**" for word in share], zh))
+            paragraph += woven if zh else " " + woven
+        parts += [f"## {heading}", paragraph]
+
+    asks = [(("风格", "Style"), brief.style), (("篇幅", "Length"), brief.length)]
+    bullets = [f"- {label[0] if zh else label[1]}{'：' if zh else ': '}{value}"
+               for label, value in asks if value]
+    bullets += [f"- {key}{'：' if zh else ': '}{value}" for key, value in brief.other_requirements]
+    if brief.requirements or bullets:
+        parts.append("## 本文侧重" if zh else "## Focus of This Article")
+        if brief.requirements:
+            parts.append(f"本文遵循的写作要求是：“{brief.requirements}”。前文各部分均围绕这一要求组织内容，"
+                         "力求观点清晰、信息准确。" if zh else
+                         f"This article follows the brief “{brief.requirements}”: every section above "
+                         "is organised around it, aiming for clear points and accurate information.")
+        if bullets:
+            parts.append("\n".join(bullets))
+
+    if zh:
+        start = f"：从{keywords_bold}入手，" if brief.keywords else "，"
+        closing = (f"总的来看，{topic_ref}既有清晰的方法可循，也需要结合实际不断打磨。希望本文能为"
+                   f"{brief.audience}提供一个起点{start}在实践中持续验证与迭代。")
+    else:
+        start = f": begin with {keywords_bold}, then keep" if brief.keywords else " for"
+        closing = (f"{brief.topic} comes with clear methods to follow, yet it still needs refining "
+                   f"against real conditions. Hopefully this article gives {brief.audience} a useful "
+                   f"starting point{start} testing and iterating in practice.")
+    parts += ["## 结语" if zh else "## Conclusion", closing]
+    return "\n\n".join(parts) + "\n"
+
+
+# LLM -------------------------------------------------------------------------------------------
+
+
+def llm_messages(brief: ArticleBrief) -> list[dict[str, str]]:
+    """The chat messages asking for one publishable Markdown article in the topic's language."""
+    zh = brief.chinese
+    if zh:
+        system = ("你是一名资深中文内容编辑，为内容账号撰写可直接发布的原创文章。要求：\n"
+                  "1. 只输出文章本身，使用 Markdown，不要任何解释，也不要用代码块包裹全文。\n"
+                  "2. 第一行是一级标题（# 标题），正文用 ## 二级标题分节，最后一节为“## 结语”。\n"
+                  "3. 使用简体中文写作。\n"
+                  "4. 自然融入全部关键词，遵守写作要求、语气和目标读者；要求中给出章节时，按顺序用作二级标题。\n"
+                  "5. 内容准确、结构清晰，不编造具体数据、引用或来源。")
+    else:
+        system = ("You are a senior content editor writing original, ready-to-publish articles for "
+                  "a publishing account. Rules:\n"
+                  "1. Output only the article in Markdown: no explanations, no code fence around it.\n"
+                  "2. The first line is an H1 title (# Title); use ## headings for sections and end "
+                  "with a conclusion section.\n"
+                  "3. Write in English.\n"
+                  "4. Use every keyword naturally and follow the requirements, tone and target "
+                  "audience; when the requirements list sections, use them as the ## headings in "
+                  "that order.\n"
+                  "5. Be accurate and well structured; do not invent figures, quotes or sources.")
+    labels = (("主题", "Topic"), ("关键词", "Keywords"), ("栏目", "Category"), ("账号", "Account"),
+              ("目标读者", "Target audience"), ("语气", "Tone"), ("写作要求", "Requirements"),
+              ("风格", "Style"), ("篇幅", "Length"), ("章节", "Sections"))
+    values = (brief.topic, ("、" if zh else ", ").join(brief.keywords), brief.category,
+              brief.account_name, brief.audience, brief.tone, brief.requirements, brief.style,
+              brief.length, ("、" if zh else ", ").join(brief.sections))
+    lines = [f"{label[0] if zh else label[1]}{'：' if zh else ': '}{value}"
+             for label, value in zip(labels, values) if value]
+    lines += [f"{key}{'：' if zh else ': '}{value}" for key, value in brief.other_requirements]
+    ask = "请根据以下信息写一篇文章：" if zh else "Write an article from this brief:"
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": ask + "\n" + "\n".join(lines)}]
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After as seconds to wait (delta-seconds or an HTTP date), capped; None if absent."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), LLM_RETRY_AFTER_CAP_S)
+
+
+def _error_detail(exc: urllib.error.HTTPError) -> str:
+    """The API's own error message (OpenAI shape) or the start of the body, on one line."""
+    try:
+        body = exc.read(4096).decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return ""
+    parsed = _json_object_or_none(body) or {}
+    error = parsed.get("error")
+    message = error.get("message") if isinstance(error, dict) else error or parsed.get("message")
+    return " ".join(str(message or body).split())[:300]
+
+
+def _post_chat_completion(url: str, payload: bytes, api_key: str, timeout: float) -> dict[str, Any]:
+    """One POST; raises _RetryableLLMError or a permanent BuiltinCreatorError."""
+    request = urllib.request.Request(url, data=payload, method="POST", headers={
+        "Content-Type": "application/json", "Accept": "application/json",
+        "Authorization": f"Bearer {api_key}", "User-Agent": "contenthubd-builtin-creator"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read(LLM_MAX_RESPONSE_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        detail = _error_detail(exc)
+        reason = f"HTTP {exc.code}" + (f": {detail}" if detail else "")
+        if exc.code >= 500 or exc.code in LLM_RETRYABLE_STATUSES:
+            raise _RetryableLLMError(reason, _retry_after_s(exc.headers.get("Retry-After"))) from None
+        raise BuiltinCreatorError(f"LLM rejected the request ({reason})") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            raise BuiltinCreatorError(f"TLS certificate of {url} not trusted: {exc.reason}") from None
+        if isinstance(exc.reason, TimeoutError):
+            raise _RetryableLLMError(f"timed out after {timeout:g}s") from None
+        raise _RetryableLLMError(f"cannot reach {url}: {exc.reason}") from None
+    except TimeoutError:
+        raise _RetryableLLMError(f"timed out after {timeout:g}s") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _RetryableLLMError(f"connection failed: {type(exc).__name__}: {exc}") from None
+    if len(raw) > LLM_MAX_RESPONSE_BYTES:
+        raise _RetryableLLMError(f"response larger than {LLM_MAX_RESPONSE_BYTES} bytes")
+    data = _json_object_or_none(raw.decode("utf-8", "replace"))
+    if data is None:
+        raise _RetryableLLMError("response is not a JSON object")
+    return data
+
+
+def _completion_markdown(data: dict[str, Any]) -> str:
+    """choices[0].message.content without a reasoning preamble or a fence around the whole."""
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise _RetryableLLMError("response has no choices[0].message.content") from None
+    if not isinstance(content, str):
+        raise _RetryableLLMError("choices[0].message.content is not text")
+    content = _THINK_BLOCK_RE.sub("", content)
+    fenced = _WRAPPING_FENCE_RE.match(content)
+    content = (fenced.group(1) if fenced else content).strip()
+    if not content:
+        raise _RetryableLLMError("the model returned an empty article")
+    return content + "\n"
+
+
+def llm_article(brief: ArticleBrief, options: argparse.Namespace, api_key: str) -> dict[str, Any]:
+    """Ask the OpenAI-compatible endpoint, retrying 429/5xx/network errors with backoff."""
+    base_url = options.llm_base_url.strip().rstrip("/")
+    if not re.match(r"https?://", base_url, re.I):
+        raise BuiltinCreatorError(f"--llm-base-url must be an http(s) URL, got {base_url!r}")
+    url = f"{base_url}/chat/completions"
+    payload = json.dumps({"model": options.llm_model, "messages": llm_messages(brief),
+                          "temperature": LLM_TEMPERATURE, "stream": False},
+                         ensure_ascii=False).encode()
+    attempts = options.retries + 1
+    for attempt in range(1, attempts + 1):
+        _emit_progress(20, f"calling LLM {options.llm_model} (attempt {attempt} of {attempts})")
+        try:
+            data = _post_chat_completion(url, payload, api_key, options.timeout)
+            content = _completion_markdown(data)
+            break
+        except _RetryableLLMError as exc:
+            if attempt == attempts:
+                raise BuiltinCreatorError(f"LLM request failed after {attempts} attempt(s): {exc}",
+                                          CREATOR_EXIT_RETRYABLE) from None
+            delay = (exc.retry_after_s if exc.retry_after_s is not None
+                     else options.retry_backoff * 2 ** (attempt - 1))
+            _emit_progress(20, _scrub(f"{exc}; retrying in {delay:g}s", api_key))
+            time.sleep(delay)
+    _emit_progress(90, "formatting article")
+    usage = data.get("usage")
+    return {"title": markdown_title(content) or brief.topic, "content": content,
+            "summary": plain_summary(content), "word_count": count_words(content), "images": [],
+            "quality_score": None, "generator": "llm",
+            "model": data.get("model") or options.llm_model,
+            "usage": usage if isinstance(usage, dict) else {}}
+
+
+def offline_article(brief: ArticleBrief) -> dict[str, Any]:
+    _emit_progress(50, "writing offline draft")
+    content = offline_article_markdown(brief)
+    return {"title": markdown_title(content) or brief.topic, "content": content,
+            "summary": plain_summary(content), "word_count": count_words(content), "images": [],
+            "quality_score": None, "generator": "offline-template", "model": None}
+
+
+# Entry -----------------------------------------------------------------------------------------
+
+
+def _scrub(text: str, secret: str) -> str:
+    """`text` with the API key masked: some APIs echo the key they rejected."""
+    return text.replace(secret, "***") if secret else text
+
+
+def _print_json_line(obj: dict[str, Any]) -> None:
+    """One JSON line, UTF-8 whatever the locale, flushed so the daemon sees progress live."""
+    line = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+    stream = getattr(sys.stdout, "buffer", None)
+    if stream is None:
+        sys.stdout.write(line.decode())
+        sys.stdout.flush()
+    else:
+        stream.write(line)
+        stream.flush()
+
+
+def _emit_progress(progress: int, stage: str) -> None:
+    _print_json_line({"progress": progress, "stage": stage})
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _builtin_creator_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="contenthubd create",
+        description="Write one article for the task given as a JSON object on stdin. Prints "
+                    '{"progress", "stage"} lines, then the article as one JSON line. Without an '
+                    "API key (or with --offline) the article is an offline draft from the "
+                    "task's fields. Exit 0 done, 1 retryable failure, 2 permanent failure.")
+    parser.add_argument("--llm-base-url", default="https://api.deepseek.com/v1",
+                        help="OpenAI-compatible API root; /chat/completions is appended")
+    parser.add_argument("--llm-model", default="deepseek-chat", help="model name sent in the request")
+    parser.add_argument("--api-key-env", default="LLM_API_KEY", metavar="VAR",
+                        help="environment variable holding the API key (never pass the key itself)")
+    parser.add_argument("--timeout", type=_positive_float, default=120.0, metavar="SECONDS",
+                        help="per HTTP request")
+    parser.add_argument("--retries", type=_non_negative_int, default=3,
+                        help="extra attempts after a 429, 5xx, timeout or connection error")
+    parser.add_argument("--retry-backoff", type=_positive_float, default=1.0, metavar="SECONDS",
+                        help="wait before the first retry, doubled for each next one, unless the "
+                             "server sends Retry-After")
+    parser.add_argument("--offline", action="store_true", help="write the offline draft even "
+                                                               "when the API key is set")
+    return parser
+
+
+def run_builtin_creator(argv: list[str]) -> int:
+    """`contenthubd create`: 0 = article printed, 1 = retryable failure, 2 = permanent failure
+    (bad arguments, bad task, or the LLM rejecting the request); the reason goes to stderr."""
+    try:
+        options = _builtin_creator_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else CREATOR_EXIT_PERMANENT
+    api_key = "" if options.offline else os.environ.get(options.api_key_env, "").strip()
+    try:
+        if sys.stdin is None:
+            raw = ""
+        else:
+            if sys.stdin.isatty():
+                print("contenthubd create: reading the task as JSON from stdin", file=sys.stderr)
+            raw = sys.stdin.buffer.read().decode("utf-8-sig", "replace")
+        brief = parse_creator_task(raw)
+        _emit_progress(10, "task parsed")
+        article = llm_article(brief, options, api_key) if api_key else offline_article(brief)
+    except BuiltinCreatorError as exc:
+        print(f"contenthubd create: {_scrub(str(exc), api_key)}", file=sys.stderr)
+        return exc.exit_code
+    _emit_progress(100, "done")
+    _print_json_line(article)
     return 0
 
 
@@ -3109,6 +4263,7 @@ class App:
         self.store = Store(config.database_path(environ))
         self.pool = WorkerPool(self.store, config, environ, clock)
         self.scheduler = Scheduler(self.store, config, environ, self.pool.wake, clock)
+        self.poll_loop = PollLoop(self.store, self.pool, clock)
         self.control: ControlServer | None = None
         self.should_exit = asyncio.Event()
         self.reload_requested = asyncio.Event()
@@ -3166,6 +4321,7 @@ class App:
         await self.control.start()
         self.pool.on_finished = self._task_finished
         await self.pool.start()
+        await self.poll_loop.start()
         await self.scheduler.start()
         self._background.append(asyncio.create_task(self._notify_loop(), name="sd-notify"))
         self.started_at = self.clock()
@@ -3192,6 +4348,7 @@ class App:
         if self.control is not None:
             await self.control.stop()
         await self.scheduler.stop()
+        await self.poll_loop.stop()
         await self.pool.stop(self.config.daemon.shutdown_grace)
         if self._hooks_running:
             await asyncio.wait(self._hooks_running, timeout=self.config.daemon.shutdown_grace)

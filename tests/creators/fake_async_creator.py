@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""An asynchronous creator with a file-backed job store, shaped like content-creator's
+`create --mode async` / `status` / `result` / `cancel` subcommands.
+
+    fake_async_creator.py submit            (task JSON on stdin) -> {"task_id": "<job>"}
+    fake_async_creator.py status JOB        -> {"status": "running|completed|failed|cancelled"}
+    fake_async_creator.py result JOB        -> the article JSON
+    fake_async_creator.py cancel JOB
+
+Knobs: FAKE_ASYNC_DURATION seconds a job takes (default 1), FAKE_ASYNC_FAIL=1 makes jobs fail.
+Jobs live in $CREATOR_STATE_DIR/jobs/<job>.json.
+"""
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+jobs = Path(os.environ["CREATOR_STATE_DIR"]) / "jobs"
+jobs.mkdir(exist_ok=True)
+command = sys.argv[1]
+if command == "submit":
+    task = json.loads(sys.stdin.read())
+    job = uuid.uuid4().hex
+    duration = float(os.environ.get("FAKE_ASYNC_DURATION", "1"))
+    (jobs / f"{job}.json").write_text(json.dumps({
+        "state": "running", "due": time.time() + duration, "started": time.time(),
+        "task": task, "fail": os.environ.get("FAKE_ASYNC_FAIL") == "1"}))
+    print(json.dumps({"success": True, "task_id": job}))
+    sys.exit(0)
+path = jobs / f"{sys.argv[2]}.json"
+if not path.exists():
+    print(f"no such job {sys.argv[2]}", file=sys.stderr)
+    sys.exit(1)
+job = json.loads(path.read_text())
+if command == "cancel":
+    job["state"] = "cancelled"
+    path.write_text(json.dumps(job))
+    print("cancelled")
+elif command == "status":
+    if job["state"] == "cancelled":
+        print(json.dumps({"status": "cancelled"}))
+    elif time.time() >= job["due"]:
+        print(json.dumps({"status": "failed", "error": "model overloaded"} if job["fail"]
+                         else {"status": "completed", "progress": 100}))
+    else:
+        span = job["due"] - job["started"]
+        print(json.dumps({"status": "running",
+                          "progress": int(100 * (time.time() - job["started"]) / span)}))
+elif command == "result":
+    topic = job["task"]["topic"]
+    print(json.dumps({"success": True, "data": {
+        "title": topic, "content": f"# {topic}\n\n异步生成的文章。\n"}}, ensure_ascii=False))

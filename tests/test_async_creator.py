@@ -1,0 +1,79 @@
+"""Asynchronous creators: submit -> submitted -> poll loop -> completed, across restarts."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import CREATORS, wait_until
+
+SCRIPT = CREATORS / "fake_async_creator.py"
+ASYNC_CREATOR = f"""
+[creator]
+kind = "command"
+mode = "async"
+submit_command = ["{SCRIPT}", "submit"]
+status_command = ["{SCRIPT}", "status", "{{external_id}}"]
+result_command = ["{SCRIPT}", "result", "{{external_id}}"]
+cancel_command = ["{SCRIPT}", "cancel", "{{external_id}}"]
+"""
+
+
+def make(daemon_factory, **kwargs):
+    daemon = daemon_factory(creator=ASYNC_CREATOR, **kwargs)
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(text.replace("[daemon]\n", "[daemon]\npoll_interval = \"0.2s\"\n"),
+                                  encoding="utf-8")
+    return daemon
+
+
+def job_file(tmp_path, task):
+    return json.loads((tmp_path / "jobs" / f"{task['external_id']}.json").read_text())
+
+
+def test_async_task_is_submitted_polled_and_completed(daemon_factory):
+    daemon = make(daemon_factory).start()
+    task_id = daemon.submit("异步主题")
+    submitted = daemon.wait_status(task_id, "submitted")
+    assert submitted["external_id"]
+    task = daemon.wait_status(task_id, "completed")
+    content = daemon.call("content.show", {"id": task_id})
+    assert content["title"] == "异步主题" and "异步生成" in content["body"]
+    assert [e["to_status"] for e in task["events"]] == ["pending", "running", "submitted",
+                                                        "completed"]
+
+
+def test_submitted_task_survives_restart(daemon_factory):
+    daemon = make(daemon_factory, env={"FAKE_ASYNC_DURATION": "2"}).start()
+    task_id = daemon.submit()
+    daemon.wait_status(task_id, "submitted")
+    daemon.kill9()
+    daemon.start()
+    daemon.wait_status(task_id, "completed")
+    assert daemon.scalar("SELECT COUNT(*) FROM contents") == 1
+
+
+def test_cancel_submitted_task_cancels_the_remote_job(daemon_factory, tmp_path):
+    daemon = make(daemon_factory, env={"FAKE_ASYNC_DURATION": "60"}).start()
+    task_id = daemon.submit()
+    task = daemon.wait_status(task_id, "submitted")
+    daemon.call("task.cancel", {"task_id": task_id})
+    assert daemon.task(task_id)["status"] == "cancelled"
+    assert job_file(tmp_path, task)["state"] == "cancelled"
+
+
+def test_async_job_past_timeout_times_out_and_is_cancelled(daemon_factory, tmp_path):
+    daemon = make(daemon_factory, task_timeout="1s", max_retries=0,
+                  env={"FAKE_ASYNC_DURATION": "60"}).start()
+    task_id = daemon.submit()
+    submitted = daemon.wait_status(task_id, "submitted")
+    task = daemon.wait_status(task_id, "timeout")
+    assert task["error_kind"] == "timeout"
+    wait_until(lambda: job_file(tmp_path, submitted)["state"] == "cancelled", 10)
+
+
+def test_async_failure_retries_then_fails(daemon_factory):
+    daemon = make(daemon_factory, max_retries=1,
+                  env={"FAKE_ASYNC_FAIL": "1", "FAKE_ASYNC_DURATION": "0"}).start()
+    task = daemon.wait_status(daemon.submit(), "failed")
+    assert task["error_kind"] == "creator_failed" and "overloaded" in task["error_message"]
+    assert task["retry_count"] == 1
