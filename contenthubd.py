@@ -31,6 +31,7 @@ import email.utils
 import fcntl
 import grp
 import hashlib
+import heapq
 import http.client
 import json
 import math
@@ -49,14 +50,17 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
+from itertools import islice, takewhile
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiosqlite
 import structlog
+from croniter import CroniterBadDateError, croniter
 
 __version__ = "0.1.0"
 
@@ -142,32 +146,27 @@ def is_secret_name(name: str) -> bool:
 
 # Config ########################################################################################
 
-DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
-DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_UNIT_S = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_DURATION_TEXT = re.compile(r"(?:\d+(?:\.\d+)?[dhms]\s*)+")
+_DURATION_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
-def parse_duration(value: Any) -> float:
-    """Seconds from `90s`, `30m`, `2h`, `1d`, `1h30m`, or a bare number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like '30m', got {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"duration must not be negative, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError(f"expected a duration like '30m', got {value!r}")
-    text = value.strip().lower()
-    with contextlib.suppress(ValueError):
-        return parse_duration(float(text))
-    pos, total = 0, 0.0
-    for match in DURATION_RE.finditer(text):
-        if match.start() != pos and text[pos : match.start()].strip():
-            break
-        total += float(match.group(1)) * DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    if pos == 0 or text[pos:].strip():
-        raise ValueError(f"expected a duration like '90s', '30m', '2h' or '1d', got {value!r}")
-    return total
+def parse_duration(value: str | int | float) -> float:
+    """Seconds in `value`: bare seconds (90, 1.5, "90") or units d/h/m/s ("90s", "2h", "1h30m")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isfinite(value) and value >= 0:
+            return float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if _DURATION_NUMBER.fullmatch(text):
+            return float(text)
+        if _DURATION_TEXT.fullmatch(text):
+            return sum(float(n) * _DURATION_UNIT_S[u] for n, u in _DURATION_PART.findall(text))
+    raise ValueError(
+        f"invalid duration {value!r}: use seconds (90) or a number with a unit d, h, m or s"
+        " (90s, 30m, 2h, 1d, 1h30m)"
+    )
 
 
 def parse_size(value: Any) -> int:
@@ -304,6 +303,8 @@ class CreatorConfig:
     mode: str = _key(_choice("sync", "async"), default="sync")
     command: list[str] = _key(_str_list, default_factory=list)
     output: str = _key(_choice("json", "content-creator-text"), default="json")
+    #: content-creator requires -r; a task without requirements gets this instead.
+    default_requirements: str = _key(_typed(str), default="")
     cwd: str = _key(_typed(str), default="")
     env: dict[str, str] = _key(_str_table, default_factory=dict)
     permanent_exit_codes: list[int] = _key(_int_list, default_factory=lambda: [2])
@@ -391,6 +392,18 @@ class Config:
         if self.creator.cwd:
             return (self.base_dir / self.creator.cwd).resolve()
         return self.state_dir(environ) / "creator"
+
+
+PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
+PLACEHOLDERS = ("task_id", "account_id", "account_name", "topic", "keywords", "category",
+                "requirements", "tone", "target_audience", "priority", "priority_level",
+                "external_id")
+PUBLISH_PLACEHOLDERS = ("content_id", "task_id", "account_id", "title")
+
+
+def unknown_placeholders(template: list[str], allowed: tuple[str, ...]) -> list[str]:
+    return sorted({name for part in template for name in PLACEHOLDER_RE.findall(part)
+                   if name not in allowed})
 
 
 SECTION_ENTRIES = {"accounts": AccountConfig, "schedules": ScheduleConfig, "hooks": HookConfig}
@@ -510,6 +523,17 @@ def _check_config(config: Config, environ: dict[str, str]) -> list[str]:
         errors.append("creator.command: required when creator.kind = \"command\"")
     if creator.mode == "async" and not (creator.submit_command and creator.status_command):
         errors.append("creator: mode = \"async\" needs submit_command and status_command")
+    templates = [(f"creator.{name}", getattr(creator, name), PLACEHOLDERS) for name in
+                 ("command", "submit_command", "status_command", "result_command",
+                  "cancel_command", "health_command")]
+    templates.append(("publish.command", config.publish.command, PUBLISH_PLACEHOLDERS))
+    templates += [(f"hooks[{i}].command", h.command, PLACEHOLDERS)
+                  for i, h in enumerate(config.hooks)]
+    for where, template, allowed in templates:
+        unknown = unknown_placeholders(template, allowed)
+        if unknown:
+            errors.append(f"{where}: unknown placeholder(s) {', '.join(unknown)}; use "
+                          + " ".join(f"{{{name}}}" for name in allowed))
     seen_ids: set[int] = set()
     for i, account in enumerate(config.accounts):
         if account.id <= 0:
@@ -1319,19 +1343,10 @@ class Store:
 
 # Creator runner ################################################################################
 
-PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
-PLACEHOLDERS = ("task_id", "account_id", "account_name", "topic", "keywords", "category",
-                "requirements", "tone", "target_audience", "priority", "priority_level",
-                "external_id")
 #: Variables that belong to the daemon's own supervisor, never to its children.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                "LISTEN_FDNAMES")
 ENV_REF_RE = re.compile(r"\$\{(\w+)\}")
-
-
-def unknown_placeholders(template: list[str]) -> list[str]:
-    return sorted({name for part in template for name in PLACEHOLDER_RE.findall(part)
-                   if name not in PLACEHOLDERS})
 
 
 def render_argv(template: list[str], values: dict[str, Any]) -> list[str]:
@@ -1730,7 +1745,8 @@ def parse_json_output(stdout: str) -> Article | CreatorFailure:
         data = data["data"]
     elif data.get("success") is False:
         return CreatorFailure("creator_failed", str(data.get("error") or "success: false"))
-    body = data.get("content") or data.get("body") or data.get("article")
+    body = (data.get("content") or data.get("body") or data.get("article")
+            or data.get("finalArticleContent") or data.get("articleContent"))
     if not isinstance(body, str) or not body.strip():
         return CreatorFailure("bad_output", "JSON result has no non-empty 'content' or 'body'")
     images = data.get("images") or []
@@ -2121,8 +2137,14 @@ def parse_async_status(stdout: str) -> tuple[str, int | None, str | None]:
         return (ASYNC_STATES.get(raw, "running"),
                 int(progress) if isinstance(progress, (int, float)) else None,
                 str(message) if message else None)
-    match = re.search(r"状态:\s*(\S+)", strip_ansi(stdout))
-    return (ASYNC_STATES.get(match.group(1), "running") if match else "running"), None, None
+    text = strip_ansi(stdout)
+    # content-creator prints `状态: ✅ 已完成` and, for a failure, `错误信息:` + the message.
+    for line in reversed(re.findall(r"状态:\s*(.+)", text)):
+        for word, state in ASYNC_STATES.items():
+            if word in line:
+                error = re.search(r"错误信息:\s*\n(.+)", text)
+                return state, None, error.group(1).strip() if error else None
+    return "running", None, None
 
 def article_row(article: Article, topic: str) -> dict[str, Any]:
     """The contents row's derived fields, by SPEC §7's rules."""
@@ -2455,9 +2477,393 @@ def get_executor(executor_type: str) -> Executor:
 
 # Scheduler #####################################################################################
 
-#: A due instant found later than this after its time counts as a misfire (asleep, down,
-#: clock jump) and goes through the schedule's misfire policy instead of firing plainly.
-MISFIRE_THRESHOLD_S = 60.0
+_UTC = timezone.utc
+_CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
+_CRON_ALLOWED = ("0-59", "0-23", "1-31", "1-12 or jan-dec", "0-7 or sun-sat")
+#: One list item of a crontab(5) field; croniter's extensions (L, W, #, ?, H) do not match.
+_CRON_ITEM = re.compile(r"(\*|(\d+|[a-z]{3})(-(\d+|[a-z]{3}))?)(/\d+)?", re.IGNORECASE)
+_CRON_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+#: Any satisfiable cron expression matches within 8 years of this; used to reject "0 0 30 2 *".
+_CRON_PROBE_START = datetime(2000, 1, 1)
+_INTERVAL_UNIT_S = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_MIN_PERIOD = timedelta(seconds=1)
+#: Less than the spacing of any two instants, for turning [a, b) into (a - tick, b - tick].
+_TICK = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """When a schedule fires: a cron expression in an IANA timezone, or a fixed period.
+
+    Cron has crontab(5) meaning: five fields (minute hour day-of-month month day-of-week) with
+    names, ranges, steps and lists; 0 and 7 are Sunday; when day-of-month and day-of-week are
+    both restricted (neither starts with ``*``) a day matching either one fires, otherwise a day
+    must match both; @hourly @daily @midnight @weekly @monthly @yearly @annually stand for their
+    five fields. Fields match the wall clock in ``timezone``. Across DST changes:
+
+    - A schedule whose hour field is fixed (``8``, ``1,13``, ``9-17``) follows the wall clock. A
+      time that does not exist (spring-forward gap) fires once, at the end of the gap:
+      ``30 2 * * *`` fires at 03:00 EDT in New York on 2026-03-08, and several times inside one
+      gap are one firing. A time that occurs twice (fall-back overlap) fires once, at its first
+      occurrence.
+    - A schedule whose hour field is ``*`` or a step (``*/2``, ``1-23/2``) follows elapsed time:
+      it fires at every real instant whose wall time matches, so ``0 * * * *`` fires 23 times on
+      spring-forward day (the missing hour is skipped) and 25 times on fall-back day.
+
+    This is Vixie cron's rule, except that Vixie decides by the minute *or* hour field starting
+    with ``*``; deciding by the hour field alone keeps ``*/15 2 * * *`` firing once after the gap
+    instead of not at all that day.
+
+    Interval instants are ``anchor + k * period`` (k >= 1), anchored at the last scheduled
+    instant, not at when the loop woke, so lateness never drifts the schedule. Without an anchor
+    (a schedule that has never fired) the first instant is one period after ``after``: a new
+    schedule does not fire the moment the daemon starts.
+
+    Misfires: the cron loop takes every instant in (last scheduled, now] (`missed_instants`) and
+    `plan_misfires` decides. The latest instant, if at most ``on_time`` old, is simply due and
+    fires under every policy. The others are missed: ``skip`` records them all as missed;
+    ``once`` fires only the latest one (unless an on-time one already fired), like systemd's
+    ``Persistent=``; ``all`` fires each of them, at most ``max_catch_up`` in all, newest kept.
+    With ``misfire_grace`` set, an instant older than the grace is never fired, only recorded.
+    Whatever is not fired is recorded as missed; instants beyond the kept list are only counted.
+    Overlap with a still-running previous firing is the caller's decision, not timing's.
+    """
+
+    timezone: str
+    cron: str | None = None
+    period: timedelta | None = None
+
+    def next_after(self, after_utc: datetime, anchor_utc: datetime | None = None) -> datetime:
+        """The first fire instant strictly after `after_utc` (anchor: see the class docstring)."""
+        return next(self.iter_after(after_utc, anchor_utc))
+
+    def iter_after(
+        self, after_utc: datetime, anchor_utc: datetime | None = None
+    ) -> Iterator[datetime]:
+        """Fire instants strictly after `after_utc`, in order, without end."""
+        after = _as_utc(after_utc, "after_utc")
+        if self.period is not None:
+            anchor = after if anchor_utc is None else _as_utc(anchor_utc, "anchor_utc")
+            return _interval_instants(anchor, self.period, after)
+        return self._cron_instants(after)
+
+    def _cron_instants(self, after: datetime) -> Iterator[datetime]:
+        # Candidates come from croniter on naive wall times; each maps to zero, one or two UTC
+        # instants. Their earliest instants never decrease, but in a fall-back overlap the second
+        # occurrences of one hour interleave with the next hour's, so instants wait in a heap
+        # until no later candidate can come before them.
+        zone = ZoneInfo(self.timezone)
+        follows_elapsed = _hour_follows_elapsed_time(self.cron)
+        local = after.astimezone(zone)
+        # If `after` is in the first pass of an overlap, the repeated wall times come round again.
+        rewind = local.utcoffset() - local.replace(fold=1).utcoffset()
+        candidates = croniter(
+            self.cron, local.replace(tzinfo=None) - rewind, day_or=_cron_day_or(self.cron)
+        )
+        pending: list[datetime] = []
+        last_yielded = None
+        while True:
+            instants = _wall_to_utc(candidates.get_next(datetime), zone, follows_elapsed)
+            if not instants:
+                continue
+            while pending and pending[0] <= instants[0]:
+                instant = heapq.heappop(pending)
+                if instant != last_yielded:
+                    yield instant
+                    last_yielded = instant
+            for instant in instants:
+                if instant > after:
+                    heapq.heappush(pending, instant)
+
+    def count_between(self, after_utc: datetime, until_utc: datetime) -> int:
+        """How many fire instants lie in (after_utc, until_utc], anchored at `after_utc`.
+
+        Cron counts whole days arithmetically (minutes x hours per matching day) and walks
+        instants only on the two edge days and on days with a UTC offset change.
+        """
+        after = _as_utc(after_utc, "after_utc")
+        until = _as_utc(until_utc, "until_utc")
+        if until <= after:
+            return 0
+        if self.period is not None:
+            return (until - after) // self.period
+        zone = ZoneInfo(self.timezone)
+        first_day = after.astimezone(zone).date() + timedelta(days=1)
+        end_day = until.astimezone(zone).date()
+        first_start, end_start = _day_start(first_day, zone), _day_start(end_day, zone)
+        if not after < first_start <= end_start <= until:
+            return self._walk_count(after, until)
+        _, _, dom, month, dow = self.cron.split()
+        minutes, hours = croniter(self.cron).expanded[:2]
+        per_day = (60 if minutes == ["*"] else len(minutes)) * (
+            24 if hours == ["*"] else len(hours)
+        )
+        days = croniter(
+            f"0 0 {dom} {month} {dow}",
+            datetime(first_day.year, first_day.month, first_day.day) - _TICK,
+            day_or=_cron_day_or(self.cron),
+        )
+        count = self._walk_count(after, first_start - _TICK)
+        while (day := days.get_next(datetime).date()) < end_day:
+            start, end = _day_start(day, zone), _day_start(day + timedelta(days=1), zone)
+            if start.astimezone(zone).utcoffset() == end.astimezone(zone).utcoffset():
+                count += per_day
+            else:
+                count += self._walk_count(start - _TICK, end - _TICK)
+        return count + self._walk_count(end_start - _TICK, until)
+
+    def _walk_count(self, after: datetime, until: datetime) -> int:
+        return sum(1 for _ in takewhile(lambda instant: instant <= until, self.iter_after(after)))
+
+
+def parse_trigger(
+    cron: str | None,
+    every: str | int | float | None,
+    timezone: str,
+    *,
+    interval: int | float | None = None,
+    interval_unit: str | None = None,
+) -> Trigger:
+    """A Trigger from a schedule's keys: cron, every, or the seed's interval + interval_unit."""
+    given = [
+        name
+        for name, value in (("cron", cron), ("every", every), ("interval", interval))
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            "a schedule needs exactly one of cron, every, or interval with interval_unit"
+            + (f" (got {' and '.join(given)})" if given else "")
+        )
+    if interval_unit is not None and interval is None:
+        raise ValueError("interval_unit is set but interval is missing")
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        raise ValueError(
+            f"unknown timezone {timezone!r}: use an IANA name such as 'Asia/Shanghai' or 'UTC'"
+        ) from None
+    if cron is not None:
+        return Trigger(timezone=timezone, cron=_parse_cron(cron))
+    if every is not None:
+        try:
+            seconds = parse_duration(every)
+        except ValueError as error:
+            raise ValueError(f"every: {error}") from None
+        return Trigger(timezone=timezone, period=_period(seconds, f"every = {every!r}"))
+    return Trigger(timezone=timezone, period=_seed_period(interval, interval_unit))
+
+
+def _parse_cron(text: str) -> str:
+    """The five-field form of a crontab(5) expression, or ValueError naming the bad part."""
+    if not isinstance(text, str):
+        raise ValueError(f"cron must be a string, got {text!r}")
+    expression = text.strip()
+    if expression.startswith("@"):
+        macro = expression.lower()
+        if macro == "@reboot":
+            raise ValueError(
+                "cron '@reboot' is not supported: schedules fire at recurring times, not at startup"
+            )
+        if macro not in _CRON_MACROS:
+            raise ValueError(f"cron {text!r}: unknown macro; use one of {', '.join(_CRON_MACROS)}")
+        expression = _CRON_MACROS[macro]
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"cron {text!r} must have 5 fields (minute hour day-of-month month day-of-week),"
+            f" got {len(fields)}"
+        )
+    for index, field in enumerate(fields):
+        probe = ["*"] * 5
+        probe[index] = field
+        if not all(_CRON_ITEM.fullmatch(item) for item in field.split(",")) or not (
+            croniter.is_valid(" ".join(probe))
+        ):
+            raise ValueError(
+                f"cron {text!r}: {_CRON_FIELDS[index]} field {field!r} is invalid"
+                f" (allowed: {_CRON_ALLOWED[index]}; lists with ',', ranges with '-',"
+                " steps with '/')"
+            )
+    expression = " ".join(fields)
+    try:
+        croniter(expression, _CRON_PROBE_START, day_or=_cron_day_or(expression)).get_next(datetime)
+    except CroniterBadDateError:
+        raise ValueError(f"cron {text!r} never matches a real date") from None
+    return expression
+
+
+def _period(seconds: float, source: str) -> timedelta:
+    period = timedelta(seconds=seconds)
+    if period < _MIN_PERIOD:
+        raise ValueError(f"{source}: the interval must be at least 1 second")
+    return period
+
+
+def _seed_period(interval: object, unit: object) -> timedelta:
+    """The seed's `interval = 2, interval_unit = "hours"` form."""
+    unit_name = unit.strip().lower().removesuffix("s") if isinstance(unit, str) else None
+    if unit_name not in _INTERVAL_UNIT_S:
+        units = ", ".join(f"{name}s" for name in _INTERVAL_UNIT_S)
+        raise ValueError(f"interval_unit must be one of {units} (or singular), got {unit!r}")
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+        raise ValueError(f"interval must be a number, got {interval!r}")
+    if not (math.isfinite(interval) and interval > 0):
+        raise ValueError(f"interval must be positive, got {interval!r}")
+    return _period(interval * _INTERVAL_UNIT_S[unit_name], f"interval = {interval!r} {unit}")
+
+
+def _cron_day_or(expression: str) -> bool:
+    """crontab(5): day-of-month OR day-of-week only when neither field starts with '*'."""
+    fields = expression.split()
+    return not (fields[2].startswith("*") or fields[4].startswith("*"))
+
+
+def _hour_follows_elapsed_time(expression: str) -> bool:
+    hour = expression.split()[1]
+    return hour.startswith("*") or "/" in hour
+
+
+def _as_utc(value: datetime, name: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime, got naive {value!r}")
+    return value.astimezone(_UTC)
+
+
+def _day_start(day: date, zone: ZoneInfo) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(_UTC)
+
+
+def _wall_to_utc(wall: datetime, zone: ZoneInfo, follows_elapsed: bool) -> list[datetime]:
+    """The UTC instants at which a matching naive wall time fires (see Trigger)."""
+    first = wall.replace(tzinfo=zone, fold=0).astimezone(_UTC)
+    second = wall.replace(tzinfo=zone, fold=1).astimezone(_UTC)
+    if first == second:
+        return [first]
+    if first < second:  # occurs twice: the offset drops across a fall-back overlap
+        return [first, second] if follows_elapsed else [first]
+    # Does not exist: zoneinfo maps a gap time with the old offset (fold=0) past the
+    # transition and with the new one (fold=1) before it.
+    return [] if follows_elapsed else [_transition_between(second, first, zone)]
+
+
+def _transition_between(before: datetime, after: datetime, zone: ZoneInfo) -> datetime:
+    """The first whole UTC second in (before, after] with `after`'s offset.
+
+    Bisection on whole seconds is exact because tz rules change offsets on whole seconds.
+    """
+    new_offset = after.astimezone(zone).utcoffset()
+    while after - before > timedelta(seconds=1):
+        middle = before + timedelta(seconds=(after - before).total_seconds() // 2)
+        if middle.astimezone(zone).utcoffset() == new_offset:
+            after = middle
+        else:
+            before = middle
+    return after
+
+
+def _interval_instants(anchor: datetime, period: timedelta, after: datetime) -> Iterator[datetime]:
+    # k >= 1: never at or before the anchor, even if the clock went back behind it.
+    instant = anchor + max(1, (after - anchor) // period + 1) * period
+    while True:
+        yield instant
+        instant += period
+
+
+def next_instants(
+    trigger: Trigger, after_utc: datetime, count: int, anchor_utc: datetime | None = None
+) -> list[datetime]:
+    """The next `count` fire instants after `after_utc` (for `scheduler next --count N`)."""
+    return list(islice(trigger.iter_after(after_utc, anchor_utc), count))
+
+
+# Misfires: what to do with the instants a sleeping or stopped daemon did not see.
+
+MISFIRE_POLICIES = ("skip", "once", "all")
+#: An instant at most this old when the loop sees it is due, not missed (cron's resolution).
+ON_TIME_TOLERANCE = timedelta(seconds=60)
+#: First window before `now` walked for the latest missed instants; grows 8x until it holds them.
+_LATEST_WINDOW = timedelta(hours=1)
+
+
+def missed_instants(
+    trigger: Trigger, last_scheduled_for_utc: datetime | None, now_utc: datetime, limit: int
+) -> tuple[list[datetime], int]:
+    """Instants in (last, now], the due one included: the latest `limit` in order, and the total.
+
+    Interval instants are anchored at `last`. A schedule that never fired (`last` None) has
+    missed nothing. The total is exact and cheap: a cron schedule down for a year is counted
+    day by day, and only windows near `now` are walked to collect the kept instants.
+    """
+    if last_scheduled_for_utc is None:
+        return [], 0
+    last = _as_utc(last_scheduled_for_utc, "last_scheduled_for_utc")
+    now = _as_utc(now_utc, "now_utc")
+    total = trigger.count_between(last, now)
+    if total <= limit:
+        return list(islice(trigger.iter_after(last, last), total)), total
+    if trigger.period is not None:
+        first_kept = total - limit + 1
+        return [last + k * trigger.period for k in range(first_kept, total + 1)], total
+    window = _LATEST_WINDOW
+    while True:
+        start = max(last, now - window)
+        found = list(takewhile(lambda instant: instant <= now, trigger.iter_after(start)))
+        if len(found) >= limit:
+            return found[len(found) - limit :], total
+        window *= 8
+
+
+@dataclass(frozen=True)
+class MisfirePlan:
+    """What to do with the instants `missed_instants` returned."""
+
+    fire: tuple[datetime, ...]  #: fire these now, oldest first
+    missed: tuple[datetime, ...]  #: record these as missed runs
+    more_missed: int  #: missed instants older than the kept list: log the count only
+
+
+def plan_misfires(
+    policy: str,
+    missed: list[datetime],
+    total: int,
+    now_utc: datetime,
+    grace: timedelta | None,
+    max_catch_up: int,
+    *,
+    on_time: timedelta = ON_TIME_TOLERANCE,
+) -> MisfirePlan:
+    """Apply a misfire policy (skip | once | all, stated on Trigger) to instants in (last, now]."""
+    if policy not in MISFIRE_POLICIES:
+        raise ValueError(f"misfire must be one of {', '.join(MISFIRE_POLICIES)}, got {policy!r}")
+    if max_catch_up < 1:
+        raise ValueError(f"max_catch_up must be at least 1, got {max_catch_up!r}")
+    now = _as_utc(now_utc, "now_utc")
+    due = [instant for instant in missed[-1:] if now - instant <= on_time]
+    late = missed[: len(missed) - len(due)]
+    within_grace = [instant for instant in late if grace is None or now - instant <= grace]
+    if policy == "skip":
+        fire = due
+    elif policy == "once":
+        fire = due or within_grace[-1:]
+    else:
+        fire = (within_grace + due)[-max_catch_up:]
+    fired = set(fire)
+    return MisfirePlan(
+        fire=tuple(fire),
+        missed=tuple(instant for instant in missed if instant not in fired),
+        more_missed=total - len(missed),
+    )
+
+
 #: The loop never sleeps longer than this, so a wall-clock jump or a host that slept is
 #: noticed within a minute; monotonic sleeps stop while the host is suspended.
 MAX_SLEEP_S = 60.0
@@ -2542,7 +2948,8 @@ class Scheduler:
         return self._running
 
     async def start(self) -> None:
-        await self.apply_config(self.config)
+        """Resume firings a crash interrupted, then run the loop. apply_config() must have
+        planned the schedules first (the App does it before opening the control socket)."""
         for run in await self.store.interrupted_runs():
             planned = self.schedules.get(run["schedule_name"])
             if planned is not None:
@@ -2558,6 +2965,10 @@ class Scheduler:
         if self._loop_task is not None:
             await self._loop_task
             self._loop_task = None
+
+    def wake(self) -> None:
+        """Re-check due instants now (a test's clock moved, a schedule changed)."""
+        self._wake.set()
 
     async def apply_config(self, config: Config) -> None:
         """(Re)plan every schedule from config + schedule_state; pause state is kept."""
@@ -2621,21 +3032,18 @@ class Scheduler:
                                         self.config.daemon.max_catch_up)
         if not missed:
             return
-        latest = missed[-1]
-        if total == 1 and (now - latest).total_seconds() <= MISFIRE_THRESHOLD_S:
-            await self.fire(entry, latest, entry.trigger_kind)
-        else:
-            grace = timedelta(seconds=schedule.misfire_grace) if schedule.misfire_grace else None
-            to_fire, to_skip = plan_misfires(schedule.misfire, missed, total, now, grace,
-                                             self.config.daemon.max_catch_up)
-            not_listed = total - len(missed)
+        grace = timedelta(seconds=schedule.misfire_grace) if schedule.misfire_grace else None
+        plan = plan_misfires(schedule.misfire, missed, total, now, grace,
+                             self.config.daemon.max_catch_up)
+        if plan.missed or plan.more_missed:
             log.warning("schedule_misfire", schedule=schedule.name, policy=schedule.misfire,
-                        missed=total, firing=len(to_fire))
-            await self.store.record_missed_runs(schedule.name, to_skip, now, entry.trigger_kind,
-                                                not_listed)
-            for instant in to_fire:
-                await self.fire(entry, instant, "catch_up")
-        entry.last_scheduled_for = max(latest, entry.last_scheduled_for or latest)
+                        missed=len(plan.missed) + plan.more_missed, firing=len(plan.fire))
+            await self.store.record_missed_runs(schedule.name, list(plan.missed), now,
+                                                entry.trigger_kind, plan.more_missed)
+        for instant in plan.fire:
+            on_time = instant == missed[-1] and now - instant <= ON_TIME_TOLERANCE
+            await self.fire(entry, instant, entry.trigger_kind if on_time else "catch_up")
+        entry.last_scheduled_for = max(missed[-1], entry.last_scheduled_for or missed[-1])
 
     async def fire(self, entry: PlannedSchedule, scheduled_for: datetime,
                    trigger: str) -> dict[str, Any]:
@@ -2726,9 +3134,10 @@ def creator_argv(creator: CreatorConfig, template: list[str] | None = None) -> l
     return list(template if template is not None else creator.command)
 
 
-def task_values(task: dict[str, Any]) -> dict[str, Any]:
+def task_values(task: dict[str, Any], default_requirements: str = "") -> dict[str, Any]:
     """Placeholder values for a task's argv, and the JSON its creator reads on stdin."""
     values = {name: task.get(name) for name in PLACEHOLDERS}
+    values["requirements"] = values["requirements"] or default_requirements
     values["priority_level"] = priority_to_content_creator(int(task.get("priority") or 5))
     return values
 
@@ -2869,7 +3278,7 @@ class WorkerPool:
         creator = self.config.creator
         cwd = self.config.creator_cwd(self.environ)
         (cwd / "data").mkdir(parents=True, exist_ok=True)
-        values = task_values(task)
+        values = task_values(task, creator.default_requirements)
         env = child_environment(self.environ, {
             "DOTENV_CONFIG_QUIET": "true", **expand_env(creator.env, self.environ),
             "CONTENTHUB_TASK_ID": task["task_id"]})
@@ -4312,6 +4721,7 @@ class App:
         await self.store.sync_accounts(self.config.accounts, self.clock())
         self.config.creator_cwd(self.environ).joinpath("data").mkdir(parents=True,
                                                                       exist_ok=True)
+        await self.scheduler.apply_config(self.config)
         socket_path = self.config.socket_path(self.environ)
         await self._claim_socket(socket_path)
         self.control = ControlServer(socket_path, self.config, self.store, self.pool,

@@ -11,8 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from croniter import croniter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "staging"))
-from schedule_timing import (  # noqa: E402
+from contenthubd import (
     MisfirePlan,
     missed_instants,
     next_instants,
