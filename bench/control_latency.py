@@ -11,7 +11,8 @@ timeout, cancelled, a few pending with a retry due tomorrow so nothing runs), th
 `contenthubctl` is timed as installed (the console-script wrapper, which imports the cached
 module) and as `python contenthubctl.py` (the script compiled at every start).
 
-    .venv/bin/python bench/control_latency.py [--tasks 1000000] [--contents 10000] [--runs 10] [--json]
+    .venv/bin/python bench/control_latency.py [--tasks 1000000] [--contents 10000] [--runs 10]
+                                              [--json]
 """
 
 from __future__ import annotations
@@ -182,11 +183,12 @@ def measure(options: argparse.Namespace) -> list[Row]:
                                                    options.runs),
                 "socket_round_trip_ms": socket_ms(daemon, cmd, args, options.runs)}
         total = daemon.call("monitor.metrics")["total"]
-    details = {"tasks": total, "contents": options.contents, "runs": options.runs,
-               "load_seconds": round(load_seconds, 1), "contenthubctl_argv0": ctl[-1],
-               "bare_python_c_pass": bare, **results}
+    common_details = {"tasks": total, "contents": options.contents, "runs": options.runs,
+                      "load_seconds": round(load_seconds, 1), "contenthubctl_argv0": ctl[-1],
+                      "bare_python_c_pass": bare}
     rows = []
     for name, result in results.items():
+        details = {**common_details, **result}
         median = result["contenthubctl"]["median_ms"]
         rows.append(Row(
             f"control latency: {name} ({total:,} tasks)",

@@ -2,7 +2,8 @@
 """sleep-bound (SPEC §12): 200 tasks whose creator sleeps 0.5 s then prints a JSON article,
 concurrency 50, against a bare asyncio loop running the same script. Target: ≥ 0.9 × bare.
 
-    .venv/bin/python bench/sleep_bound.py [--tasks 200] [--concurrency 50] [--sleep 0.5] [--json]
+    .venv/bin/python bench/sleep_bound.py [--tasks 200] [--concurrency 50] [--sleep 0.5]
+                                          [--repeat 2] [--json]
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (Row, add_common_arguments, article_line, measure_bare_throughput,
-                    measure_daemon_throughput, progress, script_main, throughput_row,
-                    write_script)
+from common import (Row, add_common_arguments, add_repeat_argument, article_line,
+                    compare_throughput, script_main, write_script)
 
 TARGET_RATIO = 0.9
-QUICK_ARGS = ["--tasks", "20", "--concurrency", "10", "--sleep", "0.2"]
+QUICK_ARGS = ["--tasks", "20", "--concurrency", "10", "--sleep", "0.2", "--repeat", "1"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--sleep", type=float, default=0.5, help="seconds each creator sleeps")
+    add_repeat_argument(parser, 2)
     add_common_arguments(parser)
     return parser
 
@@ -36,15 +37,10 @@ def measure(options: argparse.Namespace) -> list[Row]:
         creator = write_script(Path(directory) / "sleep_creator.sh",
                                f"sleep {options.sleep}\n"
                                f"printf '%s\\n' {shlex.quote(article_line())}\n")
-        command = [str(creator)]
-        progress(f"sleep-bound: bare loop, {options.tasks} × sleep {options.sleep}s,"
-                 f" c={options.concurrency}")
-        bare = measure_bare_throughput(command, options.tasks, options.concurrency)
-        progress("sleep-bound: contenthubd")
-        daemon = measure_daemon_throughput(command, options.tasks, options.concurrency,
-                                           options.keep)
-    return [throughput_row(f"sleep-bound ({options.tasks} × {options.sleep:g}s,"
-                           f" c={options.concurrency})", bare, daemon, TARGET_RATIO)]
+        return [compare_throughput(f"sleep-bound ({options.tasks} × {options.sleep:g}s,"
+                                   f" c={options.concurrency})", [str(creator)], options.tasks,
+                                   options.concurrency, options.repeat, TARGET_RATIO,
+                                   options.keep)]
 
 
 if __name__ == "__main__":
