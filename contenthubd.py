@@ -3014,8 +3014,9 @@ class Scheduler:
                     log.exception("schedule_fire_failed", schedule=entry.config.name)
                     entry.last_scheduled_for = now
                 self._plan_next(entry, now)
-                await self.store.save_schedule_state(
-                    entry.config.name, next_fire_at=to_db_time(entry.next_fire_at))
+                with contextlib.suppress(sqlite3.Error):
+                    await self.store.save_schedule_state(
+                        entry.config.name, next_fire_at=to_db_time(entry.next_fire_at))
             if due:
                 continue
             upcoming = [e.next_fire_at for e in self.schedules.values()
@@ -3212,24 +3213,34 @@ class WorkerPool:
     async def _dispatch(self) -> None:
         while self._claiming:
             self._wake.clear()
-            free = self.capacity - len(self.running)
-            delay: float | None = None
-            if free > 0:
-                daemon = self.config.daemon
-                now = self.clock()
-                claimed = await self.store.claim_next_tasks(
-                    free, now, daemon.task_timeout, daemon.max_concurrent_per_account)
-                for task in claimed:
-                    self._start_worker(task)
-                if len(claimed) == free:
-                    continue
-                due = await self.store.next_due_at()
-                if due is not None:
-                    delay = max(0.0, (due - self.clock()).total_seconds())
-            if not self._claiming:
-                break
+            try:
+                delay = await self._claim_free_slots()
+            except Exception:
+                log.exception("dispatch_failed")
+                delay = 1.0
+            if delay == 0.0:
+                continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _claim_free_slots(self) -> float | None:
+        """Start workers for due tasks; return how long the dispatcher may sleep (None: until
+        woken, 0: claim again at once)."""
+        free = self.capacity - len(self.running)
+        if free <= 0 or not self._claiming:
+            return None
+        daemon = self.config.daemon
+        claimed = await self.store.claim_next_tasks(free, self.clock(), daemon.task_timeout,
+                                                    daemon.max_concurrent_per_account)
+        for task in claimed:
+            self._start_worker(task)
+        if len(claimed) == free:
+            return 0.0
+        # A task that is due but was not claimed waits for a per-account slot: a finishing
+        # worker wakes us. Only a retry due in the future needs a timer.
+        due = await self.store.next_due_at()
+        remaining = (due - self.clock()).total_seconds() if due is not None else 0.0
+        return remaining if remaining > 0 else None
 
     def _start_worker(self, task: dict[str, Any]) -> None:
         running = RunningTask(task)

@@ -277,7 +277,7 @@ def test_outside_writer_holding_the_lock_delays_transitions_but_loses_none(daemo
     assert daemon.proc.poll() is None
     assert count(daemon, "status IN ('failed', 'timeout')") == 0
     assert_ledger_exact(daemon, 6)
-    assert '"database_write_retry"' in daemon.log() and "locked" in daemon.log()
+    assert '"database_write_retry"' in daemon.log() and "database is locked" in daemon.log()
 
 
 def test_many_concurrent_readers_do_not_disturb_a_batch(daemon_factory):

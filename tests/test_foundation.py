@@ -189,3 +189,27 @@ def test_bad_requests_get_error_replies(daemon_factory):
     assert daemon.request("content.generate", {"account_id": 49, "topic": "x", "priority": 11}
                           )["error"]["code"] == "invalid"
     assert daemon.call("version")["version"]
+
+
+def test_per_account_limit_and_priority_order(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("json_article.py"), workers=3,
+                            env={"CREATOR_SLEEP": "0.3"})
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(text.replace("[daemon]\n",
+                                               "[daemon]\nmax_concurrent_per_account = 1\n"),
+                                  encoding="utf-8")
+    daemon.start()
+    low = [daemon.submit(f"低 {i}", priority=1) for i in range(3)]
+    high = daemon.submit("高", priority=9)
+    other = daemon.submit("其他账号", account_id=50)
+    for task_id in [*low, high, other]:
+        daemon.wait_status(task_id, "completed")
+    with daemon.db() as conn:
+        spans = conn.execute("SELECT started_at, completed_at FROM content_generation_tasks"
+                             " WHERE account_id = 49 ORDER BY started_at").fetchall()
+        first_49 = conn.execute("SELECT task_id FROM content_generation_tasks WHERE"
+                                " account_id = 49 ORDER BY started_at LIMIT 2").fetchall()
+    assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1)), spans
+    # The first low-priority task may have been claimed before the high one was submitted;
+    # after that, priority 9 goes first.
+    assert high in [row[0] for row in first_49]

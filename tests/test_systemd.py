@@ -185,6 +185,14 @@ def test_sighup_sends_reloading_with_monotonic_usec_then_ready(daemon_factory, n
     assert daemon.stop() == 0
 
 
+def test_ctl_reload_notifies_like_sighup(daemon_factory, notify):
+    daemon, ready = start_notified(daemon_factory, notify)
+    assert daemon.call("reload")["reloaded"]
+    reloading = notify.wait_for("RELOADING", "1", after=ready, daemon=daemon)
+    assert re.fullmatch(r"\d+", notify.fields(reloading)["MONOTONIC_USEC"])
+    notify.wait_for("READY", "1", after=reloading, daemon=daemon)
+
+
 def test_broken_config_on_sighup_keeps_old_config_and_reports_failure(daemon_factory, notify):
     daemon, ready = start_notified(daemon_factory, notify, workers=4)
     good = daemon.config_path.read_text(encoding="utf-8")
@@ -232,6 +240,18 @@ def test_abstract_namespace_notify_socket(daemon_factory):
         assert daemon.proc.wait(15) == 0
     finally:
         listener.close()
+
+
+def test_unreachable_notify_socket_does_not_stop_the_daemon(daemon_factory, tmp_path):
+    daemon = daemon_factory(env={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock"),
+                                 "WATCHDOG_USEC": "400000"})
+    daemon.env.pop("WATCHDOG_PID", None)
+    daemon.start()
+    time.sleep(0.5)
+    daemon.signal(signal.SIGHUP)
+    time.sleep(0.3)
+    assert daemon.request("version")["ok"]
+    assert daemon.stop() == 0
 
 
 def test_creators_do_not_inherit_notify_socket_or_watchdog(daemon_factory, notify):
@@ -306,7 +326,6 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
         problems = [line for line in problems if not re.search(r"(?i)\buser\b.*contenthub",
                                                                line)]
     assert problems == [], "\n".join(problems)
-    assert result.returncode == 0 or not problems
 
 
 def test_unit_hardening_exposure_stays_low(tmp_path):
@@ -325,3 +344,21 @@ def test_unit_hardening_exposure_stays_low(tmp_path):
     # 1.7 when written; a network service that runs Node cannot go much lower (it needs
     # AF_INET, W^X memory and chown). Above 3.0 means hardening was lost.
     assert float(match.group(1)) <= 3.0, result.stdout
+
+
+def test_sysusers_snippet_creates_the_service_user(tmp_path):
+    sysusers = shutil.which("systemd-sysusers")
+    if sysusers is None:
+        pytest.skip("systemd-sysusers is not installed (Debian/Ubuntu: package systemd)")
+    (tmp_path / "etc").mkdir()
+    result = subprocess.run([sysusers, f"--root={tmp_path}", str(SYSUSERS)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    users = {line.split(":")[0]: line.split(":")
+             for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":")
+              for line in (tmp_path / "etc" / "group").read_text().splitlines()}
+    assert users["contenthub"][5] == "/var/lib/contenthubd"
+    assert users["contenthub"][3] == groups["contenthub"][2]
+    # The daemon can only give its socket a group it belongs to (it has no CAP_CHOWN).
+    assert "contenthub" in groups["contenthub-ctl"][3].split(",")
