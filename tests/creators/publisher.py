@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""A publisher: appends the content it receives on stdin to $CREATOR_STATE_DIR/published.jsonl.
+With PUBLISH_FAIL=1 it fails instead."""
+import json
+import os
+import sys
+from pathlib import Path
+
+content = json.loads(sys.stdin.read())
+if os.environ.get("PUBLISH_FAIL") == "1":
+    print("platform rejected the post", file=sys.stderr)
+    sys.exit(3)
+with open(Path(os.environ["CREATOR_STATE_DIR"]) / "published.jsonl", "a", encoding="utf-8") as f:
+    f.write(json.dumps({"id": content["id"], "argv": sys.argv[1:]}, ensure_ascii=False) + "\n")
