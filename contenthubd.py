@@ -144,6 +144,44 @@ def is_secret_name(name: str) -> bool:
     return any(marker in name.upper() for marker in SECRET_MARKERS)
 
 
+class BackgroundLoop:
+    """A long-lived loop that sleeps on an event between rounds: start(), wake(), stop().
+    Subclasses write `_loop()`, checking `is_running`, and sleep with `_sleep()`."""
+
+    loop_name = "loop"
+
+    def __init__(self) -> None:
+        self._wake = asyncio.Event()
+        self._running = False
+        self._loop_task: asyncio.Task | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._running
+
+    async def start(self) -> None:
+        self._running = True
+        self._loop_task = asyncio.create_task(self._loop(), name=self.loop_name)
+
+    async def stop(self) -> None:
+        """Idempotent: the current round finishes, then the loop ends."""
+        self._running = False
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+            self._loop_task = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Until woken or `seconds` pass (None: until woken)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _loop(self) -> None:
+        raise NotImplementedError
+
 # Config ########################################################################################
 
 _DURATION_UNIT_S = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
@@ -2913,7 +2951,7 @@ class PlannedSchedule:
         return "cron" if self.config.cron else "interval"
 
 
-class Scheduler:
+class Scheduler(BackgroundLoop):
     """The cron loop.
 
     Semantics, stated once:
@@ -2931,21 +2969,17 @@ class Scheduler:
       A paused schedule fires nothing; resuming starts from now.
     """
 
+    loop_name = "cron-loop"
+
     def __init__(self, store: Store, config: Config, environ: dict[str, str],
                  wake_pool: Callable[[], None], clock: Callable[[], datetime] = utc_now):
+        super().__init__()
         self.store = store
         self.config = config
         self.environ = environ
         self.wake_pool = wake_pool
         self.clock = clock
         self.schedules: dict[str, PlannedSchedule] = {}
-        self._wake = asyncio.Event()
-        self._running = False
-        self._loop_task: asyncio.Task | None = None
-
-    @property
-    def is_running(self) -> bool:
-        return self._running
 
     async def start(self) -> None:
         """Resume firings a crash interrupted, then run the loop. apply_config() must have
@@ -2956,19 +2990,7 @@ class Scheduler:
                 log.warning("schedule_run_resumed", schedule=run["schedule_name"],
                             scheduled_for=run["scheduled_for"])
                 await self._execute(planned, run["id"], from_db_time(run["scheduled_for"]))
-        self._running = True
-        self._loop_task = asyncio.create_task(self._loop(), name="cron-loop")
-
-    async def stop(self) -> None:
-        self._running = False
-        self._wake.set()
-        if self._loop_task is not None:
-            await self._loop_task
-            self._loop_task = None
-
-    def wake(self) -> None:
-        """Re-check due instants now (a test's clock moved, a schedule changed)."""
-        self._wake.set()
+        await super().start()
 
     async def apply_config(self, config: Config) -> None:
         """(Re)plan every schedule from config + schedule_state; pause state is kept."""
@@ -3024,8 +3046,7 @@ class Scheduler:
             delay = MAX_SLEEP_S
             if upcoming:
                 delay = min(delay, max(0.0, (min(upcoming) - self.clock()).total_seconds()))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await self._sleep(delay)
 
     async def _fire_due(self, entry: PlannedSchedule, now: datetime) -> None:
         schedule = entry.config
@@ -3433,7 +3454,7 @@ class WorkerPool:
 
 # Poll loop #####################################################################################
 
-class PollLoop:
+class PollLoop(BackgroundLoop):
     """Drives tasks that an asynchronous creator holds (status 'submitted').
 
     Every poll_interval (with ±10 % jitter, so many daemons do not poll in step) it runs the
@@ -3443,27 +3464,13 @@ class PollLoop:
     tasks survive a restart: nothing about them lives in memory.
     """
 
+    loop_name = "poll-loop"
+
     def __init__(self, store: Store, pool: WorkerPool, clock: Callable[[], datetime] = utc_now):
+        super().__init__()
         self.store = store
         self.pool = pool
         self.clock = clock
-        self._wake = asyncio.Event()
-        self._running = False
-        self._loop_task: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        self._running = True
-        self._loop_task = asyncio.create_task(self._loop(), name="poll-loop")
-
-    async def stop(self) -> None:
-        self._running = False
-        self._wake.set()
-        if self._loop_task is not None:
-            await self._loop_task
-            self._loop_task = None
-
-    def wake(self) -> None:
-        self._wake.set()
 
     async def _loop(self) -> None:
         while self._running:
@@ -3479,9 +3486,7 @@ class PollLoop:
                         await self.check(task)
 
                 await asyncio.gather(*(check(task) for task in submitted))
-            delay = config.daemon.poll_interval * random.uniform(0.9, 1.1)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await self._sleep(config.daemon.poll_interval * random.uniform(0.9, 1.1))
 
     async def check(self, task: dict[str, Any]) -> None:
         creator = self.pool.config.creator

@@ -1,0 +1,7 @@
+#!/bin/sh
+# Prints a valid article and exits 0, leaving a grandchild (same process group) that keeps
+# the inherited stdout and stderr open for 600 s.
+sleep 600 &
+echo "$$ $!" > "${CREATOR_STATE_DIR}/pids-${CONTENTHUB_TASK_ID}"
+printf '{"title": "left a grandchild", "content": "# left a grandchild\\n\\nIt still holds stdout.\\n"}\n'
+exit 0
