@@ -81,6 +81,7 @@ KILL_GRACE_S = 5.0  #: SIGTERM -> SIGKILL for a creator's process group
 PIPE_DRAIN_S = 2.0  #: how long stray grandchildren may hold the pipes after the creator exits
 POLL_COMMAND_TIMEOUT_S = 60.0  #: an async creator's submit/status/result/cancel command
 STDERR_TAIL_CHARS = 2000
+EX_CONFIG = 78  #: sysexits.h; the unit's RestartPreventExitStatus= stops restarts on it
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
@@ -1807,6 +1808,7 @@ CC_SEPARATOR = "\u2500" * 40
 #: The CLI prints the quality score as "<score>/100", but the score is a 0-10 weighted average.
 CC_SCORE_SCALE = "0-10 (printed as x/100 by content-creator 0.2.0)"
 CC_STDERR_TAIL_CHARS = 2000
+EX_CONFIG = 78  #: sysexits.h; the unit's RestartPreventExitStatus= stops restarts on it
 CC_STDOUT_TAIL_LINES = 8
 
 _CC_STATUS_HEADER = "✅ 执行成功"
@@ -3697,9 +3699,13 @@ class ControlServer:
         self._server = await asyncio.start_unix_server(self._serve_connection, path=self.path,
                                                        limit=MAX_LINE_BYTES + 1)
         os.chmod(self.path, self.config.daemon.socket_mode)
-        if self.config.daemon.socket_group:
-            with contextlib.suppress(KeyError, PermissionError):
-                os.chown(self.path, -1, grp.getgrnam(self.config.daemon.socket_group).gr_gid)
+        group = self.config.daemon.socket_group
+        if group:
+            try:
+                os.chown(self.path, -1, grp.getgrnam(group).gr_gid)
+            except (KeyError, PermissionError) as exc:
+                log.warning("socket_group_not_applied", group=group, error=str(exc),
+                            hint="the daemon's user must be a member of socket_group")
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -4749,7 +4755,12 @@ class App:
         await self.pool.start()
         await self.poll_loop.start()
         await self.scheduler.start()
-        self._background.append(asyncio.create_task(self._notify_loop(), name="sd-notify"))
+        if self.environ.get("NOTIFY_SOCKET"):
+            self._background.append(asyncio.create_task(self._status_loop(), name="sd-status"))
+            interval = watchdog_interval(self.environ)
+            if interval:
+                self._background.append(asyncio.create_task(self._watchdog_loop(interval),
+                                                            name="sd-watchdog"))
         self.started_at = self.clock()
         sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
         log.info("daemon_started", version=__version__, pid=os.getpid(),
@@ -4765,8 +4776,14 @@ class App:
             reload.cancel()
             if self.reload_requested.is_set() and not self.should_exit.is_set():
                 self.reload_requested.clear()
-                with contextlib.suppress(ConfigError):
+                try:
                     await self.reload()
+                except ConfigError:
+                    pass  # reload() logged it and kept the old config
+                except Exception as exc:
+                    log.exception("reload_failed")
+                    self.last_reload_error = f"reload failed: {exc}"
+                    sd_notify("READY=1", f"STATUS=reload failed: {exc}", environ=self.environ)
 
     async def shutdown(self) -> None:
         log.info("daemon_stopping", running=len(self.pool.running))
@@ -4903,21 +4920,20 @@ class App:
                                       " WHERE status = 'pending'")
         return f"{len(self.pool.running)} running, {rows[0]['n']} pending"
 
-    async def _notify_loop(self) -> None:
-        """WATCHDOG=1 at half of WATCHDOG_USEC from the event loop itself, so a stuck loop is
-        noticed; STATUS= when tasks finish, at most once a second."""
-        if not self.environ.get("NOTIFY_SOCKET"):
-            return
-        interval = watchdog_interval(self.environ)
+    async def _watchdog_loop(self, interval: float) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC from the event loop itself: a stuck loop stops
+        the pings and systemd restarts us."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.status_dirty.wait(), interval)
-            if interval:
-                sd_notify("WATCHDOG=1", environ=self.environ)
-            if self.status_dirty.is_set():
-                self.status_dirty.clear()
-                sd_notify(f"STATUS={await self._status_line()}", environ=self.environ)
-                await asyncio.sleep(1)
+            sd_notify("WATCHDOG=1", environ=self.environ)
+            await asyncio.sleep(interval)
+
+    async def _status_loop(self) -> None:
+        """STATUS= ("3 running, 12 pending") when tasks finish, at most once a second."""
+        while True:
+            await self.status_dirty.wait()
+            self.status_dirty.clear()
+            sd_notify(f"STATUS={await self._status_line()}", environ=self.environ)
+            await asyncio.sleep(1)
 
     # -- commands that need the whole App ------------------------------------------------------
 
@@ -5027,7 +5043,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         for error in exc.errors:
             print(f"contenthubd: config error: {error}", file=sys.stderr)
-        return 1
+        return EX_CONFIG
     configure_logging(config.daemon.log_format, config.daemon.log_level, environ)
     return asyncio.run(App(config, environ).serve())
 

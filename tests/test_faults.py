@@ -18,6 +18,7 @@ Sizes (chosen to keep the module well under a minute on 2 cores):
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -29,9 +30,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import command_creator, pid_alive, wait_until
+from conftest import DAEMON, Daemon, command_creator, pid_alive, wait_until
 
 CSV_HEADER = "account_id,topic,keywords,priority,auto_approve\n"
+
+
+def set_daemon_options(daemon, **options) -> None:
+    """Add keys to the [daemon] table of a Daemon's config before it starts."""
+    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(text.replace("[daemon]\n", "[daemon]\n" + lines, 1),
+                                  encoding="utf-8")
+    if "socket" in options:
+        daemon.socket = Path(options["socket"])
 
 
 def count(daemon, where: str = "1", params=()) -> int:
@@ -245,6 +256,26 @@ def test_stale_socket_left_by_kill9_does_not_block_a_restart(daemon_factory):
     daemon.start()
     assert daemon.call("version")["pid"] != first_pid
     daemon.wait_status(daemon.submit("重启后"), "completed")
+
+
+def test_second_daemon_on_the_same_socket_with_another_database_refuses(daemon_factory,
+                                                                        tmp_path):
+    shared = tmp_path / "shared.sock"
+    first = daemon_factory(creator=command_creator("instant_article.sh"))
+    set_daemon_options(first, socket=str(shared))
+    first.start()
+    inode = shared.stat().st_ino
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    second = Daemon(other_dir, creator=command_creator("instant_article.sh"))
+    set_daemon_options(second, socket=str(shared))
+    refused = subprocess.run([sys.executable, str(DAEMON), "--config", str(second.config_path)],
+                             capture_output=True, text=True, timeout=30, env=second.env)
+    assert refused.returncode == 1
+    assert f"socket {shared} is in use by another contenthubd" in refused.stdout + refused.stderr
+    assert shared.stat().st_ino == inode, "the refused daemon must leave the socket alone"
+    assert first.call("version")["pid"] == first.proc.pid
+    first.wait_status(first.submit("仍然可用"), "completed")
 
 
 # -- database under stress ------------------------------------------------------------------
