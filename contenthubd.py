@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import email.utils
+import errno
 import fcntl
 import grp
 import hashlib
@@ -719,6 +720,25 @@ def _is_transient(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and any(
         marker in str(exc).lower() for marker in TRANSIENT_DB_ERRORS)
 
+
+#: Longest accepted text per task field: a topic is a headline; requirements may be a brief.
+#: Linux refuses any single argv element over 128 KiB, and fields become argv elements.
+TASK_FIELD_LIMITS = {"topic": 1_000, "keywords": 2_000, "category": 200, "tone": 200,
+                     "target_audience": 500, "requirements": 40_000}
+
+
+def check_task_fields(task: dict[str, Any]) -> list[str]:
+    """Problems with a new task's text fields: too long, or holding a NUL (no argv can)."""
+    problems = []
+    for name, limit in TASK_FIELD_LIMITS.items():
+        value = task.get(name)
+        if not isinstance(value, str):
+            continue
+        if "\0" in value:
+            problems.append(f"'{name}' contains a NUL character")
+        if len(value) > limit:
+            problems.append(f"'{name}' is {len(value)} characters; the limit is {limit}")
+    return problems
 
 @dataclass
 class Article:
@@ -1420,6 +1440,15 @@ def child_environment(environ: dict[str, str], extra: dict[str, str]) -> dict[st
     return env
 
 
+def scrub_secrets(text: str, environ: dict[str, str]) -> str:
+    """Replace the values of secret-looking variables (…KEY, …TOKEN, …) with ***, so a creator
+    that prints its credentials in an error does not get them stored or logged."""
+    for name, value in environ.items():
+        if len(value) >= 8 and is_secret_name(name) and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
 def kill_process_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
     """Signal a whole process group; False when it no longer exists."""
     try:
@@ -2117,10 +2146,11 @@ def classify_result(result: ProcessResult, creator: CreatorConfig,
                     cwd: Path) -> Article | CreatorFailure:
     """Decide what one finished creator process produced."""
     if result.output_too_large:
-        return CreatorFailure("output_too_large",
-                              f"creator printed more than {creator.max_output} bytes", False)
+        return CreatorFailure("output_too_large", "creator printed more than creator.max_output"
+                              f" ({creator.max_output} bytes); it was killed", False)
     if result.timed_out:
-        return CreatorFailure("timeout", "creator did not finish within task_timeout")
+        return CreatorFailure("timeout", f"creator did not finish within task_timeout"
+                              f" ({result.duration:.0f}s); its process group was killed")
     if creator.output == "content-creator-text":
         return content_creator_text_outcome(result, cwd)
     if result.exit_code is not None and result.exit_code < 0:
@@ -2350,6 +2380,10 @@ class ContentGenerationExecutor(Executor):
                     problems.append(f"no topic templates for category {category!r} (account"
                                     f" {account_id}); use one of {', '.join(TOPIC_TEMPLATES)},"
                                     " or give 'topics' or 'topic_format'")
+        for i, topic in enumerate(topics or []):
+            if isinstance(topic, dict):
+                problems += [f"'topics[{i}]': {p}" for p in check_task_fields(topic)]
+        problems += check_task_fields(params)
         fmt = params.get("topic_format")
         if isinstance(fmt, str):
             try:
@@ -3345,8 +3379,13 @@ class WorkerPool:
             result = await self.run_creator_command(
                 template, task, timeout=self.config.daemon.task_timeout, stop=running.stop,
                 on_line=on_line, on_spawn=on_spawn)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             task_log.error("creator_spawn_failed", error=str(exc), argv0=template[0])
+            if isinstance(exc, ValueError) or exc.errno == errno.E2BIG:
+                return await self.store.fail_attempt(
+                    task_id, attempt, self.clock(), "invalid_input", "the task's fields cannot"
+                    f" be passed to {template[0]} ({exc}); shorten the topic or requirements",
+                    None)
             return await self.store.fail_attempt(task_id, attempt, self.clock(), "spawn_failed",
                                                  f"cannot start {template[0]}: {exc}",
                                                  self._retry_delay(task))
@@ -3388,6 +3427,8 @@ class WorkerPool:
                           words=row["word_count"], duration=round(result.duration, 3))
             return "completed" if content_id is not None else None
         final = "timeout" if outcome.kind == "timeout" else "failed"
+        secrets_env = {**self.environ, **expand_env(self.config.creator.env, self.environ)}
+        outcome.message = scrub_secrets(outcome.message, secrets_env)
         status = await self.store.fail_attempt(
             task_id, attempt, self.clock(), outcome.kind, outcome.message,
             self._retry_delay(task) if outcome.retryable else None, final)
@@ -3655,6 +3696,8 @@ def parse_task_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
         row["auto_approve"] = approve in CSV_TRUE
         for column in ("keywords", "requirements", "tone", "category", "target_audience"):
             row[column] = values.get(column, "")
+        for problem in check_task_fields(row):
+            bad(problem.split("'")[1], problem)
         row["origin"] = f"bulk-import line {line_start}"
         rows.append(row)
     return rows, errors
@@ -3857,7 +3900,7 @@ class ControlServer:
         if isinstance(requirements, (dict, list)):
             requirements = json.dumps(requirements, ensure_ascii=False)
         args = {**args, "requirements": requirements}
-        return {
+        task = {
             "account_id": account_id, "topic": topic,
             **{name: arg(args, name, str, default="") for name in
                ("keywords", "requirements", "tone", "target_audience")},
@@ -3867,6 +3910,10 @@ class ControlServer:
                                 default=self.config.daemon.auto_approve),
             "max_retries": self.config.daemon.max_retries,
         }
+        problems = check_task_fields(task)
+        if problems:
+            raise InvalidRequest("; ".join(problems))
+        return task
 
     async def cmd_content_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return await self._contents(args, with_body=False)

@@ -179,10 +179,6 @@ def test_missing_env_var_fails_with_the_stderr_tail(daemon_factory, tmp_path):
     assert "Configuration validation failed" in task["error_message"]
 
 
-@pytest.mark.xfail(strict=True, reason="test double, not daemon: fake_content_creator.py only "
-                   "checks `key not in os.environ`, but the real CLI's zod schema "
-                   "(src/config/index.ts: TAVILY_API_KEY: z.string().min(1)) also rejects the "
-                   "empty value an unset ${TAVILY_API_KEY} expands to")
 def test_env_reference_to_an_unset_variable_fails_with_the_stderr_tail(daemon_factory,
                                                                        tmp_path):
     daemon = start(daemon_factory, tmp_path, daemon_env={"TAVILY_API_KEY": None},

@@ -9,9 +9,10 @@ Sizes (chosen to keep the module well under a minute on 2 cores):
 - orphan recovery: 1 task whose creator sleeps 30 s, one SIGKILL; pid reuse: 1 forged task.
 - graceful stop: shutdown_grace 1 s with 2 creators of 30 s and 1 of 0.3 s; a second SIGTERM
   0.3 s into a 5 s grace; 2 tasks each.
-- outside writer: BEGIN IMMEDIATE held 6.5 s (the daemon's busy_timeout is 5 s) over 6 tasks.
+- outside writer: BEGIN IMMEDIATE held 7 s (the daemon's busy_timeout is 5 s) over 6 tasks.
 - readers: 8 threads of SELECTs plus a control-socket reader during 200 tasks.
-- disk full: a 3 MiB tmpfs filled to ENOSPC while 4 creators (1 s) finish.
+- disk full: while 4 creators (1 s) finish, a 3 MiB tmpfs is filled to ENOSPC (root only),
+  and, separately, RLIMIT_FSIZE pins the daemon's WAL at its size (no privileges needed).
 - fd leak: 500 tasks (50 failing) and 100 control requests; slack 3 fds.
 """
 
@@ -21,6 +22,7 @@ import errno
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -296,12 +298,13 @@ def test_outside_writer_holding_the_lock_delays_transitions_but_loses_none(daemo
                             env={"CREATOR_SLEEP": "0.5"}).start()
     task_ids = [daemon.submit(f"锁等待 {i}") for i in range(6)]
     wait_until(lambda: count(daemon, "status = 'running'") == 3, message="3 tasks running")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(daemon.db_path), "6.5"],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(daemon.db_path), "7"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
+    completed_before_lock = daemon.call("monitor.metrics")["completed"]
     time.sleep(2)
     # The creators have finished but their transitions wait; reads are still served.
-    assert daemon.call("monitor.metrics")["completed"] == 0
+    assert daemon.call("monitor.metrics")["completed"] == completed_before_lock < 6
     assert holder.wait(15) == 0
     for task_id in task_ids:
         daemon.wait_status(task_id, "completed", timeout=30)
@@ -354,34 +357,71 @@ def test_many_concurrent_readers_do_not_disturb_a_batch(daemon_factory):
     assert '"database_write_retry"' not in daemon.log()
 
 
-@pytest.fixture
-def tiny_state_filesystem(tmp_path):
-    """tmp_path/state as a 3 MiB tmpfs, so the daemon's database can really run out of space."""
+class TinyFilesystem:
+    """The state directory on a 3 MiB tmpfs, filled to ENOSPC: SQLite says SQLITE_FULL."""
+
+    sqlite_error = "database or disk is full"
+
+    def __init__(self, state: Path):
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0755", "tmpfs",
+                                  str(state)], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip("needs `mount -t tmpfs` (root or CAP_SYS_ADMIN); it failed:"
+                        f" {mounted.stderr.strip() or mounted.returncode}")
+        self.state = state
+        self.filler = state / "filler"
+
+    def exhaust(self, daemon) -> None:
+        with open(self.filler, "wb", buffering=0) as filler:
+            for size in (1 << 16, 4096, 1):  # down to the last byte it will take
+                try:
+                    while True:
+                        filler.write(b"\0" * size)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+
+    def restore(self, daemon) -> None:
+        self.filler.unlink()
+
+    def close(self) -> None:
+        subprocess.run(["umount", "-l", str(self.state)], check=False)
+
+
+class FileSizeLimit:
+    """No mount needed: RLIMIT_FSIZE on the running daemon at the WAL's current size, so the
+    next commit cannot grow it. Python ignores SIGXFSZ, so the write fails with EFBIG and
+    SQLite reports an I/O error instead of the process dying."""
+
+    sqlite_error = "disk I/O error"
+
+    def __init__(self, state: Path):
+        self.saved: tuple[int, int] | None = None
+
+    def exhaust(self, daemon) -> None:
+        wal = daemon.db_path.with_name(daemon.db_path.name + "-wal")
+        self.saved = resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE)
+        assert wal.stat().st_size > daemon.log_path.stat().st_size  # logging must still work
+        resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE,
+                         (wal.stat().st_size, self.saved[1]))
+
+    def restore(self, daemon) -> None:
+        resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, self.saved)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(params=[TinyFilesystem, FileSizeLimit], ids=["tmpfs_enospc", "rlimit_fsize"])
+def out_of_space(request, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0755", "tmpfs",
-                              str(state)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip("disk-full test needs a small filesystem: `mount -t tmpfs` failed"
-                    f" ({mounted.stderr.strip() or mounted.returncode}); run as root or with"
-                    " CAP_SYS_ADMIN")
-    yield state
-    subprocess.run(["umount", "-l", str(state)], check=False)
+    mechanism = request.param(state)
+    yield mechanism
+    mechanism.close()
 
 
-def fill_filesystem(path: Path) -> None:
-    """Write until the filesystem says ENOSPC, down to the last byte it will take."""
-    with open(path, "wb", buffering=0) as filler:
-        for size in (1 << 16, 4096, 1):
-            try:
-                while True:
-                    filler.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-
-
-def test_disk_full_delays_transitions_loudly_and_loses_no_task(daemon_factory, tmp_path,
-                                                              tiny_state_filesystem):
+def test_disk_full_delays_transitions_loudly_and_loses_no_task(out_of_space, daemon_factory,
+                                                              tmp_path):
     daemon = daemon_factory(creator=command_creator(
         "slow_article_with_pid.py", extra=f'cwd = "{tmp_path / "creator-cwd"}"'),
         env={"CREATOR_SLEEP": "0"}).start()
@@ -390,19 +430,18 @@ def test_disk_full_delays_transitions_loudly_and_loses_no_task(daemon_factory, t
     slow_ids = [daemon.submit(f"磁盘满 {i} sleep=1") for i in range(4)]
     for task_id in slow_ids:
         wait_until(lambda t=task_id: creator_pids(tmp_path, t), message="creator pid")
-    filler = tiny_state_filesystem / "filler"
-    fill_filesystem(filler)
+    out_of_space.exhaust(daemon)
     try:
         wait_until(lambda: '"database_write_retry"' in daemon.log()
-                   and "database or disk is full" in daemon.log(), 15,
-                   message="a database_write_retry log line about the full disk")
+                   and out_of_space.sqlite_error in daemon.log(), 15,
+                   message=f"a database_write_retry log line: {out_of_space.sqlite_error}")
         time.sleep(1)
         assert daemon.proc.poll() is None
         health = daemon.call("monitor.health")
         assert {c["name"]: c["ok"] for c in health["checks"]}["database"] is False
         assert daemon.scalar("SELECT COUNT(*) FROM contents") == 3
     finally:
-        filler.unlink()
+        out_of_space.restore(daemon)
     for task_id in slow_ids:
         daemon.wait_status(task_id, "completed", timeout=30)
     assert count(daemon, "status IN ('failed', 'timeout')") == 0

@@ -214,7 +214,7 @@ def main(argv: list[str]) -> int:
     if log:
         with open(log, "a", encoding="utf-8") as file:
             file.write(json.dumps(argv, ensure_ascii=False) + "\n")
-    if any(key not in os.environ for key in REQUIRED_ENV):
+    if any(not os.environ.get(key) for key in REQUIRED_ENV):
         return replay("missing-env")
     if not Path("data").is_dir():
         return replay("no-data-dir")
