@@ -3614,6 +3614,8 @@ def arg(args: dict[str, Any], name: str, kind: type | tuple, *, required: bool =
             raise InvalidRequest(f"missing argument '{name}'")
         return default
     value = args[name]
+    if isinstance(value, int) and not -(1 << 63) <= value < (1 << 63):
+        raise InvalidRequest(f"argument '{name}' is out of range")
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join(k.__name__ for k in kinds)
@@ -3623,6 +3625,14 @@ def arg(args: dict[str, Any], name: str, kind: type | tuple, *, required: bool =
     if minimum is not None and value < minimum or maximum is not None and value > maximum:
         raise InvalidRequest(f"argument '{name}' must be between {minimum} and {maximum}")
     return value
+
+
+def content_ids(values: list[Any]) -> list[int]:
+    """The `ids` argument: content ids are positive 64-bit integers."""
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < (1 << 63)
+               for i in values):
+        raise InvalidRequest("argument 'ids' must be a list of content ids (positive integers)")
+    return values
 
 
 def peer_allowed(sock: socket.socket, group: str) -> tuple[bool, int]:
@@ -3666,7 +3676,14 @@ def parse_task_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
         return [], errors
     rows = []
     line = 1
-    for record in reader:
+    records = iter(reader)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            return [], [{"line": line + 1, "column": "-", "message": f"unreadable CSV: {exc}"}]
         line_start, line = line + 1, reader.line_num
         row: dict[str, Any] = {}
 
@@ -3823,8 +3840,16 @@ class ControlServer:
                 request = json.loads(line)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise InvalidRequest(f"request is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise InvalidRequest("request is nested too deeply") from None
             if not isinstance(request, dict):
                 raise InvalidRequest("request must be a JSON object")
+            try:
+                # A lone surrogate (\udcff) is valid JSON but no valid text: refuse it here
+                # rather than fail later in SQLite or in the reply.
+                json.dumps(request, ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise InvalidRequest("request contains a lone UTF-16 surrogate") from None
             request_id = request.get("id")
             if request.get("v") != 1:
                 raise InvalidRequest("unsupported protocol version; expected \"v\": 1")
@@ -3926,12 +3951,13 @@ class ControlServer:
         if since is not None:
             try:
                 moment = datetime.fromisoformat(since)
-            except ValueError:
-                raise InvalidRequest(f"argument 'since' is not an ISO date/time: {since!r}")
-            since = to_db_time(moment if moment.tzinfo else moment.replace(tzinfo=self.tz))
+                since = to_db_time(moment if moment.tzinfo else moment.replace(tzinfo=self.tz))
+            except (ValueError, OverflowError):
+                raise InvalidRequest(f"argument 'since' is not a usable ISO date/time:"
+                                     f" {since!r}") from None
         ids = arg(args, "ids", list)
-        if ids is not None and not all(isinstance(i, int) for i in ids):
-            raise InvalidRequest("argument 'ids' must be a list of integers")
+        if ids is not None:
+            ids = content_ids(ids)
         return await self.store.list_contents(
             account_id=arg(args, "account_id", int),
             review_status=arg(args, "review_status", str,
@@ -3941,7 +3967,7 @@ class ControlServer:
 
     async def cmd_content_show(self, args: dict[str, Any]) -> dict[str, Any]:
         key = arg(args, "id", (int, str), required=True)
-        if isinstance(key, str) and key.isdigit():
+        if isinstance(key, str) and key.isdigit() and len(key) < 19:
             key = int(key)
         return await self.store.get_content(key)
 
@@ -3952,8 +3978,8 @@ class ControlServer:
         return await self._review(args, "rejected")
 
     async def _review(self, args: dict[str, Any], status: str) -> dict[str, Any]:
-        ids = arg(args, "ids", list, required=True)
-        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        ids = content_ids(arg(args, "ids", list, required=True))
+        if not ids:
             raise InvalidRequest("argument 'ids' must be a non-empty list of content ids")
         updated = await self.store.review_contents(ids, status, arg(args, "reason", str))
         return {"updated": updated, "missing": [i for i in ids if i not in updated]}
@@ -4018,7 +4044,7 @@ class ControlServer:
         return await self.store.task_stats()
 
     async def cmd_task_cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
-        params = {"days": arg(args, "days", int, required=True, minimum=0),
+        params = {"days": arg(args, "days", int, required=True, minimum=0, maximum=36_500),
                   "statuses": arg(args, "status", list, default=list(TERMINAL_STATUSES)),
                   "dry_run": arg(args, "dry_run", bool, default=False)}
         problems = EXECUTORS["cleanup"].validate_params(params, self.config)
@@ -4084,10 +4110,12 @@ class ControlServer:
         else:
             try:
                 start = datetime.fromisoformat(after)
-            except ValueError:
-                raise InvalidRequest(f"argument 'after' is not an ISO date/time: {after!r}")
-            if start.tzinfo is None:
-                start = start.replace(tzinfo=ZoneInfo(entry.trigger.timezone))
+                if start.tzinfo is None:
+                    start = start.replace(tzinfo=ZoneInfo(entry.trigger.timezone))
+                start.astimezone(timezone.utc)
+            except (ValueError, OverflowError):
+                raise InvalidRequest(f"argument 'after' is not a usable ISO date/time:"
+                                     f" {after!r}") from None
         instants = next_instants(entry.trigger, start.astimezone(timezone.utc), count,
                                  entry.last_scheduled_for)
         tz = ZoneInfo(entry.trigger.timezone)
