@@ -800,6 +800,13 @@ class Store:
     @staticmethod
     def _apply_schema(conn: sqlite3.Connection) -> None:
         conn.executescript(SCHEMA_PATH.read_text(encoding="utf-8"))
+        if conn.execute("SELECT COUNT(*) FROM counters").fetchone()[0] == 0:
+            conn.executescript(
+                "BEGIN IMMEDIATE;"
+                " INSERT INTO counters SELECT 'task:' || status, COUNT(*)"
+                " FROM content_generation_tasks GROUP BY status;"
+                " INSERT INTO counters SELECT 'content:' || review_status, COUNT(*)"
+                " FROM contents GROUP BY review_status; COMMIT;")
         row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
         current = row[0] or 0
         if current == 0:
@@ -1148,9 +1155,9 @@ class Store:
                                 f" ORDER BY {order} LIMIT ?", (*params, limit))
 
     async def status_counts(self) -> dict[str, int]:
-        rows = await self.query("SELECT status, COUNT(*) AS n FROM content_generation_tasks"
-                                " GROUP BY status")
-        return {row["status"]: row["n"] for row in rows}
+        rows = await self.query("SELECT substr(name, 6) AS status, value FROM counters"
+                                " WHERE name LIKE 'task:%' AND value > 0")
+        return {row["status"]: row["value"] for row in rows}
 
     # -- contents ------------------------------------------------------------------------------
 
@@ -1202,15 +1209,15 @@ class Store:
         so it stays cheap on a database of millions of tasks."""
 
         def collect(conn: sqlite3.Connection) -> dict[str, Any]:
-            counts = dict(conn.execute("SELECT status, COUNT(*) FROM content_generation_tasks"
-                                       " GROUP BY status").fetchall())
+            counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+            counts = {name[5:]: n for name, n in counters.items() if name.startswith("task:")}
+            contents = {name[8:]: n for name, n in counters.items()
+                        if name.startswith("content:")}
             since = to_db_time(utc_now() - timedelta(days=1))
             avg = conn.execute(
                 "SELECT AVG((julianday(completed_at) - julianday(started_at)) * 86400)"
                 " FROM content_generation_tasks WHERE status = 'completed'"
                 " AND completed_at >= ?", (since,)).fetchone()[0]
-            contents = dict(conn.execute("SELECT review_status, COUNT(*) FROM contents"
-                                         " GROUP BY review_status").fetchall())
             finished = sum(counts.get(s, 0) for s in ("completed", "failed", "timeout"))
             return {
                 "total": sum(counts.values()),

@@ -141,6 +141,8 @@ def test_sigkill_mid_batch_completes_each_task_once(daemon_factory):
     assert sorted(task_ids) == sorted(r[0] for r in daemon.db().execute(
         "SELECT task_id FROM contents"))
     assert daemon.scalar("PRAGMA integrity_check") == "ok"
+    metrics = daemon.call("monitor.metrics")
+    assert (metrics["total"], metrics["completed"], metrics["contents_total"]) == (200, 200, 200)
     assert daemon.stop() == 0
 
 
