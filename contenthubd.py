@@ -473,12 +473,16 @@ def _build_section(cls: type, table: Any, where: str, text: str, start: int,
         return cls()
     known = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
-    for key, raw in table.items():
+
+    def located(key: str) -> str:
+        # Line numbers cost a scan of the text: only an error pays for one.
         line = _line_of(text, key, start)
-        at = f"{where}.{key}" + (f" (line {line})" if line else "")
+        return f"{where}.{key}" + (f" (line {line})" if line else "")
+
+    for key, raw in table.items():
         spec = known.get(key)
         if spec is None:
-            errors.append(f"{at}: unknown key")
+            errors.append(f"{located(key)}: unknown key")
             continue
         if "section" in spec.metadata:
             values[key] = _build_section(spec.metadata["section"], raw, f"{where}.{key}", text,
@@ -487,7 +491,7 @@ def _build_section(cls: type, table: Any, where: str, text: str, start: int,
         try:
             values[key] = spec.metadata["parse"](raw)
         except ValueError as exc:
-            errors.append(f"{at}: {exc}")
+            errors.append(f"{located(key)}: {exc}")
             continue
         if sources is not None:
             sources[f"{where}.{key}"] = "file"
@@ -1309,6 +1313,21 @@ class Store:
                          f" SET {updates}", (name, *values.values()))
 
         await self._write(save)
+
+    async def restart_schedule_states(self, rows: list[tuple[str, int, str, str | None]]
+                                      ) -> None:
+        """New or edited schedules (name, paused, config_hash, last_scheduled_for) start
+        from now; one transaction for all of them."""
+
+        def restart(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO schedule_state (name, paused, config_hash, last_scheduled_for)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET paused = excluded.paused,"
+                " config_hash = excluded.config_hash,"
+                " last_scheduled_for = excluded.last_scheduled_for", rows)
+
+        if rows:
+            await self._write(restart)
 
     async def begin_run(self, name: str, scheduled_for: datetime, now: datetime,
                         trigger: str) -> tuple[int, str]:
@@ -3041,23 +3060,28 @@ class Scheduler(BackgroundLoop):
         states = await self.store.schedule_states()
         now = self.clock()
         planned: dict[str, PlannedSchedule] = {}
+        fresh: list[tuple[str, int, str, str | None]] = []
         for schedule in config.schedules:
             if not schedule.enabled:
                 continue
-            entry = PlannedSchedule(schedule, schedule_trigger(schedule, config.daemon.timezone))
+            previous = self.schedules.get(schedule.name)
+            trigger = (previous.trigger if previous and previous.config == schedule
+                       and previous.trigger.timezone == (schedule.timezone
+                                                         or config.daemon.timezone)
+                       else schedule_trigger(schedule, config.daemon.timezone))
+            entry = PlannedSchedule(schedule, trigger)
             state = states.get(schedule.name)
             digest = schedule_hash(schedule)
             if state is None or state["config_hash"] != digest:
                 entry.last_scheduled_for = now
                 entry.paused = bool(state and state["paused"])
-                await self.store.save_schedule_state(
-                    schedule.name, paused=int(entry.paused), config_hash=digest,
-                    last_scheduled_for=to_db_time(now))
+                fresh.append((schedule.name, int(entry.paused), digest, to_db_time(now)))
             else:
                 entry.paused = bool(state["paused"])
                 entry.last_scheduled_for = from_db_time(state["last_scheduled_for"]) or now
             self._plan_next(entry, now)
             planned[schedule.name] = entry
+        await self.store.restart_schedule_states(fresh)
         self.schedules = planned
         self._wake.set()
 
@@ -3634,6 +3658,14 @@ def arg(args: dict[str, Any], name: str, kind: type | tuple, *, required: bool =
     return value
 
 
+def _strict_json(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+        return True
+    except (ValueError, UnicodeEncodeError):
+        return False
+
+
 def content_ids(values: list[Any]) -> list[int]:
     """The `ids` argument: content ids are positive 64-bit integers."""
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < (1 << 63)
@@ -3673,6 +3705,8 @@ def parse_task_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
     header = reader.fieldnames or []
     errors = []
     unknown = [c for c in header if c not in CSV_COLUMNS]
+    for column in sorted({c for c in header if header.count(c) > 1}):
+        errors.append({"line": 1, "column": column, "message": "column appears more than once"})
     missing = [c for c in ("account_id", "topic") if c not in header]
     for column in unknown:
         errors.append({"line": 1, "column": column, "message": "unknown column; expected "
@@ -3851,13 +3885,13 @@ class ControlServer:
                 raise InvalidRequest("request is nested too deeply") from None
             if not isinstance(request, dict):
                 raise InvalidRequest("request must be a JSON object")
-            try:
-                # A lone surrogate (\udcff) is valid JSON but no valid text: refuse it here
-                # rather than fail later in SQLite or in the reply.
-                json.dumps(request, ensure_ascii=False).encode()
-            except UnicodeEncodeError:
-                raise InvalidRequest("request contains a lone UTF-16 surrogate") from None
-            request_id = request.get("id")
+            # Python's json accepts NaN/Infinity and lone surrogates (\udcff); neither can be
+            # stored or echoed in a strict JSON reply. Echo the id only when it is clean.
+            if _strict_json(request.get("id")):
+                request_id = request.get("id")
+            if not _strict_json(request):
+                raise InvalidRequest("request contains NaN, Infinity or a lone UTF-16"
+                                     " surrogate")
             if request.get("v") != 1:
                 raise InvalidRequest("unsupported protocol version; expected \"v\": 1")
             cmd, args = request.get("cmd"), request.get("args", {})
@@ -3974,7 +4008,7 @@ class ControlServer:
 
     async def cmd_content_show(self, args: dict[str, Any]) -> dict[str, Any]:
         key = arg(args, "id", (int, str), required=True)
-        if isinstance(key, str) and key.isdigit() and len(key) < 19:
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19:
             key = int(key)
         return await self.store.get_content(key)
 

@@ -5,7 +5,7 @@ Python start-up included. Target: < 100 ms each (median of --runs).
 
 The database is made by the daemon (start + stop, so the schema is its own), then filled
 directly with sqlite3 in one transaction: a year of tasks (mostly completed, some failed,
-timeout, cancelled, a few pending with a retry due tomorrow so nothing runs), the newest
+timeout, cancelled; the newest 100 pending with a retry due tomorrow, so nothing runs), the newest
 `--contents` of them with a contents row and their three task_events. The bare column is
 `python -c pass`: the interpreter's own start-up, the floor of any Python client.
 `contenthubctl` is timed as installed (the console-script wrapper, which imports the cached
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ HISTORY = timedelta(days=365)
 QUICK_ARGS = ["--tasks", "20000", "--contents", "500", "--runs", "3"]
 #: (status, share in percent); the rest of each hundred is completed.
 TERMINAL_MIX = (("failed", 2), ("timeout", 1), ("cancelled", 1))
-PENDING_SHARE = 0.005  #: the newest tasks, waiting for a retry
+PENDING_TASKS = 100  #: the newest tasks, waiting for a retry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +56,7 @@ def db_time(moment: datetime) -> str:
 
 
 def status_of(index: int, count: int) -> str:
-    if index >= count - max(1, int(count * PENDING_SHARE)):
+    if index >= count - min(PENDING_TASKS, count // 10):
         return "pending"
     slot = index % 100
     for status, share in TERMINAL_MIX:

@@ -4,6 +4,7 @@
     .venv/bin/python bench/run_all.py                # full sizes; takes a few minutes
     .venv/bin/python bench/run_all.py --quick        # tiny sizes: checks the scripts work
     .venv/bin/python bench/run_all.py --only spawn_bound,idle_cost --json
+    .venv/bin/python bench/run_all.py --save results.json   # the table, and every detail
 
 Each benchmark is also a script of its own (bench/<name>.py --help) with its size options.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 from common import BenchError, Row, print_rows, progress
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
     parser.add_argument("--seconds", type=float, help="idle_cost window (default 60)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--save", metavar="FILE",
+                        help="also write the results, with all details, to FILE as JSON")
     options = parser.parse_args(argv)
     names = [name.strip() for name in options.only.split(",") if name.strip()]
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -45,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"{name} failed: {exc}")
             failed.append(name)
     print_rows(rows, options.json)
+    if options.save:
+        with open(options.save, "w", encoding="utf-8") as file:
+            json.dump([row.to_json() for row in rows], file, ensure_ascii=False, indent=2)
     return 1 if failed else 0
 
 

@@ -200,3 +200,18 @@ def daemon_factory(tmp_path):
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait()
+    kill_leftover_creators(tmp_path)
+
+
+def kill_leftover_creators(directory: Path) -> None:
+    """A test that ends with its daemon killed leaves creators behind; they all carry the
+    harness's CREATOR_STATE_DIR in their environment."""
+    marker = f"CREATOR_STATE_DIR={directory}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue

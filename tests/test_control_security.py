@@ -1,15 +1,21 @@
 """The control socket: who may connect, how much it takes, and what bad input gets back.
 Real daemon, real Unix socket, other uids through fork + setuid (root only).
 
-Sizes: fuzz 3,000 pipelined messages over 30 connections (every wrong type of every argument
-of every command in docs/protocol.md, missing and null required arguments, bad envelopes,
-unknown commands, truncated and duplicate-key JSON, invalid UTF-8, nesting up to depth 200,
-huge ids, 700+ lines of random bytes; seed 1729), then 40 half-closed connections (85
-lines) and 4 one-byte-at-a-time writers (8 lines). Connection limits: max_connections 4 with
-9 idle clients, connection_idle_timeout 1 s. Line limit: one 1 MiB + 40 byte line and one
-just under 1 MiB. Input safety: 7 tasks through content.generate and 1 through bulk_import.
+Sizes (seeded, so every run sends the same bytes):
+- fuzz, seed 1729: 3,000 messages pipelined over 30 connections of 100: 572 argument
+  mutations (every wrong type of every argument of every command in docs/protocol.md, ints
+  beyond 64 bits, lone surrogates, out-of-range dates, bad CSV, missing and null required
+  arguments), 56 broken envelopes (version, args, cmd, top level, duplicate keys, huge ids),
+  and 2,372 random lines: ~1,070 of random bytes, ~380 with invalid UTF-8, ~450 truncated
+  requests, ~480 with an argument nested 10-200, 900-1,100 or 100,000 deep.
+- half-closed, seed 4242: 40 connections ending mid-line (101 lines); slow: 4 writers
+  sending 2 lines one byte per millisecond.
+- limits: max_connections 4 with 9 idle clients, connection_idle_timeout 2 s; one line of
+  1 MiB + 58 bytes and one just under 1 MiB.
+- input safety: 7 tasks through content.generate and 1 through bulk_import.
+Tests marked xfail(strict=True) state a promise the daemon does not keep yet; the reason says
+where it breaks. Remove the mark with the fix.
 """
-
 from __future__ import annotations
 
 import grp
@@ -18,6 +24,7 @@ import json
 import os
 import pwd
 import random
+import re
 import shutil
 import socket
 import stat
@@ -101,7 +108,10 @@ def connect_as(path: Path, uid: int, gid: int, groups: list[int], line: bytes) -
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(10)
                 sock.connect(str(path))
-                sock.sendall(line + b"\n")
+                try:
+                    sock.sendall(line + b"\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # refused peers get their reply at once and may be hung up on
                 outcome["replies"] = read_replies(sock, 1)
         except OSError as exc:
             outcome["errno"] = exc.errno
@@ -180,6 +190,7 @@ def test_peer_of_another_uid_is_forbidden_even_when_the_mode_lets_it_connect(
                        socket_mode="0666")
     daemon.start()
     outcome = connect_as(daemon.socket, NOBODY, NOBODY, [], request_line("task.list"))
+    assert "replies" in outcome, outcome
     [reply] = outcome["replies"]
     assert reply["ok"] is False and reply["error"]["code"] == "forbidden"
     assert str(NOBODY) in reply["error"]["message"]
@@ -210,7 +221,7 @@ def test_member_of_socket_group_is_allowed_and_others_are_not(
 
 def test_connections_beyond_the_limit_get_busy_and_idle_ones_time_out(daemon_factory):
     daemon = daemon_factory()
-    set_daemon_options(daemon, max_connections=4, connection_idle_timeout="1s")
+    set_daemon_options(daemon, max_connections=4, connection_idle_timeout="2s")
     daemon.start()
     held = [connect(daemon) for _ in range(4)]
     opened = time.monotonic()
@@ -228,13 +239,13 @@ def test_connections_beyond_the_limit_get_busy_and_idle_ones_time_out(daemon_fac
         sock.settimeout(5)
         assert sock.recv(1) == b"", "an idle connection must be closed without a reply"
         sock.close()
-    assert 0.8 < time.monotonic() - opened < 4
+    assert 1.7 < time.monotonic() - opened < 5
     # A connection that keeps talking outlives the idle timeout; capacity is back.
     with connect(daemon) as sock:
         for i in range(4):
             sock.sendall(request_line("version", request_id=i) + b"\n")
             assert read_replies(sock, 1)[0]["ok"] is True
-            time.sleep(0.4)
+            time.sleep(0.7)
     assert_log_clean(daemon)
 
 
@@ -264,8 +275,8 @@ def _send_ignoring_hangup(sock: socket.socket, data: bytes) -> None:
 # -- what bad input gets back ---------------------------------------------------------------
 
 WRONG_TYPES = {
-    "int": ["49", 4.5, True, [], {}, "", [1], 1e308],
-    "str": [5, 5.5, True, [], {}, ["x"], {"a": "b"}],
+    "int": ["49", 4.5, True, [], {}, "", [1], 1e308, 2 ** 70, -(2 ** 70)],
+    "str": [5, 5.5, True, [], {}, ["x"], {"a": "b"}, "x\udcff"],
     "bool": ["true", 1, 0, [], {}, "yes"],
     "list": ["x", 5, {}, True],
     "dict": [[], "x", 5, True],
@@ -273,13 +284,15 @@ WRONG_TYPES = {
     "str|json": [5, 5.5, True],
     "str|list": [5, {}, True, 1.5],
 }
-SINCE_BAD = ["yesterday", "2020-13-45", "", "2020-01-01T00:00:00+25:00"]
+SINCE_BAD = ["yesterday", "2020-13-45", "", "2020-01-01T00:00:00+25:00",
+             "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"]
 LIMIT_BAD = [0, -1, -(2 ** 63), 100_001]
 MIN1_BAD = [0, -1, -(2 ** 63)]
 BAD_CSV = ["", "\ufeff", "topic\nx\n", "account_id,topic\n", "account_id,topic\nabc,x\n",
            "account_id,topic\n999,x\n", "account_id,topic,colour\n49,x,red\n",
            "account_id,topic\n49,x,extra\n", "account_id,topic\n49,\n",
-           "account_id,topic,priority\n49,x,11\n", "account_id,topic,auto_approve\n49,x,maybe\n"]
+           "account_id,topic,priority\n49,x,11\n", "account_id,topic,auto_approve\n49,x,maybe\n",
+           "account_id,topic\n49," + "长" * 140_000 + "\n"]
 
 #: cmd -> (arguments that make it valid, {arg: (kind, required, extra bad values)}), from
 #: docs/protocol.md. Every message built from this table changes exactly one argument for the
@@ -298,7 +311,7 @@ COMMANDS = {
         "ids": ("list", False, [["1"], [1.5], [None]]), "account_id": ("int", False, []),
         "review_status": ("str", False, ["maybe"]), "since": ("str", False, SINCE_BAD),
         "limit": ("int", False, LIMIT_BAD)}),
-    "content.show": ({"id": "task-nope"}, {"id": ("int|str", True, [])}),
+    "content.show": ({"id": "task-nope"}, {"id": ("int|str", True, ["9" * 30])}),
     "content.approve": ({"ids": [1]}, {"ids": ("list", True, [[], ["1"], [1.5], [None], [True]])}),
     "content.reject": ({"ids": [1]}, {
         "ids": ("list", True, [[], ["1"], [None]]), "reason": ("str", False, [])}),
@@ -310,7 +323,7 @@ COMMANDS = {
     "task.retry": ({"task_id": "task-nope"}, {"task_id": ("str", True, [])}),
     "task.watch": ({"task_id": "task-nope"}, {"task_id": ("str", True, [])}),
     "task.cleanup": ({"days": 0, "dry_run": True}, {
-        "days": ("int", True, [-1, -(2 ** 63)]),
+        "days": ("int", True, [-1, -(2 ** 63), 1_000_000]),
         "status": ("list", False, [["pending"], [5], ["completed", None]]),
         "dry_run": ("bool", False, [])}),
     "monitor.recent": ({}, {"limit": ("int", False, MIN1_BAD)}),
@@ -395,7 +408,7 @@ def random_line(rng: random.Random) -> bytes:
         cmd, args = rng.choice(argument_mutations())
         full = request_line(cmd, args, rng.randrange(1 << 30))
         return full[:rng.randint(1, len(full) - 1)]
-    depth = rng.randint(10, 200)
+    depth = rng.choice([rng.randint(10, 200), rng.randint(900, 1100), 100_000])
     nested = "[" * depth + "1" + "]" * depth if rng.random() < 0.5 else (
         '{"a": ' * depth + "1" + "}" * depth)
     cmd, (valid, spec) = rng.choice(list(COMMANDS.items()))
@@ -405,18 +418,29 @@ def random_line(rng: random.Random) -> bytes:
     return request_line(cmd, args, rng.randrange(1 << 30)).replace(b'"NESTED"', nested.encode())
 
 
-def expected_id(line: bytes):
+def expected_ids(line: bytes) -> list:
+    """The ids a reply to `line` may carry: the request's own, or None when it has none."""
     try:
         request = json.loads(line)
+    except RecursionError:  # too deep for this stack; the daemon's may cope
+        leading_id = re.match(rb'{"v": 1, "id": (\d+),', line)
+        return [None] + ([int(leading_id.group(1))] if leading_id else [])
     except (ValueError, UnicodeDecodeError):
-        return None
-    return request.get("id") if isinstance(request, dict) else None
+        return [None]
+    if not isinstance(request, dict):
+        return [None]
+    # A request refused as a whole (a lone surrogate, nesting near the recursion limit) may be
+    # answered before its id is read.
+    if b"\\ud" in line.lower() or line.count(b"[") + line.count(b"{") > 500:
+        return [request.get("id"), None]
+    return [request.get("id")]
 
 
 def pipeline(daemon, lines: list[bytes]) -> list[dict]:
     """Send every line on one connection while reading the replies."""
     with connect(daemon, timeout=30) as sock:
-        sender = threading.Thread(target=sock.sendall, args=(b"".join(l + b"\n" for l in lines),))
+        payload = b"".join(line + b"\n" for line in lines)
+        sender = threading.Thread(target=sock.sendall, args=(payload,))
         sender.start()
         replies = read_replies(sock, len(lines))
         sender.join()
@@ -448,7 +472,7 @@ def test_thousands_of_bad_messages_each_get_one_known_error_reply(daemon_factory
         assert len(replies) == len(chunk), "every line gets exactly one reply"
         for line, reply in zip(chunk, replies):
             assert_refused(reply, line)
-            assert reply["id"] == expected_id(line), (line[:200], reply)
+            assert reply["id"] in expected_ids(line), (line[:200], reply)
             codes[reply["error"]["code"]] = codes.get(reply["error"]["code"], 0) + 1
     assert {"invalid", "unknown_command", "not_found"} <= set(codes)
 
@@ -479,7 +503,8 @@ def test_half_closed_and_slow_clients_get_one_reply_per_line(daemon_factory):
             assert_refused(reply, line)
 
     def slow_writer(results: list) -> None:
-        lines = [request_line("no.such.command", {}, 1), request_line("task.list", {"limit": -1}, 2)]
+        lines = [request_line("no.such.command", {}, 1),
+                 request_line("task.list", {"limit": -1}, 2)]
         with connect(daemon, timeout=30) as sock:
             for byte in b"".join(line + b"\n" for line in lines):
                 sock.send(bytes([byte]))
@@ -502,7 +527,7 @@ def test_half_closed_and_slow_clients_get_one_reply_per_line(daemon_factory):
     assert_log_clean(daemon)
 
 
-# -- known bugs: each is one class of input that still reaches `internal` -------------------
+# -- classes of input that used to reach `internal`, one test each --------------------------
 
 
 def assert_not_internal(daemon, line: bytes) -> None:
@@ -511,8 +536,6 @@ def assert_not_internal(daemon, line: bytes) -> None:
     assert replies[0]["ok"] or replies[0]["error"]["code"] in KNOWN_ERRORS, (line[:80], replies)
 
 
-@pytest.mark.xfail(strict=True, reason="json.loads raises RecursionError (not ValueError) on"
-                   " deep nesting; ControlServer._answer reports it as `internal`")
 def test_deeply_nested_json_is_invalid_not_internal(daemon_factory):
     daemon = daemon_factory().start()
     assert_not_internal(daemon, b"[" * 100_000 + b"]" * 100_000)
@@ -521,8 +544,6 @@ def test_deeply_nested_json_is_invalid_not_internal(daemon_factory):
     assert_log_clean(daemon)
 
 
-@pytest.mark.xfail(strict=True, reason="integers outside SQLite's 64-bit range reach sqlite3"
-                   " and raise OverflowError, reported as `internal`")
 def test_integers_beyond_64_bits_are_refused_not_internal(daemon_factory):
     daemon = daemon_factory().start()
     huge = 2 ** 70
@@ -536,8 +557,6 @@ def test_integers_beyond_64_bits_are_refused_not_internal(daemon_factory):
     assert_log_clean(daemon)
 
 
-@pytest.mark.xfail(strict=True, reason="dates outside datetime's range raise OverflowError in"
-                   " task.cleanup (now - days) and content.list (since), reported as `internal`")
 def test_out_of_range_dates_are_refused_not_internal(daemon_factory):
     daemon = daemon_factory().start()
     for cmd, args in [("task.cleanup", {"days": 1_000_000, "dry_run": True}),
@@ -547,10 +566,6 @@ def test_out_of_range_dates_are_refused_not_internal(daemon_factory):
     assert_log_clean(daemon)
 
 
-@pytest.mark.xfail(strict=True, reason="a lone surrogate (\\udcff) is valid JSON but not"
-                   " encodable: in an argument it fails in sqlite3 as `internal`; in the id it"
-                   " makes ControlServer._reply raise inside the error handler, so the line gets"
-                   " no reply and the connection is dropped")
 def test_lone_surrogates_get_an_error_reply(daemon_factory):
     daemon = daemon_factory().start()
     assert_not_internal(daemon, request_line("content.generate", {"account_id": 49,
@@ -559,14 +574,38 @@ def test_lone_surrogates_get_an_error_reply(daemon_factory):
     assert_log_clean(daemon)
 
 
-@pytest.mark.xfail(strict=True, reason="csv.Error (field over csv.field_size_limit(), 128 KiB)"
-                   " escapes parse_task_csv; bulk_import answers `internal`")
 def test_bulk_import_with_an_oversized_field_is_invalid(daemon_factory):
     daemon = daemon_factory().start()
     text = "account_id,topic\n49," + "长" * 140_000 + "\n"
     assert_not_internal(daemon, request_line("bulk_import", {"csv": text}))
     assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks") == 0
     assert_log_clean(daemon)
+
+
+def strict_json(text: bytes):
+    """RFC 8259 JSON only: NaN and Infinity are Python extensions other clients reject."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_replies_are_strict_json_even_for_non_finite_ids(daemon_factory):
+    daemon = daemon_factory().start()
+    for line in (b'{"v": 1, "id": 1e999, "cmd": "nope"}', b'{"v": 1, "id": NaN, "cmd": "version"}',
+                 b'{"v": 1, "id": -Infinity, "cmd": "version"}'):
+        with connect(daemon) as sock:
+            sock.sendall(line + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            reply = strict_json(sock.makefile("rb").read())
+        assert reply["v"] == 1  # refused as invalid or answered with a finite id: either is JSON
+
+
+def test_bulk_import_refuses_a_header_that_repeats_a_column(daemon_factory):
+    daemon = daemon_factory().start()
+    reply = daemon.request("bulk_import", {"csv": "account_id,topic,account_id\n49,x,50\n"})
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid"
+    assert reply["error"]["data"]["errors"][0]["line"] == 1
+    assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks") == 0
 
 
 # -- input safety ---------------------------------------------------------------------------

@@ -1,21 +1,22 @@
 """Faults: nothing is lost and nothing happens twice when the daemon is killed, stopped, or
 its database is locked, read hard, or out of space. Real processes, real signals.
 
-Sizes (chosen to keep the module well under a minute on 2 cores):
-- kill loop: 300 tasks in 6 bulk imports of 50 (instant_article.sh, 0.03 s each, 8 workers);
-  two SIGKILLs per batch (a random 0-0.12 s after the import's reply, and at a random number
-  of completions into the batch) plus a SIGKILL landing 0-8 ms into a bulk import in flight:
-  18 kills, fixed seed.
-- orphan recovery: 1 task whose creator sleeps 30 s, one SIGKILL; pid reuse: 1 forged task.
-- graceful stop: shutdown_grace 1 s with 2 creators of 30 s and 1 of 0.3 s; a second SIGTERM
-  0.3 s into a 5 s grace; 2 tasks each.
-- outside writer: BEGIN IMMEDIATE held 7 s (the daemon's busy_timeout is 5 s) over 6 tasks.
-- readers: 8 threads of SELECTs plus a control-socket reader during 200 tasks.
+Sizes (the module takes about 30 s on 2 cores):
+- kill loop, seed 20261122: 300 tasks in 6 bulk imports of 50 (instant_article.sh sleeping
+  0.03 s, 8 workers). Per batch: a SIGKILL 0-0.12 s after the import's reply, one after 1-45
+  more completions, and one 0-8 ms into a 20-row bulk import in flight (whose rows must then
+  be all there or none): 18 kills.
+- orphan: 1 task whose creator sleeps 30 s, 1 SIGKILL; pid reuse: 1 forged running task.
+- graceful stop (shutdown_grace 1 s): 2 creators of 30 s; 1 of 0.3 s beside 1 of 30 s;
+  second SIGTERM 0.3 s into a 5 s grace with 2 creators of 30 s.
+- single instance: a second daemon on the same socket path; a restart over a stale socket.
+- outside writer: BEGIN IMMEDIATE held 7 s (the daemon's busy_timeout is 5 s) over 6 tasks
+  of 0.5 s on 3 workers.
+- readers: 8 threads of SELECTs plus 1 control-socket reader during 200 tasks.
 - disk full: while 4 creators (1 s) finish, a 3 MiB tmpfs is filled to ENOSPC (root only),
   and, separately, RLIMIT_FSIZE pins the daemon's WAL at its size (no privileges needed).
-- fd leak: 500 tasks (50 failing) and 100 control requests; slack 3 fds.
+- fd leak: 500 tasks (50 failing) and 100 control requests after a warm-up of 21; slack 3.
 """
-
 from __future__ import annotations
 
 import errno
@@ -57,9 +58,24 @@ def bulk_import(daemon, topics: list[str]) -> list[str]:
     return daemon.call("bulk_import", {"csv": text, "filename": "x.csv"})["task_ids"]
 
 
-def creator_pids(state_dir: Path, task_id: str) -> list[int]:
-    path = state_dir / f"pids-{task_id}"
-    return [int(line) for line in path.read_text().split()] if path.exists() else []
+def creator_pids(record_dir: Path, task_id: str) -> list[list[int]]:
+    """Pids slow_article_with_pid.py recorded for a task: one list per attempt."""
+    path = record_dir / f"pids-{task_id}"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [[int(pid) for pid in line.split()] for line in lines]
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes (zombies excluded) whose process group is `pgid`."""
+    members = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat_file.parent.name))
+    return members
 
 
 def assert_ledger_exact(daemon, expected_tasks: int) -> None:
@@ -85,7 +101,7 @@ def test_sigkill_at_random_instants_loses_nothing_and_completes_each_task_once(d
                             env={"CREATOR_SLEEP": "0.03"}).start()
     rng = random.Random(20261122)
     known: list[str] = []
-    in_doubt: list[str] = []  # batches whose import a kill interrupted: all rows or none
+    in_doubt: list[int] = []  # rows of imports a kill interrupted: all of them or none
     kills = 0
 
     def kill_and_restart() -> None:
@@ -137,15 +153,18 @@ def _import_ignoring_errors(daemon, prefix: str) -> None:
 def test_recovery_kills_the_orphaned_creator_group_and_runs_the_task_once(daemon_factory,
                                                                          tmp_path):
     daemon = daemon_factory(creator=command_creator("slow_article_with_pid.py"),
-                            env={"CREATOR_SLEEP": "30"}).start()
+                            env={"CREATOR_SLEEP": "30", "CREATOR_GRANDCHILD": "1"}).start()
     task_id = daemon.submit("孤儿进程")
-    [orphan] = wait_until(lambda: creator_pids(tmp_path, task_id), message="creator pid")
+    [[leader, grandchild]] = wait_until(lambda: creator_pids(tmp_path, task_id),
+                                        message="creator pids")
     daemon.kill9()
-    assert pid_alive(orphan), "the creator should outlive a SIGKILLed daemon"
+    assert sorted(live_group_members(leader)) == sorted([leader, grandchild]), \
+        "the creator's group should outlive a SIGKILLed daemon"
 
-    daemon.env["CREATOR_SLEEP"] = "0"
+    daemon.env.update(CREATOR_SLEEP="0", CREATOR_GRANDCHILD="")
     daemon.start()
-    wait_until(lambda: not pid_alive(orphan), 10, message="recovery to kill the orphan")
+    wait_until(lambda: not live_group_members(leader), 10,
+               message="recovery to kill the orphaned group")
     task = daemon.wait_status(task_id, "completed")
     assert task["retry_count"] == 0
     assert len(creator_pids(tmp_path, task_id)) == 2
@@ -175,6 +194,8 @@ def test_recovery_spares_an_unrelated_process_that_owns_a_recorded_pgid(daemon_f
         assert pid_alive(bystander.pid), "recovery killed a process that was not its creator"
         assert bystander.poll() is None
         assert task["retry_count"] == 0 and task["content_id"]
+        assert ("running", "pending", "recovered after daemon restart") in [
+            (e["from_status"], e["to_status"], e["detail"]) for e in task["events"]]
         assert '"orphan_creator_killed"' not in daemon.log()
     finally:
         bystander.kill()
@@ -188,8 +209,8 @@ def test_sigterm_requeues_interrupted_tasks_without_spending_a_retry(daemon_fact
     daemon = daemon_factory(creator=command_creator("slow_article_with_pid.py"),
                             shutdown_grace="1s", env={"CREATOR_SLEEP": "30"}).start()
     task_ids = [daemon.submit(f"长任务 {i}") for i in range(2)]
-    pids = [wait_until(lambda t=t: creator_pids(tmp_path, t), message="creator pid")[0]
-            for t in task_ids]
+    pids = [pid for t in task_ids
+            for pid in wait_until(lambda t=t: creator_pids(tmp_path, t), message="creator pid")[0]]
     started = time.monotonic()
     daemon.signal(signal.SIGTERM)
     assert daemon.proc.wait(10) == 0
@@ -229,8 +250,8 @@ def test_second_sigterm_exits_at_once_and_the_next_start_recovers(daemon_factory
     daemon = daemon_factory(creator=command_creator("slow_article_with_pid.py"),
                             shutdown_grace="5s", env={"CREATOR_SLEEP": "30"}).start()
     task_ids = [daemon.submit(f"二次信号 {i}") for i in range(2)]
-    pids = [wait_until(lambda t=t: creator_pids(tmp_path, t), message="creator pid")[0]
-            for t in task_ids]
+    pids = [pid for t in task_ids
+            for pid in wait_until(lambda t=t: creator_pids(tmp_path, t), message="creator pid")[0]]
     daemon.signal(signal.SIGTERM)
     time.sleep(0.3)
     assert daemon.proc.poll() is None, "the daemon should be waiting out its grace period"

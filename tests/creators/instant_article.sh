@@ -1,7 +1,8 @@
 #!/bin/sh
 # The cheapest well-behaved creator: no interpreter start-up, one JSON article at once.
-# CREATOR_SLEEP (seconds) stretches the run so a test can land signals mid-flight; a topic
-# containing "fail-now" exits 1 instead, so error paths can be mixed into a run.
+# CREATOR_SLEEP (seconds) stretches the run so a test can land signals mid-flight. A topic
+# (argument 2, as command_creator() passes it) containing "fail-now" exits 1 instead, so
+# error paths can be mixed into a run.
 case "$2" in
   *fail-now*) echo "asked to fail" >&2; exit 1 ;;
 esac
