@@ -759,9 +759,12 @@ class Article:
 class Store:
     """Owns the one writer connection and every SQL statement.
 
-    A write is a plain function that receives the sqlite3 connection; `_write` runs it inside
-    BEGIN IMMEDIATE ... COMMIT on aiosqlite's thread in one hop, and retries the whole unit on
-    a locked or full database: a transition is delayed, never half-done and never dropped.
+    A write is a plain function that receives the sqlite3 connection. `_write` queues it;
+    the queue is drained on aiosqlite's thread in one hop per batch: one BEGIN IMMEDIATE ...
+    COMMIT holding every write queued meanwhile, each inside its own SAVEPOINT (group commit).
+    So each write is still all-or-nothing and its caller resumes only after the COMMIT, but
+    eight workers finishing together cost one commit, not eight. A locked or full database
+    rolls the batch back and retries it: a transition is delayed, never half-done or dropped.
     Reads go through a second connection, so a long report never holds the writer.
     """
 
@@ -770,7 +773,8 @@ class Store:
         self.log = log_ or log
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
+        self._queued: list[tuple[Callable[..., Any], tuple, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
         self.last_write_error: str | None = None  #: shown by `monitor health` while retrying
 
     async def open(self) -> None:
@@ -790,6 +794,9 @@ class Store:
             await connection.execute(f"PRAGMA {pragma}")
 
     async def close(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._flusher), 10)
         for connection in (self._reader, self._writer):
             if connection is not None:
                 with contextlib.suppress(Exception):
@@ -825,31 +832,69 @@ class Store:
             conn.execute("COMMIT")
 
     async def _write(self, work: Callable[..., Any], *args: Any) -> Any:
-        delay = 0.05
-        while True:
-            async with self._write_lock:
-                try:
-                    return await self._run(self._writer, self._transaction, work, *args)
-                except sqlite3.Error as exc:
-                    if not _is_transient(exc):
-                        raise
-                    self.last_write_error = str(exc)
-            self.log.warning("database_write_retry", error=self.last_write_error,
-                             retry_in=round(delay, 2))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        done = asyncio.get_running_loop().create_future()
+        self._queued.append((work, args, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_writes(), name="store-writer")
+        return await done
 
-    def _transaction(self, conn: sqlite3.Connection, work: Callable[..., Any], *args: Any) -> Any:
+    async def _flush_writes(self) -> None:
+        delay = 0.05
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                outcomes = await self._run(self._writer, self._commit_batch, batch)
+            except sqlite3.Error as exc:
+                if not _is_transient(exc):
+                    for _work, _args, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                self.last_write_error = str(exc)
+                self._queued[:0] = batch
+                self.log.warning("database_write_retry", error=self.last_write_error,
+                                 pending=len(self._queued), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.last_write_error = None
+            delay = 0.05
+            for (_work, _args, done), (ok, value) in zip(batch, outcomes):
+                if done.done():
+                    continue
+                if ok:
+                    done.set_result(value)
+                else:
+                    done.set_exception(value)
+
+    @staticmethod
+    def _commit_batch(conn: sqlite3.Connection,
+                      batch: list[tuple[Callable[..., Any], tuple, asyncio.Future]]
+                      ) -> list[tuple[bool, Any]]:
+        """One transaction for a batch of writes, each in its own savepoint: a write that
+        raises (a Conflict, say) is undone alone; a transient error undoes the batch."""
+        outcomes: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            result = work(conn, *args)
+            for work, args, _done in batch:
+                conn.execute("SAVEPOINT unit")
+                try:
+                    outcomes.append((True, work(conn, *args)))
+                except sqlite3.Error as exc:
+                    if _is_transient(exc):
+                        raise
+                    conn.execute("ROLLBACK TO unit")
+                    outcomes.append((False, exc))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO unit")
+                    outcomes.append((False, exc))
+                conn.execute("RELEASE unit")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self.last_write_error = None
-        return result
+        return outcomes
 
     async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
         return await self._run(self._reader, work, *args)
@@ -1619,7 +1664,7 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
                       max_output: int = 8 << 20, kill_grace: float = KILL_GRACE_S,
                       stop: asyncio.Event | None = None,
                       on_stdout_line: Callable[[str], None] | None = None,
-                      on_spawn: Callable[[int], Awaitable[None]] | None = None) -> ProcessResult:
+                      on_spawn: Callable[[int], None] | None = None) -> ProcessResult:
     """Run one child in its own process group and always leave nothing behind.
 
     The child's exit is watched through a pidfd, not through its pipes: a grandchild that
@@ -1631,22 +1676,29 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
 
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
-                            close_fds=True)
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen(argv, stdin=stdin_r, stdout=out_w, stderr=err_w, cwd=cwd,
+                                env=env, start_new_session=True, close_fds=True)
+    except BaseException:
+        for fd in (stdin_w, out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (stdin_r, out_w, err_w):
+            os.close(fd)
     pgid = proc.pid
     budget = [max_output]
-    out = _PipeCapture(loop, os.dup(proc.stdout.fileno()), budget, on_stdout_line)
-    err = _PipeCapture(loop, os.dup(proc.stderr.fileno()), budget, None)
-    proc.stdout.close()
-    proc.stderr.close()
-    feeder = asyncio.create_task(_feed_stdin(os.dup(proc.stdin.fileno()), stdin))
-    proc.stdin.close()
+    out = _PipeCapture(loop, out_r, budget, on_stdout_line)
+    err = _PipeCapture(loop, err_r, budget, None)
+    feeder = asyncio.create_task(_feed_stdin(stdin_w, stdin))
     pidfd = os.pidfd_open(proc.pid)  # the child is not reaped yet, so this cannot fail
     result = ProcessResult(None, "", "", 0.0)
     try:
         if on_spawn is not None:
-            await on_spawn(proc.pid)
+            on_spawn(proc.pid)
         exited = asyncio.ensure_future(_wait_readable(pidfd))
         stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
         watched = {w for w in (exited, stopper, out.done, err.done) if w is not None}
@@ -3256,6 +3308,7 @@ class WorkerPool:
         self.environ = environ
         self.clock = clock
         self.running: dict[str, RunningTask] = {}
+        self.creator_cwd = config.creator_cwd(environ)  #: resolved once per config
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._claiming = True
@@ -3270,6 +3323,7 @@ class WorkerPool:
     def apply_config(self, config: Config) -> None:
         """Reload: new tasks use the new creator settings; running ones are untouched."""
         self.config = config
+        self.creator_cwd = config.creator_cwd(self.environ)
         self.wake()
 
     async def start(self) -> None:
@@ -3370,13 +3424,13 @@ class WorkerPool:
     async def run_creator_command(self, template: list[str], task: dict[str, Any], *,
                                   timeout: float, stop: asyncio.Event | None = None,
                                   on_line: Callable[[str], None] | None = None,
-                                  on_spawn: Callable[[int], Awaitable[None]] | None = None
+                                  on_spawn: Callable[[int], None] | None = None
                                   ) -> ProcessResult:
         """One creator command for a task: argv from the template, the task as JSON on stdin,
         CONTENTHUB_TASK_ID in the environment, in creator.cwd (with the data/ it needs)."""
         creator = self.config.creator
-        cwd = self.config.creator_cwd(self.environ)
-        (cwd / "data").mkdir(parents=True, exist_ok=True)
+        cwd = self.creator_cwd
+        os.makedirs(cwd / "data", exist_ok=True)  # content-creator dies without ./data
         values = task_values(task, creator.default_requirements)
         env = child_environment(self.environ, {
             "DOTENV_CONFIG_QUIET": "true", **expand_env(creator.env, self.environ),
@@ -3401,9 +3455,13 @@ class WorkerPool:
                 last_progress[0] = progress
                 self.report_progress(task_id, attempt, *progress)
 
-        async def on_spawn(pid: int) -> None:
+        recording: list[asyncio.Future] = []
+
+        def on_spawn(pid: int) -> None:
+            # Recorded while the creator runs, not before: the slot does not wait for it.
             running.pgid = pid
-            await self.store.record_process(task_id, attempt, pid)
+            recording.append(asyncio.ensure_future(
+                self.store.record_process(task_id, attempt, pid)))
 
         template = creator.submit_command if creator.mode == "async" else creator_argv(creator)
         try:
@@ -3420,6 +3478,7 @@ class WorkerPool:
             return await self.store.fail_attempt(task_id, attempt, self.clock(), "spawn_failed",
                                                  f"cannot start {template[0]}: {exc}",
                                                  self._retry_delay(task))
+        await asyncio.gather(*recording)
         if result.stopped:
             if running.stop_reason == "shutdown":
                 await self.store.requeue_tasks([task_id], self.clock(), "daemon stopping")
@@ -3437,7 +3496,7 @@ class WorkerPool:
             outcome: Article | CreatorFailure = CreatorFailure(
                 "bad_output", "submit command printed no task id")
         else:
-            outcome = classify_result(result, creator, self.config.creator_cwd(self.environ))
+            outcome = classify_result(result, creator, self.creator_cwd)
         return await self.record_outcome(task, outcome, result, task_log)
 
     def report_progress(self, task_id: str, attempt: int, progress: int,
@@ -3603,7 +3662,7 @@ class PollLoop(BackgroundLoop):
         if creator.result_command:
             result = await self.pool.run_creator_command(creator.result_command, task,
                                                          timeout=POLL_COMMAND_TIMEOUT_S)
-        return classify_result(result, creator, self.pool.config.creator_cwd(self.pool.environ))
+        return classify_result(result, creator, self.pool.creator_cwd)
 
 # Control server ################################################################################
 
