@@ -707,6 +707,9 @@ TASK_FIELDS = ("task_id", "content_id", "account_id", "topic", "keywords", "cate
                "created_at", "updated_at")
 TASK_COLUMNS = ", ".join(f"t.{name}" for name in TASK_FIELDS) + ", a.name AS account_name"
 TASK_FROM = "content_generation_tasks t LEFT JOIN accounts a ON a.id = t.account_id"
+#: A claimed task as UPDATE ... RETURNING gives it (RETURNING cannot join).
+CLAIM_RETURNING = (", ".join(TASK_FIELDS) + ", (SELECT name FROM accounts"
+                   " WHERE accounts.id = account_id) AS account_name")
 CONTENT_LIST_COLUMNS = ("c.id, c.task_id, c.account_id, a.name AS account_name, t.topic, c.title,"
                         " c.summary, c.word_count, c.images, c.quality, c.review_status,"
                         " c.review_reason, c.publish_status, c.scheduled_publish_at,"
@@ -874,22 +877,26 @@ class Store:
         """One transaction for a batch of writes, each in its own savepoint: a write that
         raises (a Conflict, say) is undone alone; a transient error undoes the batch."""
         outcomes: list[tuple[bool, Any]] = []
+        alone = len(batch) == 1  # the whole transaction is its savepoint
         conn.execute("BEGIN IMMEDIATE")
         try:
             for work, args, _done in batch:
-                conn.execute("SAVEPOINT unit")
+                if not alone:
+                    conn.execute("SAVEPOINT unit")
                 try:
                     outcomes.append((True, work(conn, *args)))
                 except sqlite3.Error as exc:
                     if _is_transient(exc):
                         raise
-                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("ROLLBACK" if alone else "ROLLBACK TO unit")
                     outcomes.append((False, exc))
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("ROLLBACK" if alone else "ROLLBACK TO unit")
                     outcomes.append((False, exc))
-                conn.execute("RELEASE unit")
-            conn.execute("COMMIT")
+                if not alone:
+                    conn.execute("RELEASE unit")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -986,19 +993,21 @@ class Store:
                         chosen.append(task_id)
             else:
                 chosen = [task_id for task_id, _ in candidates]
-            claimed = []
+            if not chosen:
+                return []
             deadline = to_db_time(now + timedelta(seconds=timeout_s))
-            for task_id in chosen:
-                conn.execute(
-                    "UPDATE content_generation_tasks SET status = 'running', started_at = ?,"
-                    " timeout_at = ?, attempt = attempt + 1, progress = NULL, stage = NULL,"
-                    " pid = NULL, pgid = NULL, updated_at = ? WHERE task_id = ?",
-                    (stamp, deadline, stamp, task_id))
-                self._event(conn, task_id, stamp, "pending", "running")
-                cursor = conn.execute(f"SELECT {TASK_COLUMNS} FROM {TASK_FROM}"
-                                      " WHERE t.task_id = ?", (task_id,))
-                claimed.append(_row_dict(cursor, cursor.fetchone()))
-            return claimed
+            cursor = conn.execute(
+                "UPDATE content_generation_tasks SET status = 'running', started_at = ?,"
+                " timeout_at = ?, attempt = attempt + 1, progress = NULL, stage = NULL,"
+                " pid = NULL, pgid = NULL, updated_at = ?"
+                f" WHERE task_id IN ({', '.join('?' * len(chosen))})"
+                f" RETURNING {CLAIM_RETURNING}", (stamp, deadline, stamp, *chosen))
+            claimed = {row["task_id"]: row for row in
+                       (_row_dict(cursor, values) for values in cursor.fetchall())}
+            conn.executemany("INSERT INTO task_events (task_id, at, from_status, to_status)"
+                             " VALUES (?, ?, 'pending', 'running')",
+                             [(task_id, stamp) for task_id in chosen])
+            return [claimed[task_id] for task_id in chosen]
 
         return await self._write(claim)
 
@@ -1759,6 +1768,9 @@ _RULE_RE = re.compile(r"^ {0,3}([-=*_])(?:[ \t]*\1){2,}[ \t]*$")  #: also setext
 _TABLE_RULE_RE = re.compile(r"^[ \t]*\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)+\|?[ \t]*$")
 _BLOCK_PREFIX_RE = re.compile(r"^[ \t]*(?:>[ \t]?)*[ \t]*(?:(?:[-*+]|\d{1,9}[.)])[ \t]+"
                               r"(?:\[[ xX]\][ \t]+)?)?")
+#: A whitespace-delimited token holding a letter or digit; \S* cannot cross a space, so each
+#: such token is exactly one match.
+_WORDISH_TOKEN_RE = re.compile(r"\S*[^\W_]\S*")
 _ESCAPED_RE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!~|<>])")
 _ESCAPE_BASE = 0xE000  #: escaped punctuation is parked in the Private Use Area while stripping
 _INLINE_RULES = (
@@ -1835,8 +1847,7 @@ def count_words(text: str) -> int:
     """Words as a reader of mixed text counts them: each CJK character is one word, and so is
     each whitespace-separated run of other text that holds a letter or digit ("GPT-4")."""
     cjk = len(CJK_CHAR_RE.findall(text))
-    others = CJK_CHAR_RE.sub(" ", text).split()
-    return cjk + sum(1 for token in others if any(ch.isalnum() for ch in token))
+    return cjk + len(_WORDISH_TOKEN_RE.findall(CJK_CHAR_RE.sub(" ", text)))
 
 # Output adapters: a creator's stdout becomes an Article, or a CreatorFailure saying why not.
 
@@ -3309,6 +3320,7 @@ class WorkerPool:
         self.clock = clock
         self.running: dict[str, RunningTask] = {}
         self.creator_cwd = config.creator_cwd(environ)  #: resolved once per config
+        self.creator_env = self._creator_environment(config)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._claiming = True
@@ -3324,7 +3336,14 @@ class WorkerPool:
         """Reload: new tasks use the new creator settings; running ones are untouched."""
         self.config = config
         self.creator_cwd = config.creator_cwd(self.environ)
+        self.creator_env = self._creator_environment(config)
         self.wake()
+
+    def _creator_environment(self, config: Config) -> dict[str, str]:
+        """What every creator child gets, built once per config: the daemon's environment
+        without systemd's private variables, plus [creator.env] with ${VAR} expanded."""
+        return child_environment(self.environ, {
+            "DOTENV_CONFIG_QUIET": "true", **expand_env(config.creator.env, self.environ)})
 
     async def start(self) -> None:
         self._dispatcher = asyncio.create_task(self._dispatch(), name="worker-pool")
@@ -3432,9 +3451,7 @@ class WorkerPool:
         cwd = self.creator_cwd
         os.makedirs(cwd / "data", exist_ok=True)  # content-creator dies without ./data
         values = task_values(task, creator.default_requirements)
-        env = child_environment(self.environ, {
-            "DOTENV_CONFIG_QUIET": "true", **expand_env(creator.env, self.environ),
-            "CONTENTHUB_TASK_ID": task["task_id"]})
+        env = {**self.creator_env, "CONTENTHUB_TASK_ID": task["task_id"]}
         return await run_process(
             render_argv(template, values), cwd=cwd, env=env, timeout=timeout,
             stdin=json.dumps(values, ensure_ascii=False).encode() + b"\n",
@@ -3517,8 +3534,7 @@ class WorkerPool:
                           words=row["word_count"], duration=round(result.duration, 3))
             return "completed" if content_id is not None else None
         final = "timeout" if outcome.kind == "timeout" else "failed"
-        secrets_env = {**self.environ, **expand_env(self.config.creator.env, self.environ)}
-        outcome.message = scrub_secrets(outcome.message, secrets_env)
+        outcome.message = scrub_secrets(outcome.message, self.creator_env)
         status = await self.store.fail_attempt(
             task_id, attempt, self.clock(), outcome.kind, outcome.message,
             self._retry_delay(task) if outcome.retryable else None, final)
