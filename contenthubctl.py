@@ -956,7 +956,12 @@ def cmd_bulk_import(session: Session, options) -> int:
                                   for error in errors))
         session.warn(f"nothing imported: {len(errors)} bad row(s) in {options.file}")
         return EXIT_FAILED
-    session.show(result)
+    if session.format == "table":
+        ids = result["task_ids"]
+        span = f": {ids[0]} … {ids[-1]}" if len(ids) > 1 else f": {ids[0]}" if ids else ""
+        session.write_lines([f"imported {result['imported']} tasks from {options.file}{span}"])
+    else:
+        session.show(result)
     return EXIT_OK
 
 
