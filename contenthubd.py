@@ -1035,6 +1035,14 @@ class Store:
 
         await self._write(record)
 
+    @staticmethod
+    def _owned(conn: sqlite3.Connection, task_id: str, attempt: int, columns: str) -> tuple | None:
+        """The task's `columns` if this attempt still owns it (running or submitted): the
+        fence that keeps a cancelled or requeued task from being completed by a late worker."""
+        return conn.execute(f"SELECT {columns} FROM content_generation_tasks WHERE task_id = ?"
+                            " AND attempt = ? AND status IN ('running', 'submitted')",
+                            (task_id, attempt)).fetchone()
+
     async def complete_task(self, task_id: str, attempt: int, article: dict[str, Any],
                             result: dict[str, Any], now: datetime) -> int | None:
         """running -> completed and the contents row, in one transaction. Returns the content
@@ -1042,10 +1050,7 @@ class Store:
 
         def complete(conn: sqlite3.Connection) -> int | None:
             stamp = to_db_time(now)
-            row = conn.execute("SELECT status, auto_approve, account_id FROM"
-                               " content_generation_tasks WHERE task_id = ? AND attempt = ?"
-                               " AND status IN ('running', 'submitted')",
-                               (task_id, attempt)).fetchone()
+            row = self._owned(conn, task_id, attempt, "status, auto_approve, account_id")
             if row is None:
                 return None
             status, auto_approve, account_id = row
@@ -1075,10 +1080,7 @@ class Store:
 
         def fail(conn: sqlite3.Connection) -> str | None:
             stamp = to_db_time(now)
-            row = conn.execute("SELECT status, retry_count, max_retries FROM"
-                               " content_generation_tasks WHERE task_id = ? AND attempt = ?"
-                               " AND status IN ('running', 'submitted')",
-                               (task_id, attempt)).fetchone()
+            row = self._owned(conn, task_id, attempt, "status, retry_count, max_retries")
             if row is None:
                 return None
             status, retry_count, max_retries = row

@@ -80,6 +80,15 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self._next_id = 0
 
+    def set_options(self, **options) -> None:
+        """Add keys to the [daemon] table of the config before the daemon starts."""
+        lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
+        text = self.config_path.read_text(encoding="utf-8")
+        self.config_path.write_text(text.replace("[daemon]\n", "[daemon]\n" + lines, 1),
+                                    encoding="utf-8")
+        if "socket" in options:
+            self.socket = Path(options["socket"])
+
     def start(self, wait: bool = True) -> "Daemon":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, str(DAEMON), "--config",

@@ -20,9 +20,7 @@ cancel_command = ["{SCRIPT}", "cancel", "{{external_id}}"]
 
 def make(daemon_factory, **kwargs):
     daemon = daemon_factory(creator=ASYNC_CREATOR, **kwargs)
-    text = daemon.config_path.read_text(encoding="utf-8")
-    daemon.config_path.write_text(text.replace("[daemon]\n", "[daemon]\npoll_interval = \"0.2s\"\n"),
-                                  encoding="utf-8")
+    daemon.set_options(poll_interval="0.2s")
     return daemon
 
 

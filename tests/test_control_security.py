@@ -42,16 +42,6 @@ KNOWN_ERRORS = {"invalid", "unknown_command", "not_found", "conflict", "too_larg
 NOBODY = 65534
 
 
-def set_daemon_options(daemon, **options) -> None:
-    """Add keys to the [daemon] table of a Daemon's config before it starts."""
-    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
-    text = daemon.config_path.read_text(encoding="utf-8")
-    daemon.config_path.write_text(text.replace("[daemon]\n", "[daemon]\n" + lines, 1),
-                                  encoding="utf-8")
-    if "socket" in options:
-        daemon.socket = Path(options["socket"])
-
-
 def connect(daemon, timeout: float = 10) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -167,7 +157,7 @@ def test_socket_is_0660_by_default(daemon_factory):
 
 def test_socket_mode_from_config_is_honoured(daemon_factory):
     daemon = daemon_factory()
-    set_daemon_options(daemon, socket_mode="0600")
+    daemon.set_options(socket_mode="0600")
     daemon.start()
     assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
 
@@ -175,7 +165,7 @@ def test_socket_mode_from_config_is_honoured(daemon_factory):
 @needs_root
 def test_default_mode_keeps_other_users_off_the_socket(daemon_factory, public_socket_dir):
     daemon = daemon_factory()
-    set_daemon_options(daemon, socket=str(public_socket_dir / "contenthubd.sock"))
+    daemon.set_options(socket=str(public_socket_dir / "contenthubd.sock"))
     daemon.start()
     outcome = connect_as(daemon.socket, NOBODY, NOBODY, [], request_line("version"))
     assert outcome == {"errno": 13}  # EACCES: the file mode alone stops them
@@ -186,7 +176,7 @@ def test_default_mode_keeps_other_users_off_the_socket(daemon_factory, public_so
 def test_peer_of_another_uid_is_forbidden_even_when_the_mode_lets_it_connect(
         daemon_factory, public_socket_dir):
     daemon = daemon_factory()
-    set_daemon_options(daemon, socket=str(public_socket_dir / "contenthubd.sock"),
+    daemon.set_options(socket=str(public_socket_dir / "contenthubd.sock"),
                        socket_mode="0666")
     daemon.start()
     outcome = connect_as(daemon.socket, NOBODY, NOBODY, [], request_line("task.list"))
@@ -202,7 +192,7 @@ def test_member_of_socket_group_is_allowed_and_others_are_not(
     user, group = socket_group_member
     member, group_id = pwd.getpwnam(user), grp.getgrnam(group).gr_gid
     daemon = daemon_factory()
-    set_daemon_options(daemon, socket=str(public_socket_dir / "contenthubd.sock"),
+    daemon.set_options(socket=str(public_socket_dir / "contenthubd.sock"),
                        socket_group=group)
     daemon.start()
     assert daemon.socket.stat().st_gid == group_id
@@ -221,7 +211,7 @@ def test_member_of_socket_group_is_allowed_and_others_are_not(
 
 def test_connections_beyond_the_limit_get_busy_and_idle_ones_time_out(daemon_factory):
     daemon = daemon_factory()
-    set_daemon_options(daemon, max_connections=4, connection_idle_timeout="2s")
+    daemon.set_options(max_connections=4, connection_idle_timeout="2s")
     daemon.start()
     held = [connect(daemon) for _ in range(4)]
     opened = time.monotonic()

@@ -38,16 +38,6 @@ from conftest import DAEMON, Daemon, command_creator, pid_alive, wait_until
 CSV_HEADER = "account_id,topic,keywords,priority,auto_approve\n"
 
 
-def set_daemon_options(daemon, **options) -> None:
-    """Add keys to the [daemon] table of a Daemon's config before it starts."""
-    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
-    text = daemon.config_path.read_text(encoding="utf-8")
-    daemon.config_path.write_text(text.replace("[daemon]\n", "[daemon]\n" + lines, 1),
-                                  encoding="utf-8")
-    if "socket" in options:
-        daemon.socket = Path(options["socket"])
-
-
 def count(daemon, where: str = "1", params=()) -> int:
     return daemon.scalar(f"SELECT COUNT(*) FROM content_generation_tasks WHERE {where}", params)
 
@@ -285,13 +275,13 @@ def test_second_daemon_on_the_same_socket_with_another_database_refuses(daemon_f
                                                                         tmp_path):
     shared = tmp_path / "shared.sock"
     first = daemon_factory(creator=command_creator("instant_article.sh"))
-    set_daemon_options(first, socket=str(shared))
+    first.set_options(socket=str(shared))
     first.start()
     inode = shared.stat().st_ino
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     second = Daemon(other_dir, creator=command_creator("instant_article.sh"))
-    set_daemon_options(second, socket=str(shared))
+    second.set_options(socket=str(shared))
     refused = subprocess.run([sys.executable, str(DAEMON), "--config", str(second.config_path)],
                              capture_output=True, text=True, timeout=30, env=second.env)
     assert refused.returncode == 1

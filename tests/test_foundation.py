@@ -196,10 +196,7 @@ def test_bad_requests_get_error_replies(daemon_factory):
 def test_per_account_limit_and_priority_order(daemon_factory):
     daemon = daemon_factory(creator=command_creator("json_article.py"), workers=3,
                             env={"CREATOR_SLEEP": "0.3"})
-    text = daemon.config_path.read_text(encoding="utf-8")
-    daemon.config_path.write_text(text.replace("[daemon]\n",
-                                               "[daemon]\nmax_concurrent_per_account = 1\n"),
-                                  encoding="utf-8")
+    daemon.set_options(max_concurrent_per_account=1)
     daemon.start()
     low = [daemon.submit(f"低 {i}", priority=1) for i in range(3)]
     high = daemon.submit("高", priority=9)
