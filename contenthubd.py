@@ -1633,47 +1633,54 @@ class _PipeCapture:
         return b"".join(self.chunks).decode("utf-8", "replace")
 
 
-async def _wait_readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
+def _watch_readable(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future:
+    """A future that resolves when `fd` becomes readable (a pidfd: when the process exits).
+    The caller removes the reader."""
     ready = loop.create_future()
     loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
+    return ready
 
 
-async def _feed_stdin(fd: int, payload: bytes) -> None:
-    """Write the task to the child's stdin; a child that never reads it is not an error."""
+def _feed_stdin(loop: asyncio.AbstractEventLoop, fd: int, payload: bytes) -> asyncio.Task | None:
+    """Write the task to the child's stdin. A payload that fits the pipe is written at once;
+    a larger one is finished by a task. A child that never reads stdin is not an error."""
+    os.set_blocking(fd, False)
     try:
-        os.set_blocking(fd, False)
-        view = memoryview(payload)
-        while view:
+        written = os.write(fd, payload) if payload else 0
+    except BlockingIOError:
+        written = 0
+    except OSError:
+        os.close(fd)
+        return None
+    if written == len(payload):
+        os.close(fd)
+        return None
+    return loop.create_task(_feed_rest(loop, fd, memoryview(payload)[written:]))
+
+
+async def _feed_rest(loop: asyncio.AbstractEventLoop, fd: int, rest: memoryview) -> None:
+    try:
+        while rest:
+            ready = loop.create_future()
+            loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
             try:
-                view = view[os.write(fd, view):]
+                await ready
+            finally:
+                loop.remove_writer(fd)
+            try:
+                rest = rest[os.write(fd, rest):]
             except BlockingIOError:
-                await _wait_writable(fd)
-    except (BrokenPipeError, OSError):
+                continue
+    except OSError:
         pass
     finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-async def _wait_writable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
+        os.close(fd)
 
 
 async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None = None,
                       env: dict[str, str] | None = None, timeout: float,
                       max_output: int = 8 << 20, kill_grace: float = KILL_GRACE_S,
-                      stop: asyncio.Event | None = None,
+                      stop: asyncio.Future | None = None,
                       on_stdout_line: Callable[[str], None] | None = None,
                       on_spawn: Callable[[int], None] | None = None) -> ProcessResult:
     """Run one child in its own process group and always leave nothing behind.
@@ -1704,15 +1711,15 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
     budget = [max_output]
     out = _PipeCapture(loop, out_r, budget, on_stdout_line)
     err = _PipeCapture(loop, err_r, budget, None)
-    feeder = asyncio.create_task(_feed_stdin(stdin_w, stdin))
+    feeder = _feed_stdin(loop, stdin_w, stdin)
     pidfd = os.pidfd_open(proc.pid)  # the child is not reaped yet, so this cannot fail
+    exited = _watch_readable(loop, pidfd)
     result = ProcessResult(None, "", "", 0.0)
     try:
         if on_spawn is not None:
             on_spawn(proc.pid)
-        exited = asyncio.ensure_future(_wait_readable(pidfd))
-        stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
-        watched = {w for w in (exited, stopper, out.done, err.done) if w is not None}
+        # Plain futures, no tasks: this runs once per creator and must stay cheap.
+        watched = {w for w in (exited, stop, out.done, err.done) if w is not None}
         deadline = started + timeout
         while not exited.done():
             remaining = deadline - time.monotonic()
@@ -1721,7 +1728,7 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
                 break
             done, _ = await asyncio.wait(watched, timeout=remaining,
                                          return_when=asyncio.FIRST_COMPLETED)
-            if stopper in done:
+            if stop is not None and stop in done:
                 result.stopped = True
                 break
             if any(pipe.done.done() and pipe.done.result() for pipe in (out, err)):
@@ -1734,18 +1741,18 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
                 await asyncio.wait_for(asyncio.shield(exited), kill_grace)
             kill_process_group(pgid, signal.SIGKILL)
             await exited
-        if stopper is not None:
-            stopper.cancel()
         kill_process_group(pgid, signal.SIGKILL)
         result.exit_code = proc.wait()  # a zombie by now: this returns at once
         # Whatever is still in the pipes was written before the group died: read it out,
         # but never wait on a grandchild that escaped into a session of its own.
-        await asyncio.wait([out.done, err.done], timeout=PIPE_DRAIN_S)
+        if not (out.done.done() and err.done.done()):
+            await asyncio.wait([out.done, err.done], timeout=PIPE_DRAIN_S)
     finally:
         kill_process_group(pgid, signal.SIGKILL)
         out.close()
         err.close()
-        feeder.cancel()
+        if feeder is not None:
+            feeder.cancel()
         loop.remove_reader(pidfd)
         os.close(pidfd)
         if proc.returncode is None:
@@ -3299,10 +3306,17 @@ def task_values(task: dict[str, Any], default_requirements: str = "") -> dict[st
 @dataclass
 class RunningTask:
     task: dict[str, Any]
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: resolved to stop the creator (cancel or shutdown); a future, not an Event, so that
+    #: run_process can wait on it without a task of its own
+    stop: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop()
+                                 .create_future())
     stop_reason: str = ""  #: "cancel" or "shutdown"
     pgid: int | None = None
     worker: asyncio.Task | None = None
+
+    def request_stop(self) -> None:
+        if not self.stop.done():
+            self.stop.set_result(None)
 
 
 class WorkerPool:
@@ -3443,7 +3457,7 @@ class WorkerPool:
         return retry_delay(daemon.retry_backoff, daemon.retry_backoff_max, task["retry_count"])
 
     async def run_creator_command(self, template: list[str], task: dict[str, Any], *,
-                                  timeout: float, stop: asyncio.Event | None = None,
+                                  timeout: float, stop: asyncio.Future | None = None,
                                   on_line: Callable[[str], None] | None = None,
                                   on_spawn: Callable[[int], None] | None = None
                                   ) -> ProcessResult:
@@ -3557,7 +3571,7 @@ class WorkerPool:
         running = self.running.get(task_id)
         if running is not None:
             running.stop_reason = "cancel"
-            running.stop.set()
+            running.request_stop()
         elif before["status"] == "submitted":
             await self.cancel_remote(before)
         self.finished(task_id, "cancelled")
@@ -3590,7 +3604,7 @@ class WorkerPool:
                 await asyncio.wait_for(self._idle.wait(), grace)
         for running in list(self.running.values()):
             running.stop_reason = "shutdown"
-            running.stop.set()
+            running.request_stop()
         workers = [r.worker for r in self.running.values() if r.worker is not None]
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
