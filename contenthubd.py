@@ -81,6 +81,7 @@ MAX_LINE_BYTES = 1 << 20  #: control-socket request limit
 KILL_GRACE_S = 5.0  #: SIGTERM -> SIGKILL for a creator's process group
 PIPE_DRAIN_S = 2.0  #: how long stray grandchildren may hold the pipes after the creator exits
 POLL_COMMAND_TIMEOUT_S = 60.0  #: an async creator's submit/status/result/cancel command
+PROGRESS_LINE_MAX = 4096  #: longer stdout lines are never progress reports
 STDERR_TAIL_CHARS = 2000
 EX_CONFIG = 78  #: sysexits.h; the unit's RestartPreventExitStatus= stops restarts on it
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
@@ -1586,13 +1587,15 @@ class ProcessResult:
 
 class _PipeCapture:
     """Reads one pipe without blocking the loop, keeps at most `limit` bytes in total
-    (shared with the sibling pipe through `budget`), and hands complete lines to `on_line`."""
+    (shared with the sibling pipe through `budget`), and hands `on_line` each complete line
+    that could be a progress report: short, and mentioning "progress"."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, budget: list[int],
                  on_line: Callable[[str], None] | None):
         self.fd, self.loop, self.budget, self.on_line = fd, loop, budget, on_line
         self.chunks: list[bytes] = []
         self.partial = b""
+        self.skipping = False  #: inside a line too long to be a progress report
         self.done: asyncio.Future[bool] = loop.create_future()  #: True when over the cap
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._readable)
@@ -1613,10 +1616,21 @@ class _PipeCapture:
             return
         self.chunks.append(data)
         if self.on_line is not None:
-            lines = (self.partial + data).split(b"\n")
-            self.partial = lines.pop()
-            for line in lines:
+            self._scan_lines(data)
+
+    def _scan_lines(self, data: bytes) -> None:
+        # Linear in the output however long its lines are: a line longer than
+        # PROGRESS_LINE_MAX is skipped, never accumulated.
+        start = 0
+        while (newline := data.find(b"\n", start)) >= 0:
+            line = self.partial + data[start:newline]
+            if not self.skipping and b'"progress"' in line:
                 self.on_line(line.decode("utf-8", "replace"))
+            self.partial, self.skipping, start = b"", False, newline + 1
+        if not self.skipping:
+            self.partial += data[start:]
+            if len(self.partial) > PROGRESS_LINE_MAX:
+                self.partial, self.skipping = b"", True
 
     def _finish(self, over_limit: bool) -> None:
         self.close()
