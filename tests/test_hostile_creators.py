@@ -172,8 +172,9 @@ def test_100_mb_of_output_at_the_default_cap_keeps_daemon_memory_bounded(daemon_
         sampler.join()
     assert task["error_kind"] == "output_too_large"
     assert str(8 << 20) in task["error_message"]
-    peak_kib = vm_kib(pid, "VmHWM")  # the kernel's own high-water mark, between samples too
-    assert max(samples) <= peak_kib
+    # The kernel's high-water mark covers the moments between samples; its per-CPU RSS
+    # counters are synced lazily, so a sample may read slightly above it.
+    peak_kib = max(vm_kib(pid, "VmHWM"), *samples)
     assert peak_kib < 200 * 1024, f"daemon peak RSS {peak_kib} KiB"
     assert peak_kib - baseline_kib < 100 * 1024, (baseline_kib, peak_kib)
     assert_nothing_left(tmp_path, task_id)
