@@ -3411,6 +3411,9 @@ class WorkerPool:
                 delay = 1.0
             if delay == 0.0:
                 continue
+            if delay is None:
+                await self._wake.wait()  # the common case, without wait_for's extra task
+                continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
@@ -3549,7 +3552,10 @@ class WorkerPool:
     def report_progress(self, task_id: str, attempt: int, progress: int,
                         stage: str | None) -> None:
         self.publish(task_id, status="running", progress=progress, stage=stage)
-        asyncio.ensure_future(self.store.record_progress(task_id, attempt, progress, stage))
+        # Progress is advisory: a write lost at shutdown is not worth a warning.
+        write = asyncio.ensure_future(self.store.record_progress(task_id, attempt, progress,
+                                                                 stage))
+        write.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def record_outcome(self, task: dict[str, Any], outcome: Article | CreatorFailure,
                              result: ProcessResult, task_log: Any) -> str | None:
