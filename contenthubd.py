@@ -3482,7 +3482,9 @@ class WorkerPool:
         CONTENTHUB_TASK_ID in the environment, in creator.cwd (with the data/ it needs)."""
         creator = self.config.creator
         cwd = self.creator_cwd
-        os.makedirs(cwd / "data", exist_ok=True)  # content-creator dies without ./data
+        data_dir = os.path.join(cwd, "data")
+        if not os.path.isdir(data_dir):  # content-creator dies without ./data
+            os.makedirs(data_dir, exist_ok=True)
         values = task_values(task, creator.default_requirements)
         env = {**self.creator_env, "CONTENTHUB_TASK_ID": task["task_id"]}
         return await run_process(
