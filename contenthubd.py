@@ -974,43 +974,44 @@ class Store:
 
     async def claim_next_tasks(self, limit: int, now: datetime, timeout_s: float,
                                per_account_limit: int = 0) -> list[dict[str, Any]]:
-        """Move up to `limit` due pending tasks to running, best first, in one transaction."""
+        return await self._write(self._claim_due, limit, now, timeout_s, per_account_limit)
 
-        def claim(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            stamp = to_db_time(now)
-            candidates = conn.execute(
-                "SELECT task_id, account_id FROM content_generation_tasks"
-                " WHERE status = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY priority DESC, next_attempt_at, id LIMIT ?",
-                (stamp, limit if not per_account_limit else limit * 20)).fetchall()
-            if per_account_limit:
-                running = dict(conn.execute(
-                    "SELECT account_id, COUNT(*) FROM content_generation_tasks"
-                    " WHERE status = 'running' GROUP BY account_id").fetchall())
-                chosen = []
-                for task_id, account_id in candidates:
-                    if running.get(account_id, 0) < per_account_limit and len(chosen) < limit:
-                        running[account_id] = running.get(account_id, 0) + 1
-                        chosen.append(task_id)
-            else:
-                chosen = [task_id for task_id, _ in candidates]
-            if not chosen:
-                return []
-            deadline = to_db_time(now + timedelta(seconds=timeout_s))
-            cursor = conn.execute(
-                "UPDATE content_generation_tasks SET status = 'running', started_at = ?,"
-                " timeout_at = ?, attempt = attempt + 1, progress = NULL, stage = NULL,"
-                " pid = NULL, pgid = NULL, updated_at = ?"
-                f" WHERE task_id IN ({', '.join('?' * len(chosen))})"
-                f" RETURNING {CLAIM_RETURNING}", (stamp, deadline, stamp, *chosen))
-            claimed = {row["task_id"]: row for row in
-                       (_row_dict(cursor, values) for values in cursor.fetchall())}
-            conn.executemany("INSERT INTO task_events (task_id, at, from_status, to_status)"
-                             " VALUES (?, ?, 'pending', 'running')",
-                             [(task_id, stamp) for task_id in chosen])
-            return [claimed[task_id] for task_id in chosen]
-
-        return await self._write(claim)
+    @staticmethod
+    def _claim_due(conn: sqlite3.Connection, limit: int, now: datetime, timeout_s: float,
+                   per_account_limit: int) -> list[dict[str, Any]]:
+        """Move up to `limit` due pending tasks to running, best first (inside a write)."""
+        stamp = to_db_time(now)
+        candidates = conn.execute(
+            "SELECT task_id, account_id FROM content_generation_tasks"
+            " WHERE status = 'pending' AND next_attempt_at <= ?"
+            " ORDER BY priority DESC, next_attempt_at, id LIMIT ?",
+            (stamp, limit if not per_account_limit else limit * 20)).fetchall()
+        if per_account_limit:
+            running = dict(conn.execute(
+                "SELECT account_id, COUNT(*) FROM content_generation_tasks"
+                " WHERE status = 'running' GROUP BY account_id").fetchall())
+            chosen = []
+            for task_id, account_id in candidates:
+                if running.get(account_id, 0) < per_account_limit and len(chosen) < limit:
+                    running[account_id] = running.get(account_id, 0) + 1
+                    chosen.append(task_id)
+        else:
+            chosen = [task_id for task_id, _ in candidates]
+        if not chosen:
+            return []
+        deadline = to_db_time(now + timedelta(seconds=timeout_s))
+        cursor = conn.execute(
+            "UPDATE content_generation_tasks SET status = 'running', started_at = ?,"
+            " timeout_at = ?, attempt = attempt + 1, progress = NULL, stage = NULL,"
+            " pid = NULL, pgid = NULL, updated_at = ?"
+            f" WHERE task_id IN ({', '.join('?' * len(chosen))})"
+            f" RETURNING {CLAIM_RETURNING}", (stamp, deadline, stamp, *chosen))
+        claimed = {row["task_id"]: row for row in
+                   (_row_dict(cursor, values) for values in cursor.fetchall())}
+        conn.executemany("INSERT INTO task_events (task_id, at, from_status, to_status)"
+                         " VALUES (?, ?, 'pending', 'running')",
+                         [(task_id, stamp) for task_id in chosen])
+        return [claimed[task_id] for task_id in chosen]
 
     async def next_due_at(self) -> datetime | None:
         rows = await self.query("SELECT MIN(next_attempt_at) AS due FROM content_generation_tasks"
@@ -1045,9 +1046,18 @@ class Store:
                             (task_id, attempt)).fetchone()
 
     async def complete_task(self, task_id: str, attempt: int, article: dict[str, Any],
-                            result: dict[str, Any], now: datetime) -> int | None:
+                            result: dict[str, Any], now: datetime,
+                            then_claim: dict[str, Any] | None = None
+                            ) -> tuple[int | None, list[dict[str, Any]]]:
         """running -> completed and the contents row, in one transaction. Returns the content
-        id, or None when the attempt no longer owns the task (cancelled, or requeued)."""
+        id (None when the attempt no longer owns the task: cancelled, or requeued) and, with
+        `then_claim` (_claim_due's arguments), the tasks claimed in the same transaction."""
+
+        def complete_and_claim(conn: sqlite3.Connection
+                               ) -> tuple[int | None, list[dict[str, Any]]]:
+            content_id = complete(conn)
+            return content_id, (self._claim_due(conn, now=now, **then_claim)
+                                if then_claim else [])
 
         def complete(conn: sqlite3.Connection) -> int | None:
             stamp = to_db_time(now)
@@ -1071,7 +1081,7 @@ class Store:
             self._event(conn, task_id, stamp, status, "completed", f"content {content_id}")
             return content_id
 
-        return await self._write(complete)
+        return await self._write(complete_and_claim)
 
     async def fail_attempt(self, task_id: str, attempt: int, now: datetime, error_kind: str,
                            message: str, retry_delay_s: float | None,
@@ -3327,6 +3337,7 @@ class RunningTask:
     stop_reason: str = ""  #: "cancel" or "shutdown"
     pgid: int | None = None
     worker: asyncio.Task | None = None
+    next_task: dict[str, Any] | None = None  #: claimed with this one's completion
 
     def request_stop(self) -> None:
         if not self.stop.done():
@@ -3437,30 +3448,49 @@ class WorkerPool:
         return remaining if remaining > 0 else None
 
     def _start_worker(self, task: dict[str, Any]) -> None:
-        running = RunningTask(task)
+        running = self._register(task)
+        running.worker = asyncio.create_task(self._run(running), name=task["task_id"])
+
+    def _register(self, task: dict[str, Any]) -> RunningTask:
+        running = RunningTask(task, worker=asyncio.current_task())
         self.running[task["task_id"]] = running
         self._idle.clear()
-        running.worker = asyncio.create_task(self._run(running), name=task["task_id"])
         self.publish(task["task_id"], status="running", progress=None, stage=None)
+        return running
 
     async def _run(self, running: RunningTask) -> None:
-        task = running.task
-        task_id, attempt = task["task_id"], task["attempt"]
-        task_log = log.bind(task_id=task_id, attempt=attempt)
-        status = None
+        """One worker: runs its task, then the next one claimed with its completion (one
+        transaction instead of two while there is a backlog), until there is none."""
         try:
-            status = await self._attempt(running, task_log)
-        except Exception:
-            task_log.exception("worker_crashed")
-            status = await self.store.fail_attempt(
-                task_id, attempt, self.clock(), "internal", "daemon error while running the"
-                " creator; see the daemon log", self._retry_delay(task))
+            while True:
+                task_id = running.task["task_id"]
+                status = await self._attempt_safely(running)
+                self.running.pop(task_id, None)
+                self.finished(task_id, status)
+                chained = running.next_task
+                if chained is None:
+                    break
+                if not self._claiming:  # stop() began while this task completed
+                    await self.store.requeue_tasks([chained["task_id"]], self.clock(),
+                                                   "daemon stopping")
+                    break
+                running = self._register(chained)
         finally:
-            self.running.pop(task_id, None)
             if not self.running:
                 self._idle.set()
             self.wake()
-        self.finished(task_id, status)
+
+    async def _attempt_safely(self, running: RunningTask) -> str | None:
+        task = running.task
+        task_log = log.bind(task_id=task["task_id"], attempt=task["attempt"])
+        try:
+            return await self._attempt(running, task_log)
+        except Exception:
+            task_log.exception("worker_crashed")
+            running.next_task = None
+            return await self.store.fail_attempt(
+                task["task_id"], task["attempt"], self.clock(), "internal", "daemon error"
+                " while running the creator; see the daemon log", self._retry_delay(task))
 
     def finished(self, task_id: str, status: str | None) -> None:
         """Tell watchers and the App's hooks about a transition made outside a worker."""
@@ -3549,7 +3579,7 @@ class WorkerPool:
                 "bad_output", "submit command printed no task id")
         else:
             outcome = classify_result(result, creator, self.creator_cwd)
-        return await self.record_outcome(task, outcome, result, task_log)
+        return await self.record_outcome(task, outcome, result, task_log, running)
 
     def report_progress(self, task_id: str, attempt: int, progress: int,
                         stage: str | None) -> None:
@@ -3560,14 +3590,23 @@ class WorkerPool:
         write.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def record_outcome(self, task: dict[str, Any], outcome: Article | CreatorFailure,
-                             result: ProcessResult, task_log: Any) -> str | None:
+                             result: ProcessResult, task_log: Any,
+                             running: RunningTask | None = None) -> str | None:
         """The one place an attempt's outcome becomes a transition: completed with its
         contents row, a retry, or a terminal failure."""
         task_id, attempt = task["task_id"], task["attempt"]
         if isinstance(outcome, Article):
             row = article_row(outcome, task["topic"])
-            content_id = await self.store.complete_task(
-                task_id, attempt, row, self._result_json(outcome, result), self.clock())
+            daemon = self.config.daemon
+            then_claim = ({"limit": 1, "timeout_s": daemon.task_timeout,
+                           "per_account_limit": daemon.max_concurrent_per_account}
+                          if running is not None and self._claiming
+                          and len(self.running) <= self.capacity else None)
+            content_id, claimed = await self.store.complete_task(
+                task_id, attempt, row, self._result_json(outcome, result), self.clock(),
+                then_claim)
+            if claimed:
+                running.next_task = claimed[0]
             task_log.info("task_completed", content_id=content_id, title=row["title"],
                           words=row["word_count"], duration=round(result.duration, 3))
             return "completed" if content_id is not None else None
