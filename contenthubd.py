@@ -82,6 +82,7 @@ KILL_GRACE_S = 5.0  #: SIGTERM -> SIGKILL for a creator's process group
 PIPE_DRAIN_S = 2.0  #: how long stray grandchildren may hold the pipes after the creator exits
 POLL_COMMAND_TIMEOUT_S = 60.0  #: an async creator's submit/status/result/cancel command
 PROGRESS_LINE_MAX = 4096  #: longer stdout lines are never progress reports
+PID_RECORD_DELAY_S = 1.0  #: a creator running longer than this gets its pid in the database
 STDERR_TAIL_CHARS = 2000
 EX_CONFIG = 78  #: sysexits.h; the unit's RestartPreventExitStatus= stops restarts on it
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
@@ -1554,22 +1555,25 @@ def kill_process_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
         return False
 
 
-def process_group_is_creator(pgid: int, task_id: str) -> bool:
-    """Before killing a group recorded by an earlier daemon, check the pid was not reused: its
-    leader (or any member we can read) still carries our CONTENTHUB_TASK_ID."""
-    marker = f"CONTENTHUB_TASK_ID={task_id}".encode()
+def find_creator_groups(task_ids: set[str]) -> dict[str, set[int]]:
+    """The process groups of processes still carrying CONTENTHUB_TASK_ID=<one of task_ids>:
+    the creators an earlier daemon left behind. Found by that marker, never by a pid from the
+    database alone, so a reused pid is never killed."""
+    prefix = b"CONTENTHUB_TASK_ID="
+    groups: dict[str, set[int]] = {}
     for proc_dir in Path("/proc").iterdir():
         if not proc_dir.name.isdigit():
             continue
         try:
-            stat = (proc_dir / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            if marker in (proc_dir / "environ").read_bytes().split(b"\0"):
-                return True
-        except (OSError, ValueError, IndexError):
+            for entry in (proc_dir / "environ").read_bytes().split(b"\0"):
+                if entry.startswith(prefix) and entry[len(prefix):].decode() in task_ids:
+                    stat = (proc_dir / "stat").read_text()
+                    pgid = int(stat.rsplit(")", 1)[1].split()[2])
+                    groups.setdefault(entry[len(prefix):].decode(), set()).add(pgid)
+                    break
+        except (OSError, ValueError, IndexError, UnicodeDecodeError):
             continue
-    return False
+    return groups
 
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -3539,11 +3543,17 @@ class WorkerPool:
 
         recording: list[asyncio.Future] = []
 
-        def on_spawn(pid: int) -> None:
-            # Recorded while the creator runs, not before: the slot does not wait for it.
-            running.pgid = pid
+        def record_pid() -> None:
             recording.append(asyncio.ensure_future(
-                self.store.record_process(task_id, attempt, pid)))
+                self.store.record_process(task_id, attempt, running.pgid)))
+
+        def on_spawn(pid: int) -> None:
+            # The pid is for operators (`task status`); recovery finds orphans by their
+            # CONTENTHUB_TASK_ID. So only a creator still running after a second costs a write.
+            running.pgid = pid
+            timers.append(asyncio.get_running_loop().call_later(PID_RECORD_DELAY_S, record_pid))
+
+        timers: list[asyncio.TimerHandle] = []
 
         template = creator.submit_command if creator.mode == "async" else creator_argv(creator)
         try:
@@ -3560,6 +3570,9 @@ class WorkerPool:
             return await self.store.fail_attempt(task_id, attempt, self.clock(), "spawn_failed",
                                                  f"cannot start {template[0]}: {exc}",
                                                  self._retry_delay(task))
+        finally:
+            for timer in timers:
+                timer.cancel()
         await asyncio.gather(*recording)
         if result.stopped:
             if running.stop_reason == "shutdown":
@@ -5105,13 +5118,14 @@ class App:
                            " different [daemon] socket")
 
     async def recover(self) -> None:
-        """After a crash: kill creator groups an earlier daemon left running (after checking
-        the pgid still belongs to that task) and put their tasks back in the queue."""
+        """After a crash: kill the creator groups an earlier daemon left running and put their
+        tasks back in the queue."""
         stale = await self.store.running_tasks()
-        for row in stale:
-            if row["pgid"] and process_group_is_creator(row["pgid"], row["task_id"]):
-                kill_process_group(row["pgid"])
-                log.warning("orphan_creator_killed", task_id=row["task_id"], pgid=row["pgid"])
+        orphans = find_creator_groups({row["task_id"] for row in stale}) if stale else {}
+        for task_id, groups in orphans.items():
+            for pgid in groups:
+                kill_process_group(pgid)
+                log.warning("orphan_creator_killed", task_id=task_id, pgid=pgid)
         if stale:
             count = await self.store.requeue_tasks([r["task_id"] for r in stale], self.clock(),
                                                    "recovered after daemon restart")
