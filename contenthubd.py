@@ -1706,7 +1706,7 @@ async def _feed_rest(loop: asyncio.AbstractEventLoop, fd: int, rest: memoryview)
 
 
 async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None = None,
-                      env: dict[str, str] | None = None, timeout: float,
+                      env: dict[str, str] | dict[bytes, bytes] | None = None, timeout: float,
                       max_output: int = 8 << 20, kill_grace: float = KILL_GRACE_S,
                       stop: asyncio.Future | None = None,
                       on_stdout_line: Callable[[str], None] | None = None,
@@ -1852,10 +1852,10 @@ def _inline_text(text: str) -> str:
     return re.sub("[\ue000-\ue07f]", lambda m: chr(ord(m.group()) - _ESCAPE_BASE), text)
 
 
-def markdown_title(md: str) -> str | None:
+def markdown_title(md: str, lines: list[str] | None = None) -> str | None:
     """The text of the first ATX H1 (`# Title`) outside fenced code, inline markup stripped;
-    None when there is none."""
-    for line in _prose_lines(md):
+    None when there is none. `lines`: _prose_lines(md), when the caller has them already."""
+    for line in _prose_lines(md) if lines is None else lines:
         match = _H1_RE.match(line)
         if match:
             title = " ".join(_inline_text(match.group(1)).split())
@@ -1864,11 +1864,11 @@ def markdown_title(md: str) -> str | None:
     return None
 
 
-def plain_summary(md: str, limit: int = 200) -> str:
+def plain_summary(md: str, limit: int = 200, lines: list[str] | None = None) -> str:
     """The first `limit` characters of `md` as plain text: code blocks, images, rules and
     Markdown markers removed, heading and link texts kept, whitespace collapsed."""
     kept = []
-    for line in _prose_lines(md):
+    for line in _prose_lines(md) if lines is None else lines:
         if _RULE_RE.match(line) or _TABLE_RULE_RE.match(line):
             continue
         if _HEADING_MARK_RE.match(line):
@@ -1883,8 +1883,8 @@ def plain_summary(md: str, limit: int = 200) -> str:
 def count_words(text: str) -> int:
     """Words as a reader of mixed text counts them: each CJK character is one word, and so is
     each whitespace-separated run of other text that holds a letter or digit ("GPT-4")."""
-    cjk = len(CJK_CHAR_RE.findall(text))
-    return cjk + len(_WORDISH_TOKEN_RE.findall(CJK_CHAR_RE.sub(" ", text)))
+    others, cjk = CJK_CHAR_RE.subn(" ", text)
+    return cjk + len(_WORDISH_TOKEN_RE.findall(others))
 
 # Output adapters: a creator's stdout becomes an Article, or a CreatorFailure saying why not.
 
@@ -2345,10 +2345,11 @@ def parse_async_status(stdout: str) -> tuple[str, int | None, str | None]:
 def article_row(article: Article, topic: str) -> dict[str, Any]:
     """The contents row's derived fields, by SPEC §7's rules."""
     body = article.body.strip("\n") + "\n"
+    lines = _prose_lines(body)
     return {
-        "title": markdown_title(body) or (article.title or "").strip() or topic,
+        "title": markdown_title(body, lines) or (article.title or "").strip() or topic,
         "body": body,
-        "summary": plain_summary(body),
+        "summary": plain_summary(body, lines=lines),
         "word_count": count_words(body),
         "images": article.images,
         "quality": article.quality,
@@ -3307,6 +3308,10 @@ class Scheduler(BackgroundLoop):
 # Worker pool ###################################################################################
 
 
+def _encoded(environ: dict[str, str]) -> dict[bytes, bytes]:
+    return {os.fsencode(key): os.fsencode(value) for key, value in environ.items()}
+
+
 def retry_delay(base_s: float, cap_s: float, retry_count: int) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, capped."""
     ceiling = min(cap_s, base_s * (2 ** retry_count))
@@ -3366,6 +3371,8 @@ class WorkerPool:
         self.running: dict[str, RunningTask] = {}
         self.creator_cwd = config.creator_cwd(environ)  #: resolved once per config
         self.creator_env = self._creator_environment(config)
+        #: encoded once: Popen would encode every variable again for every child
+        self.creator_env_bytes = _encoded(self.creator_env)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._claiming = True
@@ -3382,6 +3389,7 @@ class WorkerPool:
         self.config = config
         self.creator_cwd = config.creator_cwd(self.environ)
         self.creator_env = self._creator_environment(config)
+        self.creator_env_bytes = _encoded(self.creator_env)
         self.wake()
 
     def _creator_environment(self, config: Config) -> dict[str, str]:
@@ -3520,7 +3528,7 @@ class WorkerPool:
         if not os.path.isdir(data_dir):  # content-creator dies without ./data
             os.makedirs(data_dir, exist_ok=True)
         values = task_values(task, creator.default_requirements)
-        env = {**self.creator_env, "CONTENTHUB_TASK_ID": task["task_id"]}
+        env = {**self.creator_env_bytes, b"CONTENTHUB_TASK_ID": task["task_id"].encode()}
         return await run_process(
             render_argv(template, values), cwd=cwd, env=env, timeout=timeout,
             stdin=json.dumps(values, ensure_ascii=False).encode() + b"\n",
