@@ -669,7 +669,7 @@ def configure_logging(log_format: str, level: str, environ: dict[str, str]) -> N
         wrapper_class=structlog.make_filtering_bound_logger(
             {"debug": 10, "info": 20, "warning": 30, "error": 40}[level]),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
 
 
