@@ -83,6 +83,7 @@ PIPE_DRAIN_S = 2.0  #: how long stray grandchildren may hold the pipes after the
 POLL_COMMAND_TIMEOUT_S = 60.0  #: an async creator's submit/status/result/cancel command
 PROGRESS_LINE_MAX = 4096  #: longer stdout lines are never progress reports
 PID_RECORD_DELAY_S = 1.0  #: a creator running longer than this gets its pid in the database
+PIPE_WATCH_DELAY_S = 0.05  #: a creator's pipes are read live once it has run this long
 STDERR_TAIL_CHARS = 2000
 EX_CONFIG = 78  #: sysexits.h; the unit's RestartPreventExitStatus= stops restarts on it
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
@@ -1602,7 +1603,11 @@ class ProcessResult:
 class _PipeCapture:
     """Reads one pipe without blocking the loop, keeps at most `limit` bytes in total
     (shared with the sibling pipe through `budget`), and hands `on_line` each complete line
-    that could be a progress report: short, and mentioning "progress"."""
+    that could be a progress report: short, and mentioning "progress".
+
+    It reads as the child writes only once `watch()` is called; until then the pipe buffers
+    the output (a child that fills it just waits) and `drain_now()` collects it after exit.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, budget: list[int],
                  on_line: Callable[[str], None] | None):
@@ -1610,27 +1615,41 @@ class _PipeCapture:
         self.chunks: list[bytes] = []
         self.partial = b""
         self.skipping = False  #: inside a line too long to be a progress report
+        self.watching = False
         self.done: asyncio.Future[bool] = loop.create_future()  #: True when over the cap
         os.set_blocking(fd, False)
-        loop.add_reader(fd, self._readable)
 
-    def _readable(self) -> None:
+    def watch(self) -> None:
+        if self.fd >= 0 and not self.watching:
+            self.loop.add_reader(self.fd, self._read_once)
+            self.watching = True
+
+    def drain_now(self) -> None:
+        """Read whatever the pipe holds right now, without waiting."""
+        while self._read_once():
+            pass
+
+    def _read_once(self) -> bool:
+        """Read one chunk; False when nothing more can be read now (empty, EOF, over cap)."""
+        if self.fd < 0:
+            return False
         try:
             data = os.read(self.fd, 65536)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._finish(False)
-            return
+            return False
         self.budget[0] -= len(data)
         if self.budget[0] < 0:
             self._finish(True)
-            return
+            return False
         self.chunks.append(data)
         if self.on_line is not None:
             self._scan_lines(data)
+        return True
 
     def _scan_lines(self, data: bytes) -> None:
         # Linear in the output however long its lines are: a line longer than
@@ -1653,7 +1672,8 @@ class _PipeCapture:
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.loop.remove_reader(self.fd)
+            if self.watching:
+                self.loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
 
@@ -1739,6 +1759,9 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
     budget = [max_output]
     out = _PipeCapture(loop, out_r, budget, on_stdout_line)
     err = _PipeCapture(loop, err_r, budget, None)
+    # Most creators that finish at once are read after they exit, which spares four selector
+    # registrations per child; a slower one is read as it writes (progress, the output cap).
+    start_watching = loop.call_later(PIPE_WATCH_DELAY_S, lambda: (out.watch(), err.watch()))
     feeder = _feed_stdin(loop, stdin_w, stdin)
     pidfd = os.pidfd_open(proc.pid)  # the child is not reaped yet, so this cannot fail
     exited = _watch_readable(loop, pidfd)
@@ -1773,9 +1796,15 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
         result.exit_code = proc.wait()  # a zombie by now: this returns at once
         # Whatever is still in the pipes was written before the group died: read it out,
         # but never wait on a grandchild that escaped into a session of its own.
+        start_watching.cancel()
+        out.drain_now()
+        err.drain_now()
         if not (out.done.done() and err.done.done()):
+            out.watch()
+            err.watch()
             await asyncio.wait([out.done, err.done], timeout=PIPE_DRAIN_S)
     finally:
+        start_watching.cancel()
         kill_process_group(pgid, signal.SIGKILL)
         out.close()
         err.close()
