@@ -830,22 +830,18 @@ def cmd_monitor_metrics(session: Session, options) -> int:
     return EXIT_OK
 
 
-def cmd_monitor_recent(session: Session, options) -> int:
-    session.show(session.call("monitor.recent", without_none({"limit": options.limit})),
-                 TASK_COLUMNS)
-    return EXIT_OK
+def task_listing(cmd: str, columns):
+    """The handler of a `monitor recent|failed|pending` listing: one cmd, one column set."""
+    def show_tasks(session: Session, options) -> int:
+        session.show(session.call(cmd, without_none({"limit": options.limit})), columns)
+        return EXIT_OK
+
+    return show_tasks
 
 
-def cmd_monitor_failed(session: Session, options) -> int:
-    session.show(session.call("monitor.failed", without_none({"limit": options.limit})),
-                 FAILED_TASK_COLUMNS)
-    return EXIT_OK
-
-
-def cmd_monitor_pending(session: Session, options) -> int:
-    session.show(session.call("monitor.pending", without_none({"limit": options.limit})),
-                 TASK_COLUMNS)
-    return EXIT_OK
+cmd_monitor_recent = task_listing("monitor.recent", TASK_COLUMNS)
+cmd_monitor_failed = task_listing("monitor.failed", FAILED_TASK_COLUMNS)
+cmd_monitor_pending = task_listing("monitor.pending", TASK_COLUMNS)
 
 
 def cmd_monitor_stats(session: Session, options) -> int:

@@ -1186,9 +1186,10 @@ class Store:
 
         return await self._write(requeue)
 
-    async def running_tasks(self) -> list[dict[str, Any]]:
-        return await self.query("SELECT task_id, pgid, attempt FROM content_generation_tasks"
+    async def running_task_ids(self) -> list[str]:
+        rows = await self.query("SELECT task_id FROM content_generation_tasks"
                                 " WHERE status = 'running'")
+        return [row["task_id"] for row in rows]
 
     # -- tasks: reads --------------------------------------------------------------------------
 
@@ -1681,6 +1682,10 @@ class _PipeCapture:
         return b"".join(self.chunks).decode("utf-8", "replace")
 
 
+def _over_cap(*pipes: _PipeCapture) -> bool:
+    return any(pipe.done.done() and pipe.done.result() for pipe in pipes)
+
+
 def _watch_readable(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future:
     """A future that resolves when `fd` becomes readable (a pidfd: when the process exits).
     The caller removes the reader."""
@@ -1782,7 +1787,7 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
             if stop is not None and stop in done:
                 result.stopped = True
                 break
-            if any(pipe.done.done() and pipe.done.result() for pipe in (out, err)):
+            if _over_cap(out, err):
                 result.output_too_large = True
                 break
             watched -= {w for w in done if w is not exited}
@@ -1803,6 +1808,8 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
             out.watch()
             err.watch()
             await asyncio.wait([out.done, err.done], timeout=PIPE_DRAIN_S)
+        # A quick child's output is first read here, so the cap may only show now.
+        result.output_too_large = result.output_too_large or _over_cap(out, err)
     finally:
         start_watching.cancel()
         kill_process_group(pgid, signal.SIGKILL)
@@ -3347,14 +3354,14 @@ def retry_delay(base_s: float, cap_s: float, retry_count: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-def creator_argv(creator: CreatorConfig, template: list[str] | None = None) -> list[str]:
+def creator_argv(creator: CreatorConfig) -> list[str]:
     """The argv template for a task; the built-in creator is this very file."""
     if creator.kind == "builtin":
         llm = creator.llm
         return [sys.executable, str(Path(__file__).resolve()), "create",
                 "--llm-base-url", llm.base_url, "--llm-model", llm.model,
                 "--api-key-env", llm.api_key_env, "--timeout", str(llm.timeout)]
-    return list(template if template is not None else creator.command)
+    return creator.command
 
 
 def task_values(task: dict[str, Any], default_requirements: str = "") -> dict[str, Any]:
@@ -3398,26 +3405,25 @@ class WorkerPool:
         self.environ = environ
         self.clock = clock
         self.running: dict[str, RunningTask] = {}
-        self.creator_cwd = config.creator_cwd(environ)  #: resolved once per config
-        self.creator_env = self._creator_environment(config)
-        #: encoded once: Popen would encode every variable again for every child
-        self.creator_env_bytes = _encoded(self.creator_env)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._claiming = True
         self._dispatcher: asyncio.Task | None = None
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self.on_finished: Callable[[str, str], None] | None = None  #: (task_id, status) hook
+        self.apply_config(config)
 
     @property
     def capacity(self) -> int:
         return self.config.daemon.max_concurrent_tasks
 
     def apply_config(self, config: Config) -> None:
-        """Reload: new tasks use the new creator settings; running ones are untouched."""
+        """Start and reload: new tasks use the new creator settings; running ones are
+        untouched. What every task would otherwise recompute is derived here, once."""
         self.config = config
         self.creator_cwd = config.creator_cwd(self.environ)
         self.creator_env = self._creator_environment(config)
+        #: encoded once: Popen would encode every variable again for every child
         self.creator_env_bytes = _encoded(self.creator_env)
         self.wake()
 
@@ -3579,6 +3585,7 @@ class WorkerPool:
                 self.report_progress(task_id, attempt, *progress)
 
         recording: list[asyncio.Future] = []
+        timers: list[asyncio.TimerHandle] = []
 
         def record_pid() -> None:
             recording.append(asyncio.ensure_future(
@@ -3589,8 +3596,6 @@ class WorkerPool:
             # CONTENTHUB_TASK_ID. So only a creator still running after a second costs a write.
             running.pgid = pid
             timers.append(asyncio.get_running_loop().call_later(PID_RECORD_DELAY_S, record_pid))
-
-        timers: list[asyncio.TimerHandle] = []
 
         template = creator.submit_command if creator.mode == "async" else creator_argv(creator)
         try:
@@ -5157,16 +5162,16 @@ class App:
     async def recover(self) -> None:
         """After a crash: kill the creator groups an earlier daemon left running and put their
         tasks back in the queue."""
-        stale = await self.store.running_tasks()
-        orphans = find_creator_groups({row["task_id"] for row in stale}) if stale else {}
-        for task_id, groups in orphans.items():
+        stale = await self.store.running_task_ids()
+        if not stale:
+            return
+        for task_id, groups in find_creator_groups(set(stale)).items():
             for pgid in groups:
                 kill_process_group(pgid)
                 log.warning("orphan_creator_killed", task_id=task_id, pgid=pgid)
-        if stale:
-            count = await self.store.requeue_tasks([r["task_id"] for r in stale], self.clock(),
-                                                   "recovered after daemon restart")
-            log.warning("tasks_recovered", count=count)
+        count = await self.store.requeue_tasks(stale, self.clock(),
+                                               "recovered after daemon restart")
+        log.warning("tasks_recovered", count=count)
 
     async def reload(self) -> dict[str, Any]:
         """Validate the whole file first; on any error the running config stays as it was."""

@@ -19,6 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CREATORS = Path(__file__).resolve().parent / "creators"
 DAEMON = ROOT / "contenthubd.py"
 CTL = ROOT / "contenthubctl.py"
+ACCOUNTS = """
+[[accounts]]
+id = 49
+name = "车界显眼包"
+category = "技术"
+
+[[accounts]]
+id = 50
+name = "产品观察室"
+category = "产品"
+"""
 BASE_CONFIG = """
 [daemon]
 state_dir = "state"
@@ -31,17 +42,7 @@ max_retries = {max_retries}
 shutdown_grace = "{shutdown_grace}"
 log_format = "json"
 log_level = "debug"
-
-[[accounts]]
-id = 49
-name = "车界显眼包"
-category = "技术"
-
-[[accounts]]
-id = 50
-name = "产品观察室"
-category = "产品"
-"""
+""" + ACCOUNTS
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = ""):

@@ -195,12 +195,18 @@ def test_recovery_spares_an_unrelated_process_that_owns_a_recorded_pgid(daemon_f
 # -- graceful stop --------------------------------------------------------------------------
 
 
-def test_sigterm_requeues_interrupted_tasks_without_spending_a_retry(daemon_factory, tmp_path):
+def start_slow_creators(daemon_factory, tmp_path, grace: str, label: str):
+    """A daemon running two 30 s creators; returns it, their task ids and their pids."""
     daemon = daemon_factory(creator=command_creator("slow_article_with_pid.py"),
-                            shutdown_grace="1s", env={"CREATOR_SLEEP": "30"}).start()
-    task_ids = [daemon.submit(f"长任务 {i}") for i in range(2)]
+                            shutdown_grace=grace, env={"CREATOR_SLEEP": "30"}).start()
+    task_ids = [daemon.submit(f"{label} {i}") for i in range(2)]
     pids = [pid for t in task_ids
             for pid in wait_until(lambda t=t: creator_pids(tmp_path, t), message="creator pid")[0]]
+    return daemon, task_ids, pids
+
+
+def test_sigterm_requeues_interrupted_tasks_without_spending_a_retry(daemon_factory, tmp_path):
+    daemon, task_ids, pids = start_slow_creators(daemon_factory, tmp_path, "1s", "长任务")
     started = time.monotonic()
     daemon.signal(signal.SIGTERM)
     assert daemon.proc.wait(10) == 0
@@ -237,11 +243,7 @@ def test_creator_finishing_within_the_grace_period_completes_during_shutdown(dae
 
 
 def test_second_sigterm_exits_at_once_and_the_next_start_recovers(daemon_factory, tmp_path):
-    daemon = daemon_factory(creator=command_creator("slow_article_with_pid.py"),
-                            shutdown_grace="5s", env={"CREATOR_SLEEP": "30"}).start()
-    task_ids = [daemon.submit(f"二次信号 {i}") for i in range(2)]
-    pids = [pid for t in task_ids
-            for pid in wait_until(lambda t=t: creator_pids(tmp_path, t), message="creator pid")[0]]
+    daemon, task_ids, pids = start_slow_creators(daemon_factory, tmp_path, "5s", "二次信号")
     daemon.signal(signal.SIGTERM)
     time.sleep(0.3)
     assert daemon.proc.poll() is None, "the daemon should be waiting out its grace period"

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import contenthubd
-from conftest import command_creator, wait_until
+from conftest import ACCOUNTS, command_creator, wait_until
 
 SCHEDULES = """
 [[schedules]]
@@ -242,15 +242,7 @@ async def test_cron_fires_at_injected_clock_instant(tmp_path):
         [creator]
         kind = "command"
         command = ["/bin/true"]
-        [[accounts]]
-        id = 49
-        name = "车界显眼包"
-        category = "技术"
-        [[accounts]]
-        id = 50
-        name = "产品观察室"
-        category = "产品"
-        """) + SCHEDULES, str(tmp_path / "c.toml"), {}, contenthubd.check_schedules)
+        """) + ACCOUNTS + SCHEDULES, str(tmp_path / "c.toml"), {}, contenthubd.check_schedules)
     app = contenthubd.App(config, {"PATH": "/usr/bin:/bin"}, clock=lambda: now[0])
     await app.startup()
     try:
