@@ -38,6 +38,7 @@ import json
 import math
 import os
 import pwd
+import queue
 import random
 import re
 import secrets
@@ -47,6 +48,7 @@ import sqlite3
 import ssl
 import struct
 import sys
+import threading
 import time
 import tomllib
 import urllib.error
@@ -719,7 +721,30 @@ CONTENT_LIST_COLUMNS = ("c.id, c.task_id, c.account_id, a.name AS account_name, 
                         " c.published_at, c.created_at")
 CONTENT_FROM = ("contents c LEFT JOIN content_generation_tasks t ON t.task_id = c.task_id"
                 " LEFT JOIN accounts a ON a.id = c.account_id")
+#: Every connection's settings. NORMAL in WAL mode: a commit survives a process crash
+#: (kill -9); only an OS crash or power loss can lose the last commits, never corrupt the
+#: file. README says more.
+DB_PRAGMAS = ("synchronous = NORMAL", "foreign_keys = ON", "busy_timeout = 5000")
+CLOSE_WAIT_S = 10.0  #: how long close() lets the writer retry before failing what is queued
 TRANSIENT_DB_ERRORS = ("locked", "busy", "disk is full", "disk i/o error", "unable to open")
+
+
+#: JSON text as stored: UTF-8 as is (Chinese stays readable in sqlite3), one encoder for all.
+json_text = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
+    """Resolve `future` unless its waiter gave up (cancelled) meanwhile."""
+    if not future.done():
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _settle_all(batch: list[tuple], outcomes: list[tuple[bool, Any]]) -> None:
+    for (_work, _args, done), (ok, value) in zip(batch, outcomes):
+        _settle(done, ok, value)
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
@@ -765,54 +790,127 @@ class Article:
 class Store:
     """Owns the one writer connection and every SQL statement.
 
-    A write is a plain function that receives the sqlite3 connection. `_write` queues it;
-    the queue is drained on aiosqlite's thread in one hop per batch: one BEGIN IMMEDIATE ...
-    COMMIT holding every write queued meanwhile, each inside its own SAVEPOINT (group commit).
-    So each write is still all-or-nothing and its caller resumes only after the COMMIT, but
-    eight workers finishing together cost one commit, not eight. A locked or full database
-    rolls the batch back and retries it: a transition is delayed, never half-done or dropped.
-    Reads go through a second connection, so a long report never holds the writer.
+    A write is a plain function that receives the sqlite3 connection. `_write` queues it
+    for the writer thread, which owns the writer connection and commits in batches: one
+    BEGIN IMMEDIATE ... COMMIT holding every write queued meanwhile (group commit). Each
+    write is still all-or-nothing and its caller resumes only after the COMMIT, but eight
+    workers finishing together cost one commit, not eight; and the thread starts the next
+    batch as soon as one is committed, without waiting for the event loop to come round.
+    A locked or full database rolls the batch back and retries it: a transition is delayed,
+    never half-done or dropped. Reads go through a second connection (aiosqlite), so a long
+    report never holds the writer.
     """
 
     def __init__(self, path: Path, log_: Any = None):
         self.path = path
         self.log = log_ or log
-        self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queued: list[tuple[Callable[..., Any], tuple, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
+        #: (work, args, future) for the writer thread; None tells it to close and stop
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer_thread: threading.Thread | None = None
+        self._closing = False
         self.last_write_error: str | None = None  #: shown by `monitor health` while retrying
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._writer.execute("PRAGMA journal_mode = WAL")
-        await self._configure(self._writer)
-        await self._run(self._writer, self._apply_schema)
+        loop = asyncio.get_running_loop()
+        opened = loop.create_future()
+        self._writer_thread = threading.Thread(target=self._write_forever, args=(loop, opened),
+                                               name="store-writer", daemon=True)
+        self._writer_thread.start()
+        try:
+            await opened
+        except BaseException:
+            self._writer_thread = None
+            raise
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._configure(self._reader)
-
-    @staticmethod
-    async def _configure(connection: aiosqlite.Connection) -> None:
-        # NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash or
-        # power loss can lose the last commits, never corrupt the file. README says more.
-        for pragma in ("synchronous = NORMAL", "foreign_keys = ON", "busy_timeout = 5000"):
-            await connection.execute(f"PRAGMA {pragma}")
+        for pragma in DB_PRAGMAS:
+            await self._reader.execute(f"PRAGMA {pragma}")
 
     async def close(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._flusher), 10)
-        for connection in (self._reader, self._writer):
-            if connection is not None:
-                with contextlib.suppress(Exception):
-                    await connection.close()
-        self._reader = self._writer = None
+        """Commit what is queued (a disk-full retry gives up after CLOSE_WAIT_S), then close."""
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader.close()
+            self._reader = None
+        thread, self._writer_thread = self._writer_thread, None
+        if thread is not None:
+            self._writes.put(None)
+            await asyncio.to_thread(thread.join, CLOSE_WAIT_S)
+            self._closing = True
+            await asyncio.to_thread(thread.join)
 
     @staticmethod
     async def _run(connection: aiosqlite.Connection, work: Callable[..., Any], *args: Any) -> Any:
         # aiosqlite's own worker-thread queue: the whole unit of work is one round trip.
         return await connection._execute(work, connection._conn, *args)
+
+    # -- the writer thread ---------------------------------------------------------------------
+
+    def _write_forever(self, loop: asyncio.AbstractEventLoop, opened: asyncio.Future) -> None:
+        """The writer thread: opens the database, then commits batches until told to stop."""
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            loop.call_soon_threadsafe(_settle, opened, False, exc)
+            return
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            for pragma in DB_PRAGMAS:
+                conn.execute(f"PRAGMA {pragma}")
+            self._apply_schema(conn)
+        except Exception as exc:
+            conn.close()
+            loop.call_soon_threadsafe(_settle, opened, False, exc)
+            return
+        loop.call_soon_threadsafe(_settle, opened, True, None)
+        try:
+            stopping = False
+            while not stopping:
+                batch, stopping = self._next_batch(block=True)
+                if batch:
+                    outcomes = self._commit_retrying(conn, batch)
+                    loop.call_soon_threadsafe(_settle_all, batch, outcomes)
+        finally:
+            conn.close()
+
+    def _next_batch(self, block: bool) -> tuple[list[tuple], bool]:
+        """Every write queued now (waiting for the first one if `block`), and whether the
+        stop marker came among them."""
+        batch: list[tuple] = []
+        try:
+            item = self._writes.get() if block else self._writes.get_nowait()
+            while item is not None:
+                batch.append(item)
+                item = self._writes.get_nowait()
+        except queue.Empty:
+            return batch, False
+        return batch, True
+
+    def _commit_retrying(self, conn: sqlite3.Connection, batch: list[tuple]
+                         ) -> list[tuple[bool, Any]]:
+        delay = 0.05
+        while True:
+            try:
+                outcomes = self._commit_batch(conn, batch)
+                self.last_write_error = None
+                return outcomes
+            except sqlite3.Error as exc:
+                if not _is_transient(exc) or self._closing:
+                    return [(False, exc)] * len(batch)
+                self.last_write_error = str(exc)
+            except Exception as exc:  # a bug here must fail the batch, not the thread
+                self.log.exception("database_write_failed")
+                return [(False, exc)] * len(batch)
+            self.log.warning("database_write_retry", error=self.last_write_error,
+                             pending=len(batch), retry_in=round(delay, 2))
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            # Writes queued meanwhile join the retry; a stop marker is put back for later.
+            more, stopping = self._next_batch(block=False)
+            batch += more
+            if stopping:
+                self._writes.put(None)
 
     @staticmethod
     def _apply_schema(conn: sqlite3.Connection) -> None:
@@ -838,68 +936,39 @@ class Store:
             conn.execute("COMMIT")
 
     async def _write(self, work: Callable[..., Any], *args: Any) -> Any:
+        if self._writer_thread is None:
+            raise RuntimeError("the store is closed")
         done = asyncio.get_running_loop().create_future()
-        self._queued.append((work, args, done))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_writes(), name="store-writer")
+        self._writes.put((work, args, done))
         return await done
 
-    async def _flush_writes(self) -> None:
-        delay = 0.05
-        while self._queued:
-            batch, self._queued = self._queued, []
-            try:
-                outcomes = await self._run(self._writer, self._commit_batch, batch)
-            except sqlite3.Error as exc:
-                if not _is_transient(exc):
-                    for _work, _args, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
-                    continue
-                self.last_write_error = str(exc)
-                self._queued[:0] = batch
-                self.log.warning("database_write_retry", error=self.last_write_error,
-                                 pending=len(self._queued), retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self.last_write_error = None
-            delay = 0.05
-            for (_work, _args, done), (ok, value) in zip(batch, outcomes):
-                if done.done():
-                    continue
-                if ok:
-                    done.set_result(value)
-                else:
-                    done.set_exception(value)
-
-    @staticmethod
-    def _commit_batch(conn: sqlite3.Connection,
-                      batch: list[tuple[Callable[..., Any], tuple, asyncio.Future]]
-                      ) -> list[tuple[bool, Any]]:
-        """One transaction for a batch of writes, each in its own savepoint: a write that
-        raises (a Conflict, say) is undone alone; a transient error undoes the batch."""
+    @classmethod
+    def _commit_batch(cls, conn: sqlite3.Connection, batch: list[tuple],
+                      savepoints: bool = False) -> list[tuple[bool, Any]]:
+        """One transaction for a batch of writes, each all-or-nothing. It first runs without
+        savepoints (two statements fewer per write); if a write raises (a Conflict, say), the
+        batch is rolled back and run again with a savepoint around each write, so that one
+        alone is undone. A transient error undoes the batch and is raised."""
         outcomes: list[tuple[bool, Any]] = []
-        alone = len(batch) == 1  # the whole transaction is its savepoint
         conn.execute("BEGIN IMMEDIATE")
         try:
             for work, args, _done in batch:
-                if not alone:
+                if savepoints:
                     conn.execute("SAVEPOINT unit")
                 try:
                     outcomes.append((True, work(conn, *args)))
-                except sqlite3.Error as exc:
-                    if _is_transient(exc):
-                        raise
-                    conn.execute("ROLLBACK" if alone else "ROLLBACK TO unit")
-                    outcomes.append((False, exc))
                 except Exception as exc:
-                    conn.execute("ROLLBACK" if alone else "ROLLBACK TO unit")
+                    if isinstance(exc, sqlite3.Error) and _is_transient(exc):
+                        raise
+                    if not savepoints:
+                        conn.execute("ROLLBACK")
+                        return ([(False, exc)] if len(batch) == 1
+                                else cls._commit_batch(conn, batch, savepoints=True))
+                    conn.execute("ROLLBACK TO unit")
                     outcomes.append((False, exc))
-                if not alone:
+                if savepoints:
                     conn.execute("RELEASE unit")
-            if conn.in_transaction:
-                conn.execute("COMMIT")
+            conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -1061,26 +1130,33 @@ class Store:
             return content_id, (self._claim_due(conn, now=now, **then_claim)
                                 if then_claim else [])
 
+        stamp = to_db_time(now)
+        # Encoded here, outside the transaction: the writer's thread does SQL, little else.
+        values = (article["title"], article["body"], article["summary"], article["word_count"],
+                  json_text(article["images"]), json_text(article["quality"]), stamp,
+                  task_id, attempt)
+        result_text = json_text(result)
+
         def complete(conn: sqlite3.Connection) -> int | None:
-            stamp = to_db_time(now)
-            row = self._owned(conn, task_id, attempt, "status, auto_approve, account_id")
-            if row is None:
-                return None
-            status, auto_approve, account_id = row
-            content_id = conn.execute(
+            # Inserted only if this attempt still owns the task (the fence of _owned).
+            cursor = conn.execute(
                 "INSERT INTO contents (task_id, account_id, title, body, summary, word_count,"
-                " images, quality, review_status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (task_id, account_id, article["title"], article["body"], article["summary"],
-                 article["word_count"], json.dumps(article["images"], ensure_ascii=False),
-                 json.dumps(article["quality"], ensure_ascii=False),
-                 "approved" if auto_approve else "pending_review", stamp)).lastrowid
+                " images, quality, created_at, review_status) SELECT task_id, account_id,"
+                " ?, ?, ?, ?, ?, ?, ?, CASE WHEN auto_approve THEN 'approved'"
+                " ELSE 'pending_review' END FROM content_generation_tasks WHERE task_id = ?"
+                " AND attempt = ? AND status IN ('running', 'submitted')", values)
+            if not cursor.rowcount:
+                return None
+            content_id = cursor.lastrowid
+            conn.execute("INSERT INTO task_events (task_id, at, from_status, to_status, detail)"
+                         " SELECT task_id, ?, status, 'completed', ? FROM"
+                         " content_generation_tasks WHERE task_id = ?",
+                         (stamp, f"content {content_id}", task_id))
             conn.execute(
                 "UPDATE content_generation_tasks SET status = 'completed', content_id = ?,"
                 " completed_at = ?, progress = 100, result = ?, error_kind = NULL,"
                 " error_message = NULL, pid = NULL, pgid = NULL, updated_at = ?"
-                " WHERE task_id = ?",
-                (content_id, stamp, json.dumps(result, ensure_ascii=False), stamp, task_id))
-            self._event(conn, task_id, stamp, status, "completed", f"content {content_id}")
+                " WHERE task_id = ?", (content_id, stamp, result_text, stamp, task_id))
             return content_id
 
         return await self._write(complete_and_claim)
@@ -1830,9 +1906,11 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
 
 #: One CJK "word" each: ideographs (URO, extensions A-G, compatibility), kana, Hangul. CJK
 #: punctuation (U+3000-303F, the katakana middle dot, fullwidth forms) deliberately not.
-CJK_CHAR_RE = re.compile(
-    "[\u1100-\u11ff\u3040-\u309f\u30a0-\u30fa\u30fc-\u30ff\u3130-\u318f\u3400-\u4dbf"
-    "\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff\uf900-\ufaff\U00020000-\U0003134f]")
+_CJK_CLASS = ("[\u1100-\u11ff\u3040-\u309f\u30a0-\u30fa\u30fc-\u30ff\u3130-\u318f\u3400-\u4dbf"
+              "\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff\uf900-\ufaff"
+              "\U00020000-\U0003134f]")
+CJK_CHAR_RE = re.compile(_CJK_CLASS)
+_CJK_RUN_RE = re.compile(_CJK_CLASS + "+")
 _FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _H1_RE = re.compile(r"^ {0,3}#[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
 _HEADING_MARK_RE = re.compile(r"^ {0,3}#{1,6}(?:[ \t]+|$)")
@@ -1841,24 +1919,25 @@ _RULE_RE = re.compile(r"^ {0,3}([-=*_])(?:[ \t]*\1){2,}[ \t]*$")  #: also setext
 _TABLE_RULE_RE = re.compile(r"^[ \t]*\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)+\|?[ \t]*$")
 _BLOCK_PREFIX_RE = re.compile(r"^[ \t]*(?:>[ \t]?)*[ \t]*(?:(?:[-*+]|\d{1,9}[.)])[ \t]+"
                               r"(?:\[[ xX]\][ \t]+)?)?")
-#: A whitespace-delimited token holding a letter or digit; \S* cannot cross a space, so each
-#: such token is exactly one match.
-_WORDISH_TOKEN_RE = re.compile(r"\S*[^\W_]\S*")
+_LETTER_OR_DIGIT_RE = re.compile(r"[^\W_]")
 _ESCAPED_RE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!~|<>])")
 _ESCAPE_BASE = 0xE000  #: escaped punctuation is parked in the Private Use Area while stripping
+_PARKED_RE = re.compile("[\ue000-\ue07f]")
+#: (literals one of which every match contains, pattern, replacement), applied in order. A
+#: rule whose literals are absent is skipped: most articles use few kinds of markup.
 _INLINE_RULES = (
-    (re.compile(r"<!--.*?-->", re.S), ""),
-    (re.compile(r"!\[[^\]]*\]\([^)]*\)"), ""),                      # images
-    (re.compile(r"!\[[^\]]*\]\[[^\]]*\]"), ""),
-    (re.compile(r"\[([^\]]*)\]\([^)]*\)"), r"\1"),                  # [text](url) -> text
-    (re.compile(r"\[([^\]]+)\]\[[^\]]*\]"), r"\1"),                 # [text][ref] -> text
-    (re.compile(r"<((?:https?|mailto):[^>\s]+)>"), r"\1"),          # autolinks
-    (re.compile(r"</?[A-Za-z][^>]*>"), ""),                         # inline HTML tags
-    (re.compile(r"(`+)(.+?)\1"), r"\2"),                            # inline code
-    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),
-    (re.compile(r"\*(?=\S)(.+?)(?<=\S)\*"), r"\1"),
-    (re.compile(r"(?<!\w)_(?=\S)(.+?)(?<=\S)_(?!\w)"), r"\1"),      # not inside snake_case
-    (re.compile(r"~~(?=\S)(.+?)(?<=\S)~~"), r"\1"),
+    (("<!--",), re.compile(r"<!--.*?-->", re.S), ""),
+    (("![",), re.compile(r"!\[[^\]]*\]\([^)]*\)"), ""),                 # images
+    (("![",), re.compile(r"!\[[^\]]*\]\[[^\]]*\]"), ""),
+    (("](",), re.compile(r"\[([^\]]*)\]\([^)]*\)"), r"\1"),             # [text](url) -> text
+    (("][",), re.compile(r"\[([^\]]+)\]\[[^\]]*\]"), r"\1"),            # [text][ref] -> text
+    (("<",), re.compile(r"<((?:https?|mailto):[^>\s]+)>"), r"\1"),     # autolinks
+    (("<",), re.compile(r"</?[A-Za-z][^>]*>"), ""),                    # inline HTML tags
+    (("`",), re.compile(r"(`+)(.+?)\1"), r"\2"),                       # inline code
+    (("**", "__"), re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),
+    (("*",), re.compile(r"\*(?=\S)(.+?)(?<=\S)\*"), r"\1"),
+    (("_",), re.compile(r"(?<!\w)_(?=\S)(.+?)(?<=\S)_(?!\w)"), r"\1"),  # not inside snake_case
+    (("~~",), re.compile(r"~~(?=\S)(.+?)(?<=\S)~~"), r"\1"),
 )
 
 
@@ -1882,10 +1961,15 @@ def _prose_lines(md: str) -> list[str]:
 
 def _inline_text(text: str) -> str:
     """`text` without inline Markdown: links keep their text, images and HTML go."""
-    text = _ESCAPED_RE.sub(lambda m: chr(_ESCAPE_BASE + ord(m.group(1))), text)
-    for pattern, replacement in _INLINE_RULES:
-        text = pattern.sub(replacement, text)
-    return re.sub("[\ue000-\ue07f]", lambda m: chr(ord(m.group()) - _ESCAPE_BASE), text)
+    escaped = "\\" in text
+    if escaped:
+        text = _ESCAPED_RE.sub(lambda m: chr(_ESCAPE_BASE + ord(m.group(1))), text)
+    for literals, pattern, replacement in _INLINE_RULES:
+        if any(literal in text for literal in literals):
+            text = pattern.sub(replacement, text)
+    if escaped:
+        text = _PARKED_RE.sub(lambda m: chr(ord(m.group()) - _ESCAPE_BASE), text)
+    return text
 
 
 def markdown_title(md: str, lines: list[str] | None = None) -> str | None:
@@ -1919,8 +2003,11 @@ def plain_summary(md: str, limit: int = 200, lines: list[str] | None = None) -> 
 def count_words(text: str) -> int:
     """Words as a reader of mixed text counts them: each CJK character is one word, and so is
     each whitespace-separated run of other text that holds a letter or digit ("GPT-4")."""
-    others, cjk = CJK_CHAR_RE.subn(" ", text)
-    return cjk + len(_WORDISH_TOKEN_RE.findall(others))
+    # Runs, not characters, are replaced: a few matches instead of one per character.
+    others, runs = _CJK_RUN_RE.subn(" ", text)
+    words = sum(1 for token in others.split()
+                if token.isalnum() or _LETTER_OR_DIGIT_RE.search(token))
+    return len(text) - len(others) + runs + words
 
 # Output adapters: a creator's stdout becomes an Article, or a CreatorFailure saying why not.
 
