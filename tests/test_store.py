@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from contenthubd import Conflict, Store
+from contenthubd import Conflict, Store, utc_now
 
 
 def insert_account(account_id: int, then_fail: Exception | None = None):
@@ -109,3 +109,26 @@ async def test_an_unopenable_database_fails_open_with_the_sqlite_error(tmp_path)
         await store.open()
     with pytest.raises(RuntimeError, match="closed"):
         await store._write(insert_account(1))
+
+
+async def test_tasks_whose_dedup_key_exists_or_repeats_are_skipped(store):
+    await store._write(insert_account(1))
+    now = utc_now()
+    first = await store.add_tasks([{"account_id": 1, "topic": "a", "dedup_key": "run:1"},
+                                   {"account_id": 1, "topic": "b", "dedup_key": "run:2"}], now)
+    second = await store.add_tasks([
+        {"account_id": 1, "topic": "a again", "dedup_key": "run:1"},
+        {"account_id": 1, "topic": "c", "dedup_key": "run:3"},
+        {"account_id": 1, "topic": "c twice", "dedup_key": "run:3"},
+        {"account_id": 1, "topic": "no key", "origin": "bulk import"},
+    ], now)
+    assert len(first) == 2 and len(second) == 2 and not set(first) & set(second)
+    with sqlite3.connect(store.path) as conn:
+        tasks = conn.execute("SELECT task_id, topic FROM content_generation_tasks"
+                             " ORDER BY id").fetchall()
+        events = conn.execute("SELECT task_id, from_status, to_status, detail FROM task_events"
+                              " ORDER BY id").fetchall()
+    assert [topic for _, topic in tasks] == ["a", "b", "c", "no key"]
+    assert [task_id for task_id, _ in tasks] == first + second
+    assert [(e[1], e[2]) for e in events] == [(None, "pending")] * 4
+    assert events[-1] == (second[-1], None, "pending", "bulk import")
