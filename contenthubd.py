@@ -849,18 +849,16 @@ class Store:
 
     def _write_forever(self, loop: asyncio.AbstractEventLoop, opened: asyncio.Future) -> None:
         """The writer thread: opens the database, then commits batches until told to stop."""
+        conn = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None)
-        except sqlite3.Error as exc:
-            loop.call_soon_threadsafe(_settle, opened, False, exc)
-            return
-        try:
             conn.execute("PRAGMA journal_mode = WAL")
             for pragma in DB_PRAGMAS:
                 conn.execute(f"PRAGMA {pragma}")
             self._apply_schema(conn)
         except Exception as exc:
-            conn.close()
+            if conn is not None:
+                conn.close()
             loop.call_soon_threadsafe(_settle, opened, False, exc)
             return
         loop.call_soon_threadsafe(_settle, opened, True, None)
@@ -1014,8 +1012,8 @@ class Store:
         conn.execute("INSERT INTO task_events (task_id, at, from_status, to_status, detail)"
                      " VALUES (?, ?, ?, ?, ?)", (task_id, now, from_status, to_status, detail))
 
-    @classmethod
-    def insert_tasks(cls, conn: sqlite3.Connection, tasks: list[dict[str, Any]],
+    @staticmethod
+    def insert_tasks(conn: sqlite3.Connection, tasks: list[dict[str, Any]],
                      now: datetime) -> list[str]:
         """Insert tasks inside the caller's transaction; rows whose dedup_key exists (or
         comes twice) are skipped: a restarted firing must not double its tasks. Returns the
