@@ -131,9 +131,7 @@ def to_db_time(moment: datetime | None) -> str | None:
     """UTC ISO-8601 with milliseconds and a Z: sorts as text, and sqlite3 can read it."""
     if moment is None:
         return None
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + (
-        f"{moment.microsecond // 1000:03d}Z"
-    )
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def from_db_time(text: str | None) -> datetime | None:
@@ -1938,8 +1936,10 @@ _BLOCK_PREFIX_RE = re.compile(r"^[ \t]*(?:>[ \t]?)*[ \t]*(?:(?:[-*+]|\d{1,9}[.)]
                               r"(?:\[[ xX]\][ \t]+)?)?")
 _LETTER_OR_DIGIT_RE = re.compile(r"[^\W_]")
 _ESCAPED_RE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!~|<>])")
-_ESCAPE_BASE = 0xE000  #: escaped punctuation is parked in the Private Use Area while stripping
-_PARKED_RE = re.compile("[\ue000-\ue07f]")
+#: Escaped ASCII punctuation is parked in a block of 128 Private Use code points while the
+#: rules run: the first block the text does not use itself, so its own such characters stay.
+_PRIVATE_USE_RE = re.compile("[\ue000-\uf8ff\U000f0000-\U0010fffd]")
+_PARKING_BASES = (*range(0xE000, 0xF900, 0x80), *range(0xF0000, 0x10FF80, 0x80))
 #: (literals one of which every match contains, pattern, replacement), applied in order. A
 #: rule whose literals are absent is skipped: most articles use few kinds of markup.
 _INLINE_RULES = (
@@ -1978,14 +1978,18 @@ def _prose_lines(md: str) -> list[str]:
 
 def _inline_text(text: str) -> str:
     """`text` without inline Markdown: links keep their text, images and HTML go."""
-    escaped = "\\" in text
-    if escaped:
-        text = _ESCAPED_RE.sub(lambda m: chr(_ESCAPE_BASE + ord(m.group(1))), text)
+    base = None
+    if "\\" in text:
+        used = {ord(ch) & ~0x7F for ch in _PRIVATE_USE_RE.findall(text)}
+        base = next((b for b in _PARKING_BASES if b not in used), None)
+        if base is not None:  # else a text that fills every block keeps its backslashes
+            text = _ESCAPED_RE.sub(lambda m: chr(base + ord(m.group(1))), text)
     for literals, pattern, replacement in _INLINE_RULES:
         if any(literal in text for literal in literals):
             text = pattern.sub(replacement, text)
-    if escaped:
-        text = _PARKED_RE.sub(lambda m: chr(ord(m.group()) - _ESCAPE_BASE), text)
+    if base is not None:
+        text = re.sub(f"[{chr(base)}-{chr(base + 0x7F)}]",
+                      lambda m: chr(ord(m.group()) - base), text)
     return text
 
 
@@ -3670,7 +3674,7 @@ class WorkerPool:
         env = {**self.creator_env_bytes, b"CONTENTHUB_TASK_ID": task["task_id"].encode()}
         return await run_process(
             render_argv(template, values), cwd=cwd, env=env, timeout=timeout,
-            stdin=json.dumps(values, ensure_ascii=False).encode() + b"\n",
+            stdin=json_text(values).encode() + b"\n",
             max_output=creator.max_output, kill_grace=creator.kill_grace, stop=stop,
             on_stdout_line=on_line, on_spawn=on_spawn)
 

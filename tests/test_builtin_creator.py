@@ -303,6 +303,14 @@ def test_plain_summary_strips_markdown_to_text():
     assert plain_summary(md) == "标题 这是重点和链接。 引用 x 项目一 项目二 a b 1 2 my_var_name and em and del *star*"
 
 
+def test_plain_summary_keeps_private_use_characters_beside_escapes():
+    # Escapes are parked in a Private Use block while the rules run: one the text leaves free.
+    text = "\ue02a icon \\*not em\\* \ue0aa \U000f0001 [链接](http://x) \\[kept\\]"
+    assert plain_summary(text) == "\ue02a icon *not em* \ue0aa \U000f0001 链接 [kept]"
+    crowded = "".join(chr(base) for base in range(0xE000, 0xF900, 0x80)) + " \\*x\\*"
+    assert plain_summary(crowded, limit=1000) == crowded.replace("\\", "")
+
+
 def test_plain_summary_keeps_the_first_limit_characters():
     assert plain_summary("字" * 500) == "字" * 200
     assert plain_summary("word " * 100, limit=12) == "word word wo"
