@@ -113,7 +113,8 @@ def test_cancel_pending_and_retry_conflicts(daemon_factory):
 
 
 def test_sigkill_mid_batch_completes_each_task_once(daemon_factory):
-    daemon = daemon_factory(creator=command_creator("json_article.py"), workers=8,
+    # A shell creator: 200 Python start-ups would make this test CPU-bound on a small host.
+    daemon = daemon_factory(creator=command_creator("instant_article.sh"), workers=8,
                             env={"CREATOR_SLEEP": "0.05"}).start()
     task_ids = [daemon.submit(f"批量任务 {i}", account_id=49 + i % 2) for i in range(200)]
     rng = random.Random(7)
