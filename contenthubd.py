@@ -619,6 +619,24 @@ def load_config(path: str | None, environ: dict[str, str] | None = None,
     return parse_config(text, str(path), environ, validate_schedules)
 
 
+#: [daemon] keys only a restart can change: the open database, the bound socket and the
+#: configured logger stay as they are, so a reload keeps their running values and names them.
+RESTART_ONLY_KEYS = ("state_dir", "database", "socket", "log_format", "log_level")
+
+
+def keep_restart_only_keys(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new`, with the running values of the RESTART_ONLY_KEYS it changes, and those keys."""
+    changed = [key for key in RESTART_ONLY_KEYS
+               if getattr(running.daemon, key) != getattr(new.daemon, key)]
+    if not changed:
+        return new, []
+    kept = {key: getattr(running.daemon, key) for key in changed}
+    sources = {**new.sources, **{f"daemon.{key}": "running; restart to apply the file's"
+                                 for key in changed}}
+    return dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **kept),
+                               sources=sources), changed
+
+
 def describe_config(config: Config) -> list[dict[str, Any]]:
     """Effective daemon and creator settings with their source; secrets masked."""
     rows = []
@@ -2107,7 +2125,6 @@ CC_SEPARATOR = "\u2500" * 40
 #: The CLI prints the quality score as "<score>/100", but the score is a 0-10 weighted average.
 CC_SCORE_SCALE = "0-10 (printed as x/100 by content-creator 0.2.0)"
 CC_STDERR_TAIL_CHARS = 2000
-EX_CONFIG = 78  #: sysexits.h; the unit's RestartPreventExitStatus= stops restarts on it
 CC_STDOUT_TAIL_LINES = 8
 
 _CC_STATUS_HEADER = "✅ 执行成功"
@@ -4114,6 +4131,17 @@ class ControlServer:
         self.started_monotonic = time.monotonic()
         self._server = await asyncio.start_unix_server(self._serve_connection, path=self.path,
                                                        limit=MAX_LINE_BYTES + 1)
+        self._apply_socket_permissions()
+
+    def apply_config(self, config: Config) -> None:
+        """Reload: new limits and peer rules at once; the socket file gets the new mode and
+        group, so the file and the peer check never disagree."""
+        old, self.config = self.config, config
+        if self._server is not None and (old.daemon.socket_mode, old.daemon.socket_group) != (
+                config.daemon.socket_mode, config.daemon.socket_group):
+            self._apply_socket_permissions()
+
+    def _apply_socket_permissions(self) -> None:
         os.chmod(self.path, self.config.daemon.socket_mode)
         group = self.config.daemon.socket_group
         if group:
@@ -5292,12 +5320,16 @@ class App:
             log.error("reload_rejected", errors=exc.errors)
             sd_notify("READY=1", f"STATUS=reload failed: {exc.errors[0]}", environ=self.environ)
             raise
+        new, needs_restart = keep_restart_only_keys(self.config, new)
+        if needs_restart:
+            log.warning("reload_needs_restart", keys=needs_restart,
+                        hint="these keys keep their running values until a restart")
         old, self.config = self.config, new
         await self.store.sync_accounts(new.accounts, self.clock())
         self.pool.apply_config(new)
         await self.scheduler.apply_config(new)
         if self.control is not None:
-            self.control.config = new
+            self.control.apply_config(new)
         self.last_reload_error = None
         old_schedules = {s.name: s for s in old.schedules}
         new_schedules = {s.name: s for s in new.schedules}
@@ -5307,7 +5339,8 @@ class App:
             "schedules_added": sorted(new_schedules.keys() - old_schedules.keys()),
             "schedules_removed": sorted(old_schedules.keys() - new_schedules.keys()),
             "schedules_changed": sorted(n for n in new_schedules.keys() & old_schedules.keys()
-                                        if new_schedules[n] != old_schedules[n])}
+                                        if new_schedules[n] != old_schedules[n]),
+            "restart_required": needs_restart}
         log.info("config_reloaded", **changes)
         sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
         return changes

@@ -162,6 +162,26 @@ def test_socket_mode_from_config_is_honoured(daemon_factory):
     assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
 
 
+def test_reload_applies_the_socket_mode_and_keeps_restart_only_keys(daemon_factory):
+    daemon = daemon_factory().start()
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(
+        text.replace('state_dir = "state"', 'state_dir = "elsewhere"\nsocket_mode = "0600"')
+        .replace('log_level = "debug"', 'log_level = "info"'), encoding="utf-8")
+    changes = daemon.call("reload")["changes"]
+    assert changes["restart_required"] == ["state_dir", "log_level"]
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+    rows = {row["key"]: row for row in daemon.call("config")}
+    assert rows["daemon.socket_mode"]["value"] == "0600"
+    assert rows["daemon.state_dir"]["value"] == "state"
+    assert "restart" in rows["daemon.state_dir"]["source"]
+    assert '"reload_needs_restart"' in daemon.log()
+    # Creators still run in the running state dir, and their tasks land in its database.
+    task_id = daemon.submit("重载之后")
+    assert daemon.wait_status(task_id, "completed")["content_id"]
+    assert not (daemon.dir / "elsewhere").exists()
+
+
 @needs_root
 def test_default_mode_keeps_other_users_off_the_socket(daemon_factory, public_socket_dir):
     daemon = daemon_factory()
