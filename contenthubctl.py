@@ -989,7 +989,26 @@ def int_in_range(low: int, high: int | None = None):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: top-level options that take a value (argparse also accepts any prefix of them)
+VALUE_OPTIONS = ("--socket", "--config", "--format")
+
+
+def command_word(argv: list[str]) -> str | None:
+    """The word argparse will take for the command: the first argument that is neither an
+    option nor a top-level option's value; None if there is none (`--help`, say)."""
+    words = iter(argv)
+    for word in words:
+        if word.startswith("--") and "=" not in word and any(
+                option.startswith(word) for option in VALUE_OPTIONS):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command, or with `only` (a command word) the subcommands of that group alone:
+    building them all takes longer than a `task status` call spends on everything else."""
     format_option = argparse.ArgumentParser(add_help=False)
     format_option.add_argument("--format", choices=FORMATS, default=argparse.SUPPRESS,
                                help="output format (may also come before the command)")
@@ -1015,107 +1034,117 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    def wanted(group_name: str) -> bool:
+        return only is None or only == group_name
+
     def add_limit(sub) -> None:
         sub.add_argument("--limit", type=int_in_range(1), help="at most this many rows")
 
     command(commands, "version", cmd_version, "client and daemon versions")
 
     content = group("content", "generate and review content")
-    sub = command(content, "generate", cmd_content_generate, "queue one generation task")
-    sub.add_argument("-a", "--account-id", type=int, required=True)
-    sub.add_argument("-t", "--topic", required=True)
-    sub.add_argument("-k", "--keywords", help="comma-separated")
-    sub.add_argument("--requirements", metavar="TEXT|JSON")
-    sub.add_argument("--tone")
-    sub.add_argument("--category")
-    sub.add_argument("--target-audience")
-    sub.add_argument("--priority", type=int_in_range(0, 10), help="0-10 (daemon default 5)")
-    sub.add_argument("--auto-approve", action=argparse.BooleanOptionalAction, default=None,
-                     help="approve the result without review (default: the daemon's config)")
-    sub.add_argument("--async", dest="async_mode", action="store_true",
-                     help="accepted for compatibility: generation is always asynchronous")
-    sub.add_argument("--wait", action="store_true",
-                     help="follow the task to its end; exit 0 only if it completed")
-    sub = command(content, "list", cmd_content_list, "list contents (without bodies)")
-    sub.add_argument("--account-id", type=int)
-    sub.add_argument("--review-status", choices=REVIEW_STATUSES)
-    sub.add_argument("--since", metavar="ISO", help="created at or after this date/time")
-    add_limit(sub)
-    sub = command(content, "show", cmd_content_show, "one content with its body")
-    sub.add_argument("id", metavar="ID", help="content id, or the id of the task that made it")
-    for name, handler in (("approve", cmd_content_approve), ("reject", cmd_content_reject)):
-        sub = command(content, name, handler, f"{name} contents")
-        sub.add_argument("ids", metavar="ID", type=int, nargs="+")
-        if name == "reject":
-            sub.add_argument("--reason")
-    sub = command(content, "export", cmd_content_export,
-                  "write contents as Markdown files or JSON Lines")
-    sub.add_argument("ids", metavar="ID", type=int, nargs="*", help="only these contents")
-    target = sub.add_mutually_exclusive_group()
-    target.add_argument("--dir", metavar="DIR", help="one <id>-<slug>.md per content")
-    target.add_argument("--jsonl", action="store_true", help="JSON Lines (the default)")
-    sub.add_argument("--output", metavar="FILE", help="JSON Lines to FILE instead of stdout")
-    sub.add_argument("--account-id", type=int)
-    sub.add_argument("--review-status", choices=REVIEW_STATUSES)
-    sub.add_argument("--since", metavar="ISO")
-    add_limit(sub)
+    if wanted("content"):
+        sub = command(content, "generate", cmd_content_generate, "queue one generation task")
+        sub.add_argument("-a", "--account-id", type=int, required=True)
+        sub.add_argument("-t", "--topic", required=True)
+        sub.add_argument("-k", "--keywords", help="comma-separated")
+        sub.add_argument("--requirements", metavar="TEXT|JSON")
+        sub.add_argument("--tone")
+        sub.add_argument("--category")
+        sub.add_argument("--target-audience")
+        sub.add_argument("--priority", type=int_in_range(0, 10), help="0-10 (daemon default 5)")
+        sub.add_argument("--auto-approve", action=argparse.BooleanOptionalAction, default=None,
+                         help="approve the result without review (default: the daemon's config)")
+        sub.add_argument("--async", dest="async_mode", action="store_true",
+                         help="accepted for compatibility: generation is always asynchronous")
+        sub.add_argument("--wait", action="store_true",
+                         help="follow the task to its end; exit 0 only if it completed")
+        sub = command(content, "list", cmd_content_list, "list contents (without bodies)")
+        sub.add_argument("--account-id", type=int)
+        sub.add_argument("--review-status", choices=REVIEW_STATUSES)
+        sub.add_argument("--since", metavar="ISO", help="created at or after this date/time")
+        add_limit(sub)
+        sub = command(content, "show", cmd_content_show, "one content with its body")
+        sub.add_argument("id", metavar="ID", help="content id, or the id of the task that made it")
+        for name, handler in (("approve", cmd_content_approve), ("reject", cmd_content_reject)):
+            sub = command(content, name, handler, f"{name} contents")
+            sub.add_argument("ids", metavar="ID", type=int, nargs="+")
+            if name == "reject":
+                sub.add_argument("--reason")
+        sub = command(content, "export", cmd_content_export,
+                      "write contents as Markdown files or JSON Lines")
+        sub.add_argument("ids", metavar="ID", type=int, nargs="*", help="only these contents")
+        target = sub.add_mutually_exclusive_group()
+        target.add_argument("--dir", metavar="DIR", help="one <id>-<slug>.md per content")
+        target.add_argument("--jsonl", action="store_true", help="JSON Lines (the default)")
+        sub.add_argument("--output", metavar="FILE", help="JSON Lines to FILE instead of stdout")
+        sub.add_argument("--account-id", type=int)
+        sub.add_argument("--review-status", choices=REVIEW_STATUSES)
+        sub.add_argument("--since", metavar="ISO")
+        add_limit(sub)
 
     task = group("task", "inspect and manage generation tasks")
-    for name, handler, help_text in (("status", cmd_task_status, "one task with its events"),
-                                     ("cancel", cmd_task_cancel, "cancel a task"),
-                                     ("retry", cmd_task_retry, "run a finished task again")):
-        command(task, name, handler, help_text).add_argument("task_id", metavar="TASK_ID")
-    sub = command(task, "list", cmd_task_list, "list tasks, newest first")
-    sub.add_argument("--account-id", type=int)
-    sub.add_argument("--status", choices=TASK_STATUSES, action="append",
-                     help="repeat for several")
-    add_limit(sub)
-    sub = command(task, "cleanup", cmd_task_cleanup, "delete old finished tasks")
-    sub.add_argument("--days", type=int_in_range(0), required=True,
-                     help="older than this many days")
-    sub.add_argument("--status", choices=TASK_STATUSES, nargs="+",
-                     help="only these statuses (default: the terminal ones)")
-    sub.add_argument("--dry-run", action="store_true", help="count, do not delete")
-    command(task, "stats", cmd_task_stats, "task counts by status and account")
+    if wanted("task"):
+        for name, handler, help_text in (
+                ("status", cmd_task_status, "one task with its events"),
+                ("cancel", cmd_task_cancel, "cancel a task"),
+                ("retry", cmd_task_retry, "run a finished task again")):
+            command(task, name, handler, help_text).add_argument("task_id", metavar="TASK_ID")
+        sub = command(task, "list", cmd_task_list, "list tasks, newest first")
+        sub.add_argument("--account-id", type=int)
+        sub.add_argument("--status", choices=TASK_STATUSES, action="append",
+                         help="repeat for several")
+        add_limit(sub)
+        sub = command(task, "cleanup", cmd_task_cleanup, "delete old finished tasks")
+        sub.add_argument("--days", type=int_in_range(0), required=True,
+                         help="older than this many days")
+        sub.add_argument("--status", choices=TASK_STATUSES, nargs="+",
+                         help="only these statuses (default: the terminal ones)")
+        sub.add_argument("--dry-run", action="store_true", help="count, do not delete")
+        command(task, "stats", cmd_task_stats, "task counts by status and account")
 
     monitor = group("monitor", "metrics and health")
-    command(monitor, "metrics", cmd_monitor_metrics,
-            "overall metrics (--format prometheus for a textfile collector)")
-    for name, handler, help_text in (("recent", cmd_monitor_recent, "recently updated tasks"),
-                                     ("failed", cmd_monitor_failed, "failed and timed-out tasks"),
-                                     ("pending", cmd_monitor_pending, "tasks not finished yet")):
-        add_limit(command(monitor, name, handler, help_text))
-    sub = command(monitor, "stats", cmd_monitor_stats, "daily statistics and failure reasons")
-    sub.add_argument("--days", type=int_in_range(1), help="how many days back (default 7)")
-    command(monitor, "health", cmd_monitor_health, "health checks; exit 1 unless all pass")
+    if wanted("monitor"):
+        command(monitor, "metrics", cmd_monitor_metrics,
+                "overall metrics (--format prometheus for a textfile collector)")
+        for name, handler, help_text in (
+                ("recent", cmd_monitor_recent, "recently updated tasks"),
+                ("failed", cmd_monitor_failed, "failed and timed-out tasks"),
+                ("pending", cmd_monitor_pending, "tasks not finished yet")):
+            add_limit(command(monitor, name, handler, help_text))
+        sub = command(monitor, "stats", cmd_monitor_stats, "daily statistics and failure reasons")
+        sub.add_argument("--days", type=int_in_range(1), help="how many days back (default 7)")
+        command(monitor, "health", cmd_monitor_health, "health checks; exit 1 unless all pass")
 
     scheduler = group("scheduler", "schedules and their runs")
-    command(scheduler, "list", cmd_scheduler_list, "all schedules")
-    for name, handler, help_text in (("show", cmd_scheduler_show, "one schedule in full"),
-                                     ("pause", cmd_scheduler_pause, "stop firing a schedule"),
-                                     ("resume", cmd_scheduler_resume, "fire a schedule again"),
-                                     ("trigger", cmd_scheduler_trigger, "fire a schedule now")):
-        command(scheduler, name, handler, help_text).add_argument("name", metavar="NAME")
-    sub = command(scheduler, "history", cmd_scheduler_history, "recent runs")
-    sub.add_argument("name", metavar="NAME", nargs="?", help="only this schedule")
-    add_limit(sub)
-    sub = command(scheduler, "next", cmd_scheduler_next, "the next fire times of a schedule")
-    sub.add_argument("name", metavar="NAME")
-    sub.add_argument("--count", type=int_in_range(1), help="how many (default 5)")
-    sub.add_argument("--after", metavar="ISO", help="from this time instead of now")
-    command(scheduler, "status", cmd_scheduler_status, "scheduler state and the next firing")
-    sub = command(scheduler, "create", cmd_scheduler_create,
-                  "add a schedule to the config file and reload")
-    sub.add_argument("--name", required=True)
-    sub.add_argument("--type", required=True, metavar="EXECUTOR",
-                     help="executor type (see: contenthubctl executors)")
-    trigger = sub.add_mutually_exclusive_group(required=True)
-    trigger.add_argument("--cron", metavar="EXPR", help='five fields, e.g. "0 8 * * *"')
-    trigger.add_argument("--every", metavar="DURATION", help="interval, e.g. 2h")
-    sub.add_argument("--timezone", help="IANA name (default: the daemon's)")
-    sub.add_argument("--misfire", choices=("skip", "once", "all"))
-    sub.add_argument("--overlap", choices=("skip", "allow"))
-    sub.add_argument("--params", default="{}", metavar="JSON", help="executor parameters")
+    if wanted("scheduler"):
+        command(scheduler, "list", cmd_scheduler_list, "all schedules")
+        for name, handler, help_text in (
+                ("show", cmd_scheduler_show, "one schedule in full"),
+                ("pause", cmd_scheduler_pause, "stop firing a schedule"),
+                ("resume", cmd_scheduler_resume, "fire a schedule again"),
+                ("trigger", cmd_scheduler_trigger, "fire a schedule now")):
+            command(scheduler, name, handler, help_text).add_argument("name", metavar="NAME")
+        sub = command(scheduler, "history", cmd_scheduler_history, "recent runs")
+        sub.add_argument("name", metavar="NAME", nargs="?", help="only this schedule")
+        add_limit(sub)
+        sub = command(scheduler, "next", cmd_scheduler_next, "the next fire times of a schedule")
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("--count", type=int_in_range(1), help="how many (default 5)")
+        sub.add_argument("--after", metavar="ISO", help="from this time instead of now")
+        command(scheduler, "status", cmd_scheduler_status, "scheduler state and the next firing")
+        sub = command(scheduler, "create", cmd_scheduler_create,
+                      "add a schedule to the config file and reload")
+        sub.add_argument("--name", required=True)
+        sub.add_argument("--type", required=True, metavar="EXECUTOR",
+                         help="executor type (see: contenthubctl executors)")
+        trigger = sub.add_mutually_exclusive_group(required=True)
+        trigger.add_argument("--cron", metavar="EXPR", help='five fields, e.g. "0 8 * * *"')
+        trigger.add_argument("--every", metavar="DURATION", help="interval, e.g. 2h")
+        sub.add_argument("--timezone", help="IANA name (default: the daemon's)")
+        sub.add_argument("--misfire", choices=("skip", "once", "all"))
+        sub.add_argument("--overlap", choices=("skip", "allow"))
+        sub.add_argument("--params", default="{}", metavar="JSON", help="executor parameters")
 
     command(commands, "executors", cmd_executors, "executor types and their parameters")
     sub = command(commands, "bulk-import", cmd_bulk_import,
@@ -1151,7 +1180,8 @@ def main(argv: list[str] | None = None) -> int:
     use_utf8(sys.stdout)
     use_utf8(sys.stderr)
     out, err = sys.stdout, sys.stderr
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_word(argv))
     try:
         options = parser.parse_args(argv)
         if options.format == "prometheus" and options.handler is not cmd_monitor_metrics:

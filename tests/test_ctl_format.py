@@ -186,6 +186,23 @@ def test_usage_errors_exit_2(capsys):
     assert ctl.main(["content", "generate", "-a", "1", "-t", "x", "--priority", "11"]) == 2
 
 
+def test_a_command_builds_only_its_group_and_parses_as_the_full_parser_does(capsys):
+    for argv in (["task", "status", "t1"], ["--sock", "/s", "monitor", "metrics"],
+                 ["--format=json", "scheduler", "next", "daily", "--count", "3"],
+                 ["--config", "task", "content", "list", "--limit", "2"], ["version"],
+                 ["--f", "csv", "bulk-import", "--file", "a.csv"]):
+        partial = ctl.build_parser(ctl.command_word(argv)).parse_args(argv)
+        assert vars(partial) == vars(ctl.build_parser().parse_args(argv)), argv
+    assert ctl.command_word(["--config", "task", "content", "list"]) == "content"
+    assert ctl.command_word(["--help"]) is None
+    for group in ("content", "task", "monitor", "scheduler"):
+        with pytest.raises(SystemExit):
+            ctl.build_parser().parse_args([group, "--help"])
+        full_help = capsys.readouterr().out
+        assert ctl.main([group, "--help"]) == 0
+        assert capsys.readouterr().out == full_help
+
+
 def test_missing_socket_exits_69_with_a_start_hint(tmp_path, capsys):
     path = tmp_path / "nope.sock"
     assert ctl.main(["--socket", str(path), "task", "list"]) == 69
