@@ -4142,14 +4142,17 @@ class ControlServer:
             self._apply_socket_permissions()
 
     def _apply_socket_permissions(self) -> None:
-        os.chmod(self.path, self.config.daemon.socket_mode)
-        group = self.config.daemon.socket_group
-        if group:
-            try:
-                os.chown(self.path, -1, grp.getgrnam(group).gr_gid)
-            except (KeyError, PermissionError) as exc:
-                log.warning("socket_group_not_applied", group=group, error=str(exc),
-                            hint="the daemon's user must be a member of socket_group")
+        """A failure is logged, not raised: the socket keeps serving as it was."""
+        daemon = self.config.daemon
+        try:
+            os.chmod(self.path, daemon.socket_mode)
+            if daemon.socket_group:
+                os.chown(self.path, -1, grp.getgrnam(daemon.socket_group).gr_gid)
+        except (KeyError, OSError) as exc:
+            log.warning("socket_permissions_not_applied", mode=f"{daemon.socket_mode:04o}",
+                        group=daemon.socket_group, error=str(exc),
+                        hint="the daemon's user must own the socket and be a member of"
+                        " socket_group")
 
     async def stop(self) -> None:
         if self._server is not None:
