@@ -742,6 +742,9 @@ CONTENT_FROM = ("contents c LEFT JOIN content_generation_tasks t ON t.task_id = 
 #: file. README says more.
 DB_PRAGMAS = ("synchronous = NORMAL", "foreign_keys = ON", "busy_timeout = 5000")
 CLOSE_WAIT_S = 10.0  #: how long close() lets the writer retry before failing what is queued
+#: The fence on a task's row (task_id, attempt): a cancelled or requeued task is no longer
+#: this attempt's to change.
+OWNED_BY_ATTEMPT = "task_id = ? AND attempt = ? AND status IN ('running', 'submitted')"
 TRANSIENT_DB_ERRORS = ("locked", "busy", "disk is full", "disk i/o error", "unable to open")
 
 
@@ -1130,8 +1133,7 @@ class Store:
                               stage: str | None) -> None:
         def record(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE content_generation_tasks SET progress = ?, stage = ?"
-                         " WHERE task_id = ? AND attempt = ? AND status IN ('running',"
-                         " 'submitted')", (progress, stage, task_id, attempt))
+                         f" WHERE {OWNED_BY_ATTEMPT}", (progress, stage, task_id, attempt))
 
         await self._write(record)
 
@@ -1139,9 +1141,8 @@ class Store:
     def _owned(conn: sqlite3.Connection, task_id: str, attempt: int, columns: str) -> tuple | None:
         """The task's `columns` if this attempt still owns it (running or submitted): the
         fence that keeps a cancelled or requeued task from being completed by a late worker."""
-        return conn.execute(f"SELECT {columns} FROM content_generation_tasks WHERE task_id = ?"
-                            " AND attempt = ? AND status IN ('running', 'submitted')",
-                            (task_id, attempt)).fetchone()
+        return conn.execute(f"SELECT {columns} FROM content_generation_tasks"
+                            f" WHERE {OWNED_BY_ATTEMPT}", (task_id, attempt)).fetchone()
 
     async def complete_task(self, task_id: str, attempt: int, article: dict[str, Any],
                             result: dict[str, Any], now: datetime,
@@ -1165,13 +1166,13 @@ class Store:
         result_text = json_text(result)
 
         def complete(conn: sqlite3.Connection) -> int | None:
-            # Inserted only if this attempt still owns the task (the fence of _owned).
+            # Inserted only if this attempt still owns the task: the fence is in the SELECT.
             cursor = conn.execute(
                 "INSERT INTO contents (task_id, account_id, title, body, summary, word_count,"
                 " images, quality, created_at, review_status) SELECT task_id, account_id,"
                 " ?, ?, ?, ?, ?, ?, ?, CASE WHEN auto_approve THEN 'approved'"
-                " ELSE 'pending_review' END FROM content_generation_tasks WHERE task_id = ?"
-                " AND attempt = ? AND status IN ('running', 'submitted')", values)
+                " ELSE 'pending_review' END FROM content_generation_tasks"
+                f" WHERE {OWNED_BY_ATTEMPT}", values)
             if not cursor.rowcount:
                 return None
             content_id = cursor.lastrowid
@@ -4137,7 +4138,7 @@ class ControlServer:
         """Reload: new limits and peer rules at once; the socket file gets the new mode and
         group, so the file and the peer check never disagree."""
         old, self.config = self.config, config
-        if self._server is not None and (old.daemon.socket_mode, old.daemon.socket_group) != (
+        if (old.daemon.socket_mode, old.daemon.socket_group) != (
                 config.daemon.socket_mode, config.daemon.socket_group):
             self._apply_socket_permissions()
 
