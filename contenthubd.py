@@ -73,9 +73,8 @@ __version__ = "0.1.0"
 SCHEMA_PATH = next((p for p in (Path(__file__).with_name("schema.sql"),
                                 Path(sys.prefix, "share", "contenthubd", "schema.sql"))
                     if p.exists()), Path(__file__).with_name("schema.sql"))
-SCHEMA_VERSION = 1
-#: Ordered migrations from version N-1 to N, applied after schema.sql; version 1 is schema.sql.
-MIGRATIONS: dict[int, str] = {}
+#: A line of schema.sql that starts the step to schema version N (see schema.sql's header).
+MIGRATION_HEADER = re.compile(r"^-- migration (\d+): (.+)$", re.MULTILINE)
 
 TERMINAL_STATUSES = ("completed", "failed", "timeout", "cancelled")
 ACTIVE_STATUSES = ("pending", "submitted", "running")
@@ -111,6 +110,14 @@ class NotFound(ContentHubError):
 
 class Conflict(ContentHubError):
     code = "conflict"
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do, `exit_code` how to end."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ConfigError(ContentHubError):
@@ -775,6 +782,35 @@ def _is_transient(exc: sqlite3.Error) -> bool:
         marker in str(exc).lower() for marker in TRANSIENT_DB_ERRORS)
 
 
+def schema_steps(text: str) -> list[tuple[int, str, list[str]]]:
+    """schema.sql as its steps: (version, title, statements), version 1 first.
+
+    Statements are split where sqlite3 sees one complete (a trigger's BEGIN ... END stays
+    whole), because executescript() would commit the step's transaction half-way.
+    """
+    headers = list(MIGRATION_HEADER.finditer(text))
+    bounds = [(1, "release 0.1.0 schema", 0)] + [
+        (int(match[1]), match[2].strip(), match.start()) for match in headers]
+    steps = []
+    for index, (version, title, start) in enumerate(bounds):
+        if version != index + 1:
+            raise StartupError(f"{SCHEMA_PATH}: migration {version} follows {index};"
+                               " steps must be numbered 2, 3, ... in order")
+        end = bounds[index + 1][2] if index + 1 < len(bounds) else len(text)
+        statements, pending = [], ""
+        for line in text[start:end].splitlines(keepends=True):
+            pending += line
+            if sqlite3.complete_statement(pending):
+                if pending.strip(" \t\n;"):
+                    statements.append(pending.strip())
+                pending = ""
+        if pending.strip() and not all(
+                part.strip().startswith("--") for part in pending.splitlines() if part.strip()):
+            raise StartupError(f"{SCHEMA_PATH}: step {version} ends inside a statement")
+        steps.append((version, title, statements))
+    return steps
+
+
 #: Longest accepted text per task field: a topic is a headline; requirements may be a brief.
 #: Linux refuses any single argv element over 128 KiB, and fields become argv elements.
 TASK_FIELD_LIMITS = {"topic": 1_000, "keywords": 2_000, "category": 200, "tone": 200,
@@ -829,6 +865,7 @@ class Store:
         self._writer_thread: threading.Thread | None = None
         self._closing = False
         self.last_write_error: str | None = None  #: shown by `monitor health` while retrying
+        self.schema_version = 0  #: the newest step of schema.sql, known once open
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -929,28 +966,63 @@ class Store:
             if stopping:
                 self._writes.put(None)
 
-    @staticmethod
-    def _apply_schema(conn: sqlite3.Connection) -> None:
-        conn.executescript(SCHEMA_PATH.read_text(encoding="utf-8"))
-        if conn.execute("SELECT COUNT(*) FROM counters").fetchone()[0] == 0:
-            conn.executescript(
-                "BEGIN IMMEDIATE;"
-                " INSERT INTO counters SELECT 'task:' || status, COUNT(*)"
-                " FROM content_generation_tasks GROUP BY status;"
-                " INSERT INTO counters SELECT 'content:' || review_status, COUNT(*)"
-                " FROM contents GROUP BY review_status; COMMIT;")
-        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-        current = row[0] or 0
-        if current == 0:
-            conn.execute("INSERT INTO schema_version VALUES (?, ?)",
-                         (SCHEMA_VERSION, to_db_time(utc_now())))
-            return
-        for version in range(current + 1, SCHEMA_VERSION + 1):
+    def _apply_schema(self, conn: sqlite3.Connection) -> None:
+        """Bring the database to the newest schema version, one step per transaction.
+
+        Each step (N-1 -> N) runs its statements and records its schema_version row in one
+        BEGIN IMMEDIATE ... COMMIT, so a kill -9 anywhere leaves the database at N-1 or at N,
+        and the next start resumes from there. Foreign keys are off during a step (a table
+        rebuild must not cascade) and checked before its COMMIT.
+        """
+        steps = schema_steps(SCHEMA_PATH.read_text(encoding="utf-8"))
+        self.schema_version = newest = steps[-1][0]
+        current = self._schema_version_of(conn)
+        if current > newest:
+            raise StartupError(
+                f"database {self.path} is at schema version {current}, newer than this"
+                f" contenthubd {__version__} knows ({newest}): run the release that wrote it,"
+                " or restore a backup taken before the upgrade", EX_CONFIG)
+        for version, title, statements in steps:
+            if version <= current:
+                continue
+            self.log.info("schema_migrating", version=version, step=title,
+                          database=str(self.path))
+            conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("BEGIN IMMEDIATE")
-            conn.executescript(MIGRATIONS[version])
-            conn.execute("INSERT INTO schema_version VALUES (?, ?)",
-                         (version, to_db_time(utc_now())))
+            try:
+                for statement in statements:
+                    conn.execute(statement)
+                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise StartupError(f"schema step {version} ({title}) leaves foreign keys"
+                                       f" broken in {sorted({row[0] for row in broken})}")
+                conn.execute("INSERT INTO schema_version VALUES (?, ?)",
+                             (version, to_db_time(utc_now())))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            finally:
+                conn.execute("PRAGMA foreign_keys = ON")
+            self.log.info("schema_migrated", version=version, step=title,
+                          database=str(self.path))
+        if conn.execute("SELECT COUNT(*) FROM counters").fetchone()[0] == 0:
+            # Counters of a database from before the counters table, or an empty one.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO counters SELECT 'task:' || status, COUNT(*)"
+                         " FROM content_generation_tasks GROUP BY status")
+            conn.execute("INSERT INTO counters SELECT 'content:' || review_status, COUNT(*)"
+                         " FROM contents GROUP BY review_status")
             conn.execute("COMMIT")
+
+    @staticmethod
+    def _schema_version_of(conn: sqlite3.Connection) -> int:
+        """The newest step recorded; 0 for a new file (or one a crash left before step 1)."""
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                        " AND name = 'schema_version'").fetchone() is None:
+            return 0
+        return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
 
     async def _write(self, work: Callable[..., Any], *args: Any) -> Any:
         if self._writer_thread is None:
@@ -5137,10 +5209,6 @@ def write_atomically(path: Path, text: str) -> None:
         os.chmod(temp, path.stat().st_mode & 0o7777)
     os.replace(temp, path)
 
-class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
-
-
 class App:
     """Owns the store, the loops, the pool and the control socket: all mutable state.
 
@@ -5182,7 +5250,7 @@ class App:
         except StartupError as exc:
             log.error("startup_failed", error=str(exc))
             await self._release()
-            return 1
+            return exc.exit_code
         except BaseException:
             log.exception("startup_crashed")
             await self._release()
@@ -5407,7 +5475,7 @@ class App:
     # -- commands that need the whole App ------------------------------------------------------
 
     async def cmd_version(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"version": __version__, "schema_version": SCHEMA_VERSION, "pid": os.getpid(),
+        return {"version": __version__, "schema_version": self.store.schema_version, "pid": os.getpid(),
                 "started_at": to_db_time(self.started_at), "config_path": self.config.path}
 
     async def cmd_reload(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,20 @@
--- contenthubd schema. Applied at every start; every statement is idempotent.
+-- contenthubd schema: the steps that build a database, oldest first.
 -- Times are UTC ISO-8601 text ('2026-11-22T13:00:00.123Z'), which sorts and compares as text
 -- and which sqlite3's date functions understand.
--- A later change to the schema adds a numbered block in contenthubd.MIGRATIONS and bumps
--- schema_version; this file always describes the newest schema.
+--
+-- How versions work. Everything above the first "-- migration N: what" line is version 1, the
+-- schema of release 0.1.0; each "-- migration N: what" block takes a version N-1 database to N.
+-- The highest N is the schema version of this release. A database records each step it has
+-- taken as a row of schema_version (PRAGMA user_version is not used). At start the daemon runs
+-- every step above the database's newest row, each in one transaction together with its
+-- schema_version row, so a crash leaves the file at one version or the next, never between.
+-- A database newer than this file refuses to start (exit 78).
+--
+-- Adding a migration: append a block at the end of this file, never edit an earlier one. Plain
+-- statements only (no BEGIN/COMMIT, no PRAGMA: foreign keys are off during a step and checked
+-- before its commit). A table rebuild creates the new table, copies, drops the old one, renames,
+-- and recreates the table's indexes and triggers in the same block. The upgrade test
+-- (tests/test_migrations.py) runs every step from the 0.1.0 fixture database.
 
 CREATE TABLE IF NOT EXISTS schema_version (
     version     INTEGER NOT NULL,

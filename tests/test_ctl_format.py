@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import contenthubctl as ctl  # noqa: E402
+import contenthubctl as ctl
 
 TASK = {
     "task_id": "task-1760000000000-abcd1234", "content_id": None, "account_id": 49,
