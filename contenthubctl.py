@@ -20,6 +20,7 @@ Exit codes: 0 ok, 1 the command failed, 2 usage error, 69 contenthubd unreachabl
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -712,10 +713,9 @@ def wait_for_task(session: Session, task_id: str) -> int:
         content_id = task.get("content_id")
         title = ""
         if content_id is not None:
-            try:
+            # The task did complete; a title we cannot fetch is no reason to fail.
+            with contextlib.suppress(CommandFailed):
                 title = session.call("content.show", {"id": content_id}).get("title") or ""
-            except CommandFailed:
-                pass  # the task did complete; a title we cannot fetch is no reason to fail
         session.write_lines([f"{task_id} completed: content {content_id} {title}".rstrip()])
     if not completed:
         session.warn(f"task {task_id} {task.get('status')}: {error_of(task) or 'no reason given'}")
@@ -1163,10 +1163,8 @@ def use_utf8(stream) -> None:
     """UTF-8 output whatever the locale says, so Chinese titles survive LANG=C."""
     reconfigure = getattr(stream, "reconfigure", None)
     if reconfigure is not None:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             reconfigure(encoding="utf-8", errors="replace")
-        except (ValueError, OSError):
-            pass
 
 
 def report_failure(err, exc: CommandFailed) -> None:
@@ -1210,10 +1208,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`| head`); point stdout at /dev/null so the final flush at
         # interpreter exit does not raise again.
-        try:
+        with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-        except (OSError, ValueError):
-            pass
         return EXIT_BROKEN_PIPE
     except Exception as exc:
         err.write(f"contenthubctl: {type(exc).__name__}: {exc}\n")

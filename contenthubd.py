@@ -53,12 +53,12 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from itertools import islice, takewhile
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiosqlite
@@ -131,14 +131,14 @@ class ConfigError(ContentHubError):
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def to_db_time(moment: datetime | None) -> str | None:
     """UTC ISO-8601 with milliseconds and a Z: sorts as text, and sqlite3 can read it."""
     if moment is None:
         return None
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def from_db_time(text: str | None) -> datetime | None:
@@ -1289,7 +1289,8 @@ class Store:
                 "UPDATE content_generation_tasks SET status = ?, completed_at = ?,"
                 " error_kind = ?, error_message = ?, pid = NULL, pgid = NULL, updated_at = ?"
                 " WHERE task_id = ?", (final_status, stamp, error_kind, message, stamp, task_id))
-            self._event(conn, task_id, stamp, status, final_status, f"{error_kind}: {message}"[:500])
+            self._event(conn, task_id, stamp, status, final_status,
+                        f"{error_kind}: {message}"[:500])
             return final_status
 
         return await self._write(fail)
@@ -1897,7 +1898,7 @@ async def _feed_rest(loop: asyncio.AbstractEventLoop, fd: int, rest: memoryview)
     try:
         while rest:
             ready = loop.create_future()
-            loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+            loop.add_writer(fd, _settle, ready, True, None)
             try:
                 await ready
             finally:
@@ -2912,7 +2913,7 @@ def get_executor(executor_type: str) -> Executor:
 
 # Scheduler #####################################################################################
 
-_UTC = timezone.utc
+_UTC = UTC
 _CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 _CRON_ALLOWED = ("0-59", "0-23", "1-31", "1-12 or jan-dec", "0-7 or sun-sat")
 #: One list item of a crontab(5) field; croniter's extensions (L, W, #, ?, H) do not match.
@@ -3117,14 +3118,14 @@ def _parse_cron(text: str) -> str:
             f"cron {text!r} must have 5 fields (minute hour day-of-month month day-of-week),"
             f" got {len(fields)}"
         )
-    for index, field in enumerate(fields):
+    for index, part in enumerate(fields):
         probe = ["*"] * 5
-        probe[index] = field
-        if not all(_CRON_ITEM.fullmatch(item) for item in field.split(",")) or not (
+        probe[index] = part
+        if not all(_CRON_ITEM.fullmatch(item) for item in part.split(",")) or not (
             croniter.is_valid(" ".join(probe))
         ):
             raise ValueError(
-                f"cron {text!r}: {_CRON_FIELDS[index]} field {field!r} is invalid"
+                f"cron {text!r}: {_CRON_FIELDS[index]} field {part!r} is invalid"
                 f" (allowed: {_CRON_ALLOWED[index]}; lists with ',', ranges with '-',"
                 " steps with '/')"
             )
@@ -3651,9 +3652,9 @@ class WorkerPool:
             self._watchers.pop(task_id, None)
 
     def publish(self, task_id: str, **event: Any) -> None:
-        for queue in self._watchers.get(task_id, ()):
+        for watcher in self._watchers.get(task_id, ()):
             with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait({"task_id": task_id, **event})
+                watcher.put_nowait({"task_id": task_id, **event})
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -3960,7 +3961,7 @@ class PollLoop(BackgroundLoop):
                                                         order="t.submitted_at, t.id")
                 slots = asyncio.Semaphore(config.daemon.max_concurrent_tasks)
 
-                async def check(task: dict[str, Any]) -> None:
+                async def check(task: dict[str, Any], slots: asyncio.Semaphore = slots) -> None:
                     async with slots:
                         await self.check(task)
 
@@ -4133,7 +4134,7 @@ def parse_task_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
         line_start, line = line + 1, reader.line_num
         row: dict[str, Any] = {}
 
-        def bad(column: str, message: str) -> None:
+        def bad(column: str, message: str, line_start: int = line_start) -> None:
             errors.append({"line": line_start, "column": column, "message": message})
 
         if None in record:
@@ -4271,7 +4272,7 @@ class ControlServer:
                 try:
                     line = await asyncio.wait_for(reader.readline(),
                                                   self.config.daemon.connection_idle_timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     return
                 except (ValueError, asyncio.LimitOverrunError):
                     error = ContentHubError(f"request line over {MAX_LINE_BYTES} bytes")
@@ -4572,11 +4573,11 @@ class ControlServer:
                 start = datetime.fromisoformat(after)
                 if start.tzinfo is None:
                     start = start.replace(tzinfo=ZoneInfo(entry.trigger.timezone))
-                start.astimezone(timezone.utc)
+                start.astimezone(UTC)
             except (ValueError, OverflowError):
                 raise InvalidRequest(f"argument 'after' is not a usable ISO date/time:"
                                      f" {after!r}") from None
-        instants = next_instants(entry.trigger, start.astimezone(timezone.utc), count,
+        instants = next_instants(entry.trigger, start.astimezone(UTC), count,
                                  entry.last_scheduled_for)
         tz = ZoneInfo(entry.trigger.timezone)
         return {"name": entry.config.name, "timezone": entry.trigger.timezone,
@@ -4617,130 +4618,140 @@ _OFFLINE_OUTLINES: dict[str, dict[str, tuple[str, tuple[tuple[str, str], ...]]]]
         "技术": ("原理、实践与趋势", (
             ("背景", "{topic}之所以受到关注，是因为它正在改变团队解决问题的方式。对{audience}而言，"
                      "先弄清它出现的背景和要解决的痛点，才能判断它是否值得投入。"),
-            ("原理解析", "理解{topic}，关键在于拆开它的核心机制：输入是什么、经过哪些处理、输出又如何被"
-                         "验证。把每一层的职责讲清楚，复杂的系统也就有了清晰的脉络。"),
-            ("实践要点", "落地{topic}时，建议从一个边界清晰的小场景开始，先跑通流程、建立评估指标，再逐步"
-                         "扩大范围，同时关注稳定性、成本与可维护性。"),
-            ("趋势展望", "展望未来，{topic}会朝着更易用、更可靠、更低成本的方向演进。持续跟踪社区动态、"
-                         "保留可替换的架构设计，是应对变化的稳妥做法。"))),
+            ("原理解析", "理解{topic}，关键在于拆开它的核心机制：输入是什么、经过哪些处理、"
+                         "输出又如何被验证。把每一层的职责讲清楚，复杂的系统也就有了清晰的脉络。"),
+            ("实践要点", "落地{topic}时，建议从一个边界清晰的小场景开始，先跑通流程、建立评估指标，"
+                         "再逐步扩大范围，同时关注稳定性、成本与可维护性。"),
+            ("趋势展望", "展望未来，{topic}会朝着更易用、更可靠、更低成本的方向演进。"
+                         "持续跟踪社区动态、保留可替换的架构设计，是应对变化的稳妥做法。"))),
         "产品": ("体验、功能与价值", (
-            ("产品定位", "评价{topic}，首先要回答它为谁解决什么问题。清晰的定位决定了功能取舍，也决定了"
-                         "{audience}能否在第一时间感受到价值。"),
-            ("核心功能", "{topic}的核心功能可以从高频场景出发梳理：哪些能力每天都会用到，哪些只是锦上添花。"
-                         "主次分明，产品才不会变得臃肿。"),
-            ("使用体验", "真实的使用体验藏在细节里：上手是否顺畅、反馈是否及时、出错时能否快速恢复。这些"
-                         "细节共同构成了用户对{topic}的整体印象。"),
-            ("优化建议", "针对{topic}，可以从数据和用户反馈两条线同时入手，优先解决影响面最大的问题，再逐步"
-                         "打磨体验细节。"))),
+            ("产品定位", "评价{topic}，首先要回答它为谁解决什么问题。清晰的定位决定了功能取舍，"
+                         "也决定了{audience}能否在第一时间感受到价值。"),
+            ("核心功能", "{topic}的核心功能可以从高频场景出发梳理：哪些能力每天都会用到，"
+                         "哪些只是锦上添花。主次分明，产品才不会变得臃肿。"),
+            ("使用体验", "真实的使用体验藏在细节里：上手是否顺畅、反馈是否及时、"
+                         "出错时能否快速恢复。这些细节共同构成了用户对{topic}的整体印象。"),
+            ("优化建议", "针对{topic}，可以从数据和用户反馈两条线同时入手，"
+                         "优先解决影响面最大的问题，再逐步打磨体验细节。"))),
         "运营": ("策略、执行与复盘", (
-            ("现状分析", "做好{topic}，第一步是看清现状：用户从哪里来、在哪里流失、哪些环节贡献了主要价值。"
-                         "数据是判断的起点，而不是事后的装饰。"),
-            ("策略制定", "在现状基础上，{topic}的策略应当聚焦少数关键目标，把资源投入到最能撬动增长的环节，"
-                         "并为每个目标设定可衡量的指标。"),
-            ("执行落地", "策略需要拆解成具体动作：谁负责、什么时候完成、用什么标准验收。节奏稳定、分工清晰，"
-                         "{topic}才能真正落地。"),
-            ("复盘优化", "每个周期结束后都应复盘{topic}的结果，保留有效做法、淘汰低效动作，让运营形成持续"
-                         "改进的闭环。"))),
+            ("现状分析", "做好{topic}，第一步是看清现状：用户从哪里来、在哪里流失、"
+                         "哪些环节贡献了主要价值。数据是判断的起点，而不是事后的装饰。"),
+            ("策略制定", "在现状基础上，{topic}的策略应当聚焦少数关键目标，"
+                         "把资源投入到最能撬动增长的环节，并为每个目标设定可衡量的指标。"),
+            ("执行落地", "策略需要拆解成具体动作：谁负责、什么时候完成、用什么标准验收。节奏稳定、"
+                         "分工清晰，{topic}才能真正落地。"),
+            ("复盘优化", "每个周期结束后都应复盘{topic}的结果，保留有效做法、淘汰低效动作，"
+                         "让运营形成持续改进的闭环。"))),
         "营销": ("洞察、策略与转化", (
-            ("市场洞察", "{topic}的出发点是对市场的准确判断：需求在哪里、竞争者在做什么、还有哪些未被满足的"
-                         "空白。"),
-            ("目标人群", "明确目标人群，才能让{topic}的信息触达真正需要的人。对{audience}来说，画像越具体，"
-                         "沟通就越有效。"),
-            ("策略打法", "围绕{topic}，可以把内容、渠道与活动组合起来，形成前后呼应的节奏，让每一次触达都为"
-                         "下一次转化做铺垫。"),
-            ("转化优化", "转化是检验{topic}成效的最终标准。持续测试文案、页面与流程，把每一步的流失降到最低，"
-                         "投入才能产生可衡量的回报。"))),
+            ("市场洞察", "{topic}的出发点是对市场的准确判断：需求在哪里、竞争者在做什么、"
+                         "还有哪些未被满足的空白。"),
+            ("目标人群", "明确目标人群，才能让{topic}的信息触达真正需要的人。对{audience}来说，"
+                         "画像越具体，沟通就越有效。"),
+            ("策略打法", "围绕{topic}，可以把内容、渠道与活动组合起来，形成前后呼应的节奏，"
+                         "让每一次触达都为下一次转化做铺垫。"),
+            ("转化优化", "转化是检验{topic}成效的最终标准。持续测试文案、页面与流程，"
+                         "把每一步的流失降到最低，投入才能产生可衡量的回报。"))),
         "": ("要点与实践", (
-            ("背景", "{topic}并不是一个孤立的话题，它与行业的发展和用户需求的变化紧密相连。先了解来龙去脉，"
-                     "才能把握讨论的重点。"),
-            ("核心要点", "梳理{topic}，可以抓住几个核心要点：它解决什么问题、依赖哪些条件、可能带来哪些影响。"),
+            ("背景", "{topic}并不是一个孤立的话题，它与行业的发展和用户需求的变化紧密相连。"
+                     "先了解来龙去脉，才能把握讨论的重点。"),
+            ("核心要点", "梳理{topic}，可以抓住几个核心要点：它解决什么问题、依赖哪些条件、"
+                     "可能带来哪些影响。"),
             ("实践建议", "在实际工作中推进{topic}，建议先小范围尝试，及时总结经验，再逐步推广。"),
             ("未来展望", "展望未来，{topic}仍有很大的发展空间，值得{audience}持续关注与投入。"))),
     },
     "en": {
         "技术": ("Principles, Practice and Trends", (
-            ("Background", "{topic} draws attention because it changes how teams approach a familiar "
-                           "problem. For {audience}, knowing where it comes from and which pain points "
-                           "it addresses is the first step in deciding whether it deserves investment."),
-            ("How It Works", "Understanding {topic} means taking its core mechanism apart: what goes "
-                             "in, how it is processed and how the output is verified. Once each "
-                             "layer's job is clear, even a complex system becomes easy to follow."),
-            ("Putting It into Practice", "When adopting {topic}, start with a small, well-bounded use "
-                                         "case, get it running end to end and define how success is "
-                                         "measured before widening the scope, keeping an eye on "
-                                         "reliability, cost and maintainability."),
-            ("Looking Ahead", "Looking ahead, {topic} will keep moving toward being easier to use, more "
-                              "dependable and cheaper to run. Following the community closely and "
-                              "keeping the architecture replaceable is the safe way to ride that "
-                              "change."))),
+            ("Background", "{topic} draws attention because it changes how teams approach a "
+                           "familiar problem. For {audience}, knowing where it comes from and "
+                           "which pain points it addresses is the first step in deciding whether "
+                           "it deserves investment."),
+            ("How It Works", "Understanding {topic} means taking its core mechanism apart: what "
+                             "goes in, how it is processed and how the output is verified. Once "
+                             "each layer's job is clear, even a complex system becomes easy to "
+                             "follow."),
+            ("Putting It into Practice", "When adopting {topic}, start with a small, well-bounded "
+                                         "use case, get it running end to end and define how "
+                                         "success is measured before widening the scope, keeping "
+                                         "an eye on reliability, cost and maintainability."),
+            ("Looking Ahead", "Looking ahead, {topic} will keep moving toward being easier to use, "
+                              "more dependable and cheaper to run. Following the community closely "
+                              "and keeping the architecture replaceable is the safe way to ride "
+                              "that change."))),
         "产品": ("Experience, Features and Value", (
-            ("Positioning", "Evaluating {topic} starts with one question: whom does it serve, and which "
-                            "problem does it solve? A clear position drives every feature decision and "
-                            "decides whether {audience} see its value right away."),
+            ("Positioning", "Evaluating {topic} starts with one question: whom does it serve, and "
+                            "which problem does it solve? A clear position drives every feature "
+                            "decision and decides whether {audience} see its value right away."),
             ("Core Features", "The core features of {topic} are best mapped from high-frequency "
                               "scenarios: which capabilities are used every day and which are "
-                              "nice-to-have extras. Clear priorities keep a product from bloating."),
-            ("User Experience", "Real user experience lives in the details: how smooth onboarding is, "
-                                "how quickly the product responds and how easily users recover from "
-                                "mistakes. Together they shape how people feel about {topic}."),
-            ("Recommendations", "To improve {topic}, work from both data and user feedback, fix the "
-                                "issues with the widest impact first, then polish the details."))),
+                              "nice-to-have extras. Clear priorities keep a product from "
+                              "bloating."),
+            ("User Experience", "Real user experience lives in the details: how smooth onboarding "
+                                "is, how quickly the product responds and how easily users recover "
+                                "from mistakes. Together they shape how people feel about "
+                                "{topic}."),
+            ("Recommendations", "To improve {topic}, work from both data and user feedback, fix "
+                                "the issues with the widest impact first, then polish the "
+                                "details."))),
         "运营": ("Strategy, Execution and Review", (
             ("Where Things Stand", "Doing {topic} well starts with an honest look at the current "
                                    "state: where users come from, where they drop off and which "
                                    "steps create most of the value. Data is where judgment starts, "
                                    "not decoration added afterwards."),
-            ("Strategy", "Building on that picture, the strategy for {topic} should focus on a few key "
-                         "goals, put resources where they move growth the most and give every goal a "
-                         "measurable target."),
-            ("Execution", "A strategy only works once it is broken down into concrete actions: who owns "
-                          "them, when they are due and how they are accepted. A steady rhythm and "
-                          "clear ownership turn {topic} into results."),
-            ("Review and Iterate", "At the end of each cycle, review the results of {topic}: keep what "
-                                   "worked, drop what did not and let operations improve in a "
+            ("Strategy", "Building on that picture, the strategy for {topic} should focus on a few "
+                         "key goals, put resources where they move growth the most and give every "
+                         "goal a measurable target."),
+            ("Execution", "A strategy only works once it is broken down into concrete actions: who "
+                          "owns them, when they are due and how they are accepted. A steady rhythm "
+                          "and clear ownership turn {topic} into results."),
+            ("Review and Iterate", "At the end of each cycle, review the results of {topic}: keep "
+                                   "what worked, drop what did not and let operations improve in a "
                                    "continuous loop."))),
         "营销": ("Insight, Strategy and Conversion", (
-            ("Market Insight", "{topic} begins with an accurate reading of the market: where the demand "
-                               "is, what competitors are doing and which needs remain unmet."),
-            ("Target Audience", "A clearly defined audience lets {topic} reach the people who actually "
-                                "need it. For {audience}, the sharper the persona, the more effective "
-                                "the message."),
-            ("Playbook", "Around {topic}, combine content, channels and campaigns into a coordinated "
-                         "rhythm so that every touchpoint prepares the next conversion."),
-            ("Conversion", "Conversion is the final test of {topic}. Keep testing copy, landing pages "
-                           "and flows, and cut drop-off at every step so the investment produces "
-                           "measurable returns."))),
+            ("Market Insight", "{topic} begins with an accurate reading of the market: where the "
+                               "demand is, what competitors are doing and which needs remain "
+                               "unmet."),
+            ("Target Audience", "A clearly defined audience lets {topic} reach the people who "
+                                "actually need it. For {audience}, the sharper the persona, the "
+                                "more effective the message."),
+            ("Playbook", "Around {topic}, combine content, channels and campaigns into a "
+                         "coordinated rhythm so that every touchpoint prepares the next "
+                         "conversion."),
+            ("Conversion", "Conversion is the final test of {topic}. Keep testing copy, landing "
+                           "pages and flows, and cut drop-off at every step so the investment "
+                           "produces measurable returns."))),
         "": ("Key Points and Practice", (
-            ("Background", "{topic} is not an isolated subject; it is closely tied to how the industry "
-                           "is evolving and how user needs are changing. Knowing the context makes it "
-                           "easier to focus on what matters."),
-            ("Key Points", "A few key points frame {topic}: which problem it solves, which conditions it "
-                           "depends on and what impact it may have."),
+            ("Background", "{topic} is not an isolated subject; it is closely tied to how the "
+                           "industry is evolving and how user needs are changing. Knowing the "
+                           "context makes it easier to focus on what matters."),
+            ("Key Points", "A few key points frame {topic}: which problem it solves, which "
+                           "conditions it depends on and what impact it may have."),
             ("In Practice", "To move {topic} forward in day-to-day work, start with a small trial, "
                             "capture the lessons quickly and then roll out step by step."),
-            ("Outlook", "Looking ahead, {topic} still has plenty of room to grow and deserves continued "
-                        "attention from {audience}."))),
+            ("Outlook", "Looking ahead, {topic} still has plenty of room to grow and deserves "
+                        "continued attention from {audience}."))),
     },
 }
 #: Openings for sections the requirements name ("sections": [...]), used in rotation.
 _CUSTOM_SECTION_TEXTS = {
     "zh": ("谈到{heading}，首先要把它放回{topic}的整体语境中理解，弄清它解决的问题和适用的边界。",
-           "从{heading}的角度看，{topic}已经在多个场景中展现出价值，关键在于找到与自身需求匹配的切入点。",
+           "从{heading}的角度看，{topic}已经在多个场景中展现出价值，"
+           "关键在于找到与自身需求匹配的切入点。",
            "{heading}这一部分值得{audience}重点关注：它直接关系到{topic}能否真正产生效果。",
            "围绕{heading}，建议保持开放而审慎的态度，既积极尝试，也用数据检验每一步的成效。"),
-    "en": ("When it comes to {heading}, it helps to place it in the wider context of {topic} and be "
-           "clear about the problem it solves and where its limits lie.",
-           "From the angle of {heading}, {topic} has already shown its value in several scenarios; the "
-           "key is finding the entry point that matches your own needs.",
+    "en": ("When it comes to {heading}, it helps to place it in the wider context of {topic} and "
+           "be clear about the problem it solves and where its limits lie.",
+           "From the angle of {heading}, {topic} has already shown its value in several scenarios; "
+           "the key is finding the entry point that matches your own needs.",
            "{heading} deserves particular attention from {audience}, because it decides whether "
            "{topic} delivers real results.",
-           "Around {heading}, keep an open but careful attitude: experiment actively and check every "
-           "step against data."),
+           "Around {heading}, keep an open but careful attitude: experiment actively and check "
+           "every step against data."),
 }
 #: How a section's share of the keywords is woven in, used in rotation.
 _KEYWORD_SENTENCES = {
     "zh": ("这一部分需要特别关注{keywords}。", "结合{keywords}来看，这一点体现得尤为明显。",
-           "在实践中，对{keywords}的把握往往决定了最终效果的上限。", "围绕{keywords}的新进展，同样值得持续关注。"),
+           "在实践中，对{keywords}的把握往往决定了最终效果的上限。", "围绕{keywords}的新进展，"
+                                               "同样值得持续关注。"),
     "en": ("In this part, pay particular attention to {keywords}.",
            "Seen through {keywords}, this point becomes especially clear.",
            "In practice, the handling of {keywords} often sets the ceiling for the result.",
@@ -4792,7 +4803,8 @@ def _field_text(value: Any) -> str:
 
 def _split_list(value: Any) -> tuple[str, ...]:
     """Keywords or sections from a list or a comma/、-separated string; blanks and repeats go."""
-    items = value if isinstance(value, (list, tuple)) else re.split(r"[,，、;；]", _field_text(value))
+    items = (value if isinstance(value, (list, tuple))
+             else re.split(r"[,，、;；]", _field_text(value)))
     return tuple(dict.fromkeys(text for text in map(_field_text, items) if text))
 
 
@@ -4853,7 +4865,8 @@ def _join_words(items: tuple[str, ...] | list[str], chinese: bool) -> str:
     """"A、B和C" or "A, B and C"."""
     if len(items) < 2:
         return "".join(items)
-    return (("、".join(items[:-1]) + "和") if chinese else (", ".join(items[:-1]) + " and ")) + items[-1]
+    head = ("、".join(items[:-1]) + "和") if chinese else (", ".join(items[:-1]) + " and ")
+    return head + items[-1]
 
 
 def _category_key(category: str) -> str:
@@ -4867,7 +4880,8 @@ def offline_article_markdown(brief: ArticleBrief) -> str:
     subtitle, outline = _OFFLINE_OUTLINES[lang][_category_key(brief.category)]
     if brief.sections:
         texts = _CUSTOM_SECTION_TEXTS[lang]
-        outline = tuple((heading, texts[i % len(texts)]) for i, heading in enumerate(brief.sections))
+        outline = tuple((heading, texts[i % len(texts)])
+                        for i, heading in enumerate(brief.sections))
     topic_ref = f"“{brief.topic}”" if zh else brief.topic
     has_subtitle = not brief.sections and not re.search("[:：]", brief.topic)
     title = f"{brief.topic}{'：' if zh else ': '}{subtitle}" if has_subtitle else brief.topic
@@ -4888,7 +4902,8 @@ def offline_article_markdown(brief: ArticleBrief) -> str:
             f" ({category})" if category else "")
         intro = (f"This article{origin} is written for {brief.audience} in a {brief.tone} tone and "
                  f"explores {brief.topic}. "
-                 + (f"It focuses on {keywords_bold} and covers " if brief.keywords else "It covers ")
+                 + (f"It focuses on {keywords_bold} and covers " if brief.keywords
+                    else "It covers ")
                  + f"{_join_words(headings, zh)} in turn.")
     parts = [f"# {title}", intro]
 
@@ -4911,8 +4926,9 @@ def offline_article_markdown(brief: ArticleBrief) -> str:
         if brief.requirements:
             parts.append(f"本文遵循的写作要求是：“{brief.requirements}”。前文各部分均围绕这一要求组织内容，"
                          "力求观点清晰、信息准确。" if zh else
-                         f"This article follows the brief “{brief.requirements}”: every section above "
-                         "is organised around it, aiming for clear points and accurate information.")
+                         f"This article follows the brief “{brief.requirements}”: every section "
+                         "above is organised around it, aiming for clear points and accurate "
+                         "information.")
         if bullets:
             parts.append("\n".join(bullets))
 
@@ -4922,9 +4938,10 @@ def offline_article_markdown(brief: ArticleBrief) -> str:
                    f"{brief.audience}提供一个起点{start}在实践中持续验证与迭代。")
     else:
         start = f": begin with {keywords_bold}, then keep" if brief.keywords else " for"
-        closing = (f"{brief.topic} comes with clear methods to follow, yet it still needs refining "
-                   f"against real conditions. Hopefully this article gives {brief.audience} a useful "
-                   f"starting point{start} testing and iterating in practice.")
+        closing = (f"{brief.topic} comes with clear methods to follow, yet it still needs "
+                   f"refining against real conditions. Hopefully this article gives "
+                   f"{brief.audience} a useful starting point{start} testing and iterating in "
+                   "practice.")
     parts += ["## 结语" if zh else "## Conclusion", closing]
     return "\n\n".join(parts) + "\n"
 
@@ -4940,14 +4957,16 @@ def llm_messages(brief: ArticleBrief) -> list[dict[str, str]]:
                   "1. 只输出文章本身，使用 Markdown，不要任何解释，也不要用代码块包裹全文。\n"
                   "2. 第一行是一级标题（# 标题），正文用 ## 二级标题分节，最后一节为“## 结语”。\n"
                   "3. 使用简体中文写作。\n"
-                  "4. 自然融入全部关键词，遵守写作要求、语气和目标读者；要求中给出章节时，按顺序用作二级标题。\n"
+                  "4. 自然融入全部关键词，遵守写作要求、语气和目标读者；"
+                  "要求中给出章节时，按顺序用作二级标题。\n"
                   "5. 内容准确、结构清晰，不编造具体数据、引用或来源。")
     else:
         system = ("You are a senior content editor writing original, ready-to-publish articles for "
                   "a publishing account. Rules:\n"
-                  "1. Output only the article in Markdown: no explanations, no code fence around it.\n"
-                  "2. The first line is an H1 title (# Title); use ## headings for sections and end "
-                  "with a conclusion section.\n"
+                  "1. Output only the article in Markdown: no explanations, no code fence"
+                  " around it.\n"
+                  "2. The first line is an H1 title (# Title); use ## headings for sections"
+                  " and end with a conclusion section.\n"
                   "3. Write in English.\n"
                   "4. Use every keyword naturally and follow the requirements, tone and target "
                   "audience; when the requirements list sections, use them as the ## headings in "
@@ -4979,8 +4998,8 @@ def _retry_after_s(value: str | None) -> float | None:
         except (TypeError, ValueError):
             return None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
     if math.isnan(seconds):
         return None
     return min(max(seconds, 0.0), LLM_RETRY_AFTER_CAP_S)
@@ -5010,11 +5029,13 @@ def _post_chat_completion(url: str, payload: bytes, api_key: str, timeout: float
         detail = _error_detail(exc)
         reason = f"HTTP {exc.code}" + (f": {detail}" if detail else "")
         if exc.code >= 500 or exc.code in LLM_RETRYABLE_STATUSES:
-            raise _RetryableLLMError(reason, _retry_after_s(exc.headers.get("Retry-After"))) from None
+            retry_after = _retry_after_s(exc.headers.get("Retry-After"))
+            raise _RetryableLLMError(reason, retry_after) from None
         raise BuiltinCreatorError(f"LLM rejected the request ({reason})") from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ssl.SSLCertVerificationError):
-            raise BuiltinCreatorError(f"TLS certificate of {url} not trusted: {exc.reason}") from None
+            raise BuiltinCreatorError(
+                f"TLS certificate of {url} not trusted: {exc.reason}") from None
         if isinstance(exc.reason, TimeoutError):
             raise _RetryableLLMError(f"timed out after {timeout:g}s") from None
         raise _RetryableLLMError(f"cannot reach {url}: {exc.reason}") from None
@@ -5134,7 +5155,8 @@ def _builtin_creator_parser() -> argparse.ArgumentParser:
                     "task's fields. Exit 0 done, 1 retryable failure, 2 permanent failure.")
     parser.add_argument("--llm-base-url", default="https://api.deepseek.com/v1",
                         help="OpenAI-compatible API root; /chat/completions is appended")
-    parser.add_argument("--llm-model", default="deepseek-chat", help="model name sent in the request")
+    parser.add_argument("--llm-model", default="deepseek-chat",
+                        help="model name sent in the request")
     parser.add_argument("--api-key-env", default="LLM_API_KEY", metavar="VAR",
                         help="environment variable holding the API key (never pass the key itself)")
     parser.add_argument("--timeout", type=_positive_float, default=120.0, metavar="SECONDS",
@@ -5475,8 +5497,9 @@ class App:
     # -- commands that need the whole App ------------------------------------------------------
 
     async def cmd_version(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"version": __version__, "schema_version": self.store.schema_version, "pid": os.getpid(),
-                "started_at": to_db_time(self.started_at), "config_path": self.config.path}
+        return {"version": __version__, "schema_version": self.store.schema_version,
+                "pid": os.getpid(), "started_at": to_db_time(self.started_at),
+                "config_path": self.config.path}
 
     async def cmd_reload(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"reloaded": True, "changes": await self.reload()}

@@ -21,9 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 #: CONTENTHUB_BENCH_DAEMON=path/to/contenthubd.py benchmarks another build (a branch, a fix).
@@ -138,7 +139,7 @@ class BenchDaemon:
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
-    def __enter__(self) -> "BenchDaemon":
+    def __enter__(self) -> BenchDaemon:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -146,7 +147,7 @@ class BenchDaemon:
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def start(self, timeout: float = 120.0, argv_prefix: list[str] | None = None) -> "BenchDaemon":
+    def start(self, timeout: float = 120.0, argv_prefix: list[str] | None = None) -> BenchDaemon:
         """Start and wait until the socket answers `version`. `argv_prefix` replaces the
         plain interpreter, e.g. [python, -m, cProfile, -o, FILE] to profile the daemon."""
         prefix = argv_prefix or [PYTHON]
@@ -287,7 +288,7 @@ def measure_bare_throughput(command: list[str], tasks: int, workers: int) -> dic
 
 
 def compare_throughput(workload: str, command: list[str], tasks: int, workers: int,
-                       repeat: int, minimum_ratio: float, keep: bool = False) -> "Row":
+                       repeat: int, minimum_ratio: float, keep: bool = False) -> Row:
     """Alternate bare and daemon runs `repeat` times and compare the best of each: on a
     shared host the best run is the one least disturbed by neighbours."""
     bare_runs, daemon_runs = [], []

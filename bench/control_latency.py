@@ -24,12 +24,23 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 
-from common import (ARTICLE, CTL, PYTHON, BenchDaemon, BenchError, Row, add_common_arguments,
-                    daemon_config, progress, request, script_main)
+from common import (
+    ARTICLE,
+    CTL,
+    PYTHON,
+    BenchDaemon,
+    BenchError,
+    Row,
+    add_common_arguments,
+    daemon_config,
+    progress,
+    request,
+    script_main,
+)
 
 TARGET_MS = 100.0
 ACCOUNTS = 10
@@ -92,7 +103,7 @@ def task_rows(count: int, now: datetime) -> Iterator[tuple]:
 
 def fill_database(path: Path, tasks: int, contents: int) -> str:
     """Bulk-load the tasks; returns the id of a task with a content row and events."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA synchronous = OFF")
     db.execute("BEGIN")

@@ -27,8 +27,17 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from common import (BenchDaemon, BenchError, Row, add_common_arguments, article_line,
-                    daemon_config, progress, script_main, write_script)
+from common import (
+    BenchDaemon,
+    BenchError,
+    Row,
+    add_common_arguments,
+    article_line,
+    daemon_config,
+    progress,
+    script_main,
+    write_script,
+)
 
 COMMIT_TARGET_MS = 20.0
 SPAWN_TARGET_MS = 50.0

@@ -21,8 +21,18 @@ import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from common import (PYTHON, BenchDaemon, BenchError, Row, add_common_arguments, cpu_seconds,
-                    daemon_config, memory_kib, progress, script_main)
+from common import (
+    PYTHON,
+    BenchDaemon,
+    BenchError,
+    Row,
+    add_common_arguments,
+    cpu_seconds,
+    daemon_config,
+    memory_kib,
+    progress,
+    script_main,
+)
 
 CPU_TARGET_PERCENT = 1.0
 RSS_TARGET_MB = 80.0

@@ -14,8 +14,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (Row, add_common_arguments, add_repeat_argument, article_line,
-                    compare_throughput, script_main, write_script)
+from common import (
+    Row,
+    add_common_arguments,
+    add_repeat_argument,
+    article_line,
+    compare_throughput,
+    script_main,
+    write_script,
+)
 
 TARGET_RATIO = 0.9
 QUICK_ARGS = ["--tasks", "20", "--concurrency", "10", "--sleep", "0.2", "--repeat", "1"]

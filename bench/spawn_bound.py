@@ -11,8 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import (Row, add_common_arguments, add_repeat_argument, article_line,
-                    compare_throughput, script_main)
+from common import (
+    Row,
+    add_common_arguments,
+    add_repeat_argument,
+    article_line,
+    compare_throughput,
+    script_main,
+)
 
 TARGET_RATIO = 0.8
 QUICK_ARGS = ["--tasks", "20", "--repeat", "1"]

@@ -90,7 +90,7 @@ class Daemon:
         if "socket" in options:
             self.socket = Path(options["socket"])
 
-    def start(self, wait: bool = True) -> "Daemon":
+    def start(self, wait: bool = True) -> Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, str(DAEMON), "--config",
                                       str(self.config_path)], cwd=self.dir, env=self.env,

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import CREATORS
 
 FAKE_CLI = CREATORS / "fake_content_creator.py"

@@ -18,6 +18,7 @@ where it breaks. Remove the mark with the fix.
 """
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import json
@@ -35,8 +36,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import CREATORS, command_creator, wait_until
+from conftest import CREATORS, command_creator
 
 KNOWN_ERRORS = {"invalid", "unknown_command", "not_found", "conflict", "too_large", "busy"}
 NOBODY = 65534
@@ -98,10 +98,9 @@ def connect_as(path: Path, uid: int, gid: int, groups: list[int], line: bytes) -
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(10)
                 sock.connect(str(path))
-                try:
+                # Refused peers get their reply at once and may be hung up on.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     sock.sendall(line + b"\n")
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # refused peers get their reply at once and may be hung up on
                 outcome["replies"] = read_replies(sock, 1)
         except OSError as exc:
             outcome["errno"] = exc.errno
@@ -276,10 +275,8 @@ def test_line_over_one_mib_gets_too_large_and_the_daemon_keeps_serving(daemon_fa
 
 
 def _send_ignoring_hangup(sock: socket.socket, data: bytes) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the daemon hung up after its too_large reply
         sock.sendall(data)
-    except OSError:
-        pass  # the daemon hung up after its too_large reply
 
 
 # -- what bad input gets back ---------------------------------------------------------------
@@ -498,7 +495,6 @@ def test_half_closed_and_slow_clients_get_one_reply_per_line(daemon_factory):
     daemon = daemon_factory().start()
     rng = random.Random(4242)
     mutations = argument_mutations()
-    lines_sent = 0
     for _ in range(40):
         complete = [request_line(*rng.choice(mutations), i) for i in range(rng.randint(0, 3))]
         fragment = request_line("task.status", {"task_id": "task-nope"}, 99)

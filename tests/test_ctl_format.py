@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import socketserver
-import sys
 import threading
 from pathlib import Path
 

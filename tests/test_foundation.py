@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import subprocess
 import sys
-import time
 
 from conftest import DAEMON, command_creator, pid_alive, wait_until
 
@@ -124,9 +122,10 @@ def test_sigkill_mid_batch_completes_each_task_once(daemon_factory):
                              " WHERE status = 'completed'")
         if done == 200:
             break
-        target = done + rng.randint(5, 40)
-        wait_until(lambda: daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks"
-                                         " WHERE status = 'completed'") >= min(target, 200),
+        target = min(done + rng.randint(5, 40), 200)
+        wait_until(lambda target=target:
+                   daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks"
+                                 " WHERE status = 'completed'") >= target,
                    60, interval=0.01)
         daemon.kill9()
         kills += 1

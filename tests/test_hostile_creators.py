@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CREATORS, command_creator, pid_alive, wait_until
+
 from contenthubd import PIPE_DRAIN_S
 
 NORMAL_CREATOR = CREATORS / "instant_article.sh"

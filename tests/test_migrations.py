@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DAEMON, ROOT, command_creator, wait_until
 
-from conftest import CREATORS, DAEMON, ROOT, command_creator, wait_until
 from contenthubd import SCHEMA_PATH, StartupError, schema_steps
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "contenthub-0.1.0.db"

@@ -126,7 +126,7 @@ def test_publish_executor_publishes_approved_contents(daemon_factory, tmp_path):
     wait_until(lambda: daemon.scalar("SELECT COUNT(*) FROM contents") == 2, 20)
     run = daemon.call("scheduler.trigger", {"name": "publisher"})
     assert run["result"]["data"]["published"] == 1
-    published = [json.loads(l) for l in (tmp_path / "published.jsonl").read_text().splitlines()]
+    published = [json.loads(line) for line in (tmp_path / "published.jsonl").read_text().splitlines()]
     content = daemon.call("content.show", {"id": task_id})
     assert published == [{"id": content["id"], "argv": ["--id", str(content["id"])]}]
     assert content["publish_status"] == "published" and content["published_at"]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import time as clock
-from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -20,7 +18,7 @@ from contenthubd import (
     plan_misfires,
 )
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def utc(*args: int) -> datetime:

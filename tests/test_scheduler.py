@@ -7,12 +7,12 @@ import json
 import random
 import signal
 import textwrap
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from conftest import ACCOUNTS, command_creator, wait_until
 
 import contenthubd
-from conftest import ACCOUNTS, command_creator, wait_until
 
 SCHEDULES = """
 [[schedules]]
@@ -83,7 +83,7 @@ def test_trigger_produces_seed_result_shape(daemon_factory):
 def test_misfire_once_fires_latest_after_downtime(daemon_factory):
     daemon = daemon_factory(creator=command_creator("json_article.py"), extra=SCHEDULES).start()
     daemon.stop()
-    three_days_ago = (datetime.now(timezone.utc) - timedelta(days=3)).strftime(
+    three_days_ago = (datetime.now(UTC) - timedelta(days=3)).strftime(
         "%Y-%m-%dT%H:%M:%S.000Z")
     with daemon.db() as conn:
         conn.execute("UPDATE schedule_state SET last_scheduled_for = ?", (three_days_ago,))

@@ -7,7 +7,6 @@ NOTIFY_SOCKET and read what arrives, the way systemd does.
 from __future__ import annotations
 
 import json
-import os
 import pwd
 import re
 import shutil
@@ -18,11 +17,10 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-
 from conftest import DAEMON, ROOT, command_creator
+
 from contenthubd import DaemonConfig, parse_duration
 
 UNIT = ROOT / "systemd" / "contenthubd.service"
@@ -51,7 +49,7 @@ class NotifyListener:
         while not self._closed.is_set():
             try:
                 data = self._sock.recv(1 << 16)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
             with self._changed:
