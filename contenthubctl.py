@@ -91,17 +91,51 @@ class CommandFailed(CtlError):
 # Socket client #################################################################################
 
 
-def socket_from_config(config_path: str, environ) -> str:
+#: `key = "value"` or `key = 'value'` on one line, for reading a config TOML cannot parse.
+LENIENT_STRING_RE = re.compile(r"""^\s*(socket|state_dir)\s*=\s*(?:"([^"\\]*)"|'([^']*)')""")
+LENIENT_TABLE_RE = re.compile(r"^\s*\[\s*([^\]]*?)\s*\]")
+
+
+def lenient_daemon_keys(text: str) -> dict:
+    """`socket` and `state_dir` of the [daemon] table, read line by line: a syntax error
+    elsewhere in the file must not hide where the daemon listens."""
+    found, table = {}, ""
+    for line in text.splitlines():
+        header = LENIENT_TABLE_RE.match(line)
+        if header:
+            table = header.group(1)
+            continue
+        match = LENIENT_STRING_RE.match(line)
+        if match and table == "daemon":
+            found.setdefault(match.group(1), match.group(2) if match.group(2) is not None
+                             else match.group(3))
+    return found
+
+
+def socket_from_config(config_path: str, environ, warn=None) -> str:
     """The socket a daemon started with this config listens on, by the daemon's own rules:
     a relative `socket` lives in RUNTIME_DIRECTORY, else in the state dir (STATE_DIRECTORY,
-    else `state_dir` relative to the config file's directory)."""
+    else `state_dir` relative to the config file's directory).
+
+    A file TOML cannot parse (an edit in progress, the error `reload` is about to report) is
+    read leniently for those two keys, with a warning through `warn`.
+    """
     import tomllib
 
     try:
         with open(config_path, "rb") as file:
-            daemon = tomllib.load(file).get("daemon", {})
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"cannot read config {config_path}: {exc}") from None
+            raw = file.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read config {config_path}: {exc.strerror or exc}") from None
+    try:
+        daemon = tomllib.loads(raw.decode("utf-8", errors="replace")).get("daemon", {})
+        if not isinstance(daemon, dict):
+            daemon = {}
+    except tomllib.TOMLDecodeError as exc:
+        daemon = lenient_daemon_keys(raw.decode("utf-8", errors="replace"))
+        if warn is not None:
+            warn(f"warning: {config_path} has an error ({exc}); found the socket from its"
+                 " [daemon] lines anyway (see: contenthubctl monitor health)")
     socket_name = str(daemon.get("socket", "contenthubd.sock"))
     if os.path.isabs(socket_name):
         return socket_name
@@ -112,7 +146,8 @@ def socket_from_config(config_path: str, environ) -> str:
     return os.path.normpath(os.path.join(base, socket_name))
 
 
-def discover_socket(socket_option, config_option, environ, cwd: str) -> tuple[str, str | None]:
+def discover_socket(socket_option, config_option, environ, cwd: str,
+                    warn=None) -> tuple[str, str | None]:
     """(socket path, config path or None): --socket, $CONTENTHUB_SOCKET, the config
     (--config, $CONTENTHUB_CONFIG, ./contenthubd.toml), else the systemd default.
 
@@ -128,7 +163,7 @@ def discover_socket(socket_option, config_option, environ, cwd: str) -> tuple[st
     if not config_path and os.path.isfile(os.path.join(cwd, DEFAULT_CONFIG_NAME)):
         config_path = os.path.join(cwd, DEFAULT_CONFIG_NAME)
     if config_path:
-        candidates = [socket_from_config(config_path, environ), DEFAULT_SOCKET]
+        candidates = [socket_from_config(config_path, environ, warn), DEFAULT_SOCKET]
     else:
         candidates = [DEFAULT_SOCKET, os.path.join(cwd, EMBEDDED_DEFAULT_SOCKET)]
     existing = [path for path in candidates if os.path.exists(path)]
@@ -1168,10 +1203,15 @@ def use_utf8(stream) -> None:
 
 
 def report_failure(err, exc: CommandFailed) -> None:
-    err.write(f"contenthubctl: {exc}\n")
+    """The daemon's message, its lines after the first indented; then the listed errors the
+    message does not already contain, so each error is printed once."""
+    first, *rest = str(exc).split("\n")
+    err.write(f"contenthubctl: {first}\n" + "".join(f"  {line}\n" for line in rest))
     errors = exc.data.get("errors") if isinstance(exc.data, dict) else None
     for error in errors if isinstance(errors, list) else ():
-        err.write(f"  {error if isinstance(error, str) else format_value('', error)}\n")
+        text = error if isinstance(error, str) else format_value("", error)
+        if text not in rest:
+            err.write(f"  {text}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1187,8 +1227,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE if exc.code else EXIT_OK
     try:
-        socket_path, config_path = discover_socket(options.socket, options.config, os.environ,
-                                                   os.getcwd())
+        socket_path, config_path = discover_socket(
+            options.socket, options.config, os.environ, os.getcwd(),
+            warn=lambda message: err.write(f"contenthubctl: {message}\n"))
         session = Session(ControlClient(socket_path, config_path), options.format, out, err)
         try:
             code = options.handler(session, options)

@@ -312,6 +312,14 @@ def _key(parse: Callable[[Any], Any], env: str | None = None, **kwargs: Any) -> 
     return field(metadata={"parse": parse, "env": env}, **kwargs)
 
 
+def _interval_value(value: Any) -> int | float | str:
+    if isinstance(value, str) or (isinstance(value, (int, float))
+                                  and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError(f"expected a duration like \"2h\" or a positive number with"
+                     f" interval_unit, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     state_dir: str = _key(_typed(str), default="./state")
@@ -397,7 +405,8 @@ class ScheduleConfig:
     executor: str = _key(_typed(str), default="async_content_generation")
     cron: str = _key(_typed(str), default="")
     every: Any = _key(lambda v: v, default=None)
-    interval: int = _key(_positive(_typed(int)), default=0)
+    #: a duration ("2m", like `every`) or the seed's number with `interval_unit`
+    interval: Any = _key(_interval_value, default=None)
     interval_unit: str = _key(_typed(str), default="")
     timezone: str = _key(_parse_timezone, default="")
     misfire: str = _key(_choice("skip", "once", "all"), default="once")
@@ -472,6 +481,28 @@ def _header_lines(text: str, header: str) -> list[int]:
     """0-based line numbers of every `[header]` or `[[header]]` line."""
     pattern = re.compile(rf"^\s*\[\[?\s*{re.escape(header)}\s*\]\]?\s*(#.*)?$")
     return [i for i, line in enumerate(text.splitlines()) if pattern.match(line)]
+
+
+#: `schedules[3].cron` at the start of an error about one key of one entry.
+_ENTRY_KEY = re.compile(r"^(\w+\[\d+\])\.(\w+)")
+#: Keys that together make one trigger: an error in one is an error in the trigger.
+_TRIGGER_KEYS = ("cron", "every", "interval", "interval_unit")
+
+
+def _error_subject(error: str) -> tuple[str, str] | None:
+    """(entry, key) an error is about, the trigger keys counting as one."""
+    match = _ENTRY_KEY.match(error)
+    if match is None:
+        return None
+    key = match.group(2)
+    return match.group(1), "trigger" if key in _TRIGGER_KEYS else key
+
+
+def entry_key_location(config: Config, section: str, index: int, key: str) -> str:
+    """`schedules[2].cron (line 31)`: where an error about one key of one entry points."""
+    starts = _header_lines(config.text, section)
+    line = _line_of(config.text, key, starts[index]) if index < len(starts) else 0
+    return f"{section}[{index}].{key}" + (f" (line {line})" if line else "")
 
 
 def _build_section(cls: type, table: Any, where: str, text: str, start: int,
@@ -562,8 +593,13 @@ def parse_config(text: str, path: str = "", environ: dict[str, str] | None = Non
         errors.append(f"{key}" + (f" (line {line})" if line else "") + ": unknown key")
     config = Config(**sections, path=path, sources=sources, text=text)
     errors += _check_config(config, environ)
-    if validate_schedules is not None and not errors:
-        errors += validate_schedules(config)
+    if validate_schedules is not None:
+        # One pass: a bad key elsewhere does not hide a bad cron. A key that already failed
+        # is not judged again on what is left of its entry (a cron of the wrong type would
+        # come back as "needs exactly one of cron, every …").
+        reported = {_error_subject(error) for error in errors}
+        errors += [error for error in validate_schedules(config)
+                   if _error_subject(error) not in reported]
     if errors:
         raise ConfigError(errors)
     return config
@@ -3306,28 +3342,57 @@ MAX_SLEEP_S = 60.0
 
 
 def schedule_trigger(schedule: ScheduleConfig, default_tz: str) -> Trigger:
-    return parse_trigger(schedule.cron or None, schedule.every,
-                         schedule.timezone or default_tz, interval=schedule.interval or None,
+    """`interval = "2m"` (a duration) means `every = "2m"`; a bare number is the seed's
+    `interval = 2, interval_unit = "hours"` form and needs its unit."""
+    interval, every = schedule.interval, schedule.every
+    if isinstance(interval, str):
+        if schedule.interval_unit:
+            raise ValueError(f"interval = {interval!r} is a duration; drop interval_unit, or"
+                             " give a number: interval = 2, interval_unit = \"hours\"")
+        if every is not None:
+            raise ValueError("interval and every are the same key; keep one")
+        try:
+            parse_duration(interval)
+        except ValueError as error:
+            raise ValueError(f"interval: {error}; or write every = \"2h\"") from None
+        interval, every = None, interval
+    elif interval is not None and not schedule.interval_unit and every is None and not (
+            schedule.cron):
+        raise ValueError(f"interval = {interval!r} needs interval_unit (seconds, minutes,"
+                         " hours, days), or write it as every = \"2h\"")
+    return parse_trigger(schedule.cron or None, every,
+                         schedule.timezone or default_tz, interval=interval,
                          interval_unit=schedule.interval_unit or None)
 
 
+def _trigger_key(schedule: ScheduleConfig) -> str:
+    """The key a trigger error is about, for its line number."""
+    for key in ("cron", "every", "interval"):
+        if getattr(schedule, key) not in (None, ""):
+            return key
+    return "cron"
+
+
 def check_schedules(config: Config) -> list[str]:
-    """Load-time validation of every schedule: trigger, executor, params (SPEC §8)."""
+    """Load-time validation of every schedule: trigger, executor, params (SPEC §8); each
+    error names the entry's key and its line."""
     errors = []
     for i, schedule in enumerate(config.schedules):
-        where = f"schedules[{i}] {schedule.name!r}"
+        def where(key: str, index: int = i) -> str:
+            return entry_key_location(config, "schedules", index, key)
+
+        name = f" {schedule.name!r}" if schedule.name else ""
         try:
             schedule_trigger(schedule, config.daemon.timezone)
         except ValueError as exc:
-            errors.append(f"{where}: {exc}")
+            errors.append(f"{where(_trigger_key(schedule))}{name}: {exc}")
         try:
             executor = get_executor(schedule.executor)
         except ExecutorNotFound as exc:
-            errors.append(f"{where}: {exc}")
+            errors.append(f"{where('executor')}{name}: {exc}")
             continue
-        problems = executor.validate_params(schedule.params, config)
-        if problems:
-            errors.append(f"{where}: InvalidParameters: {'; '.join(problems)}")
+        errors += [f"{where('params')}{name}: InvalidParameters: {problem}"
+                   for problem in executor.validate_params(schedule.params, config)]
     return errors
 
 
@@ -5410,7 +5475,7 @@ class App:
         try:
             new = load_config(self.config.path or None, self.environ, check_schedules)
         except ConfigError as exc:
-            self.last_reload_error = str(exc)
+            self.last_reload_error = "; ".join(exc.errors)
             log.error("reload_rejected", errors=exc.errors)
             sd_notify("READY=1", f"STATUS=reload failed: {exc.errors[0]}", environ=self.environ)
             raise
@@ -5502,7 +5567,13 @@ class App:
                 "config_path": self.config.path}
 
     async def cmd_reload(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"reloaded": True, "changes": await self.reload()}
+        try:
+            return {"reloaded": True, "changes": await self.reload()}
+        except ConfigError as exc:
+            raise InvalidRequest("\n".join([
+                f"reload rejected, the running config is unchanged; {len(exc.errors)} error(s)"
+                f" in {self.config.path or 'the config'}:", *exc.errors]),
+                data={"errors": exc.errors}) from None
 
     async def cmd_config(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return describe_config(self.config)
@@ -5511,8 +5582,7 @@ class App:
         checks = [
             {"name": "database", "ok": self.store.last_write_error is None,
              "detail": self.store.last_write_error or str(self.store.path)},
-            {"name": "config", "ok": self.last_reload_error is None,
-             "detail": self.last_reload_error or (self.config.path or "embedded default")},
+            self._config_health(),
             {"name": "workers", "ok": True,
              "detail": f"{len(self.pool.running)}/{self.pool.capacity} busy"},
             {"name": "hooks", "ok": self.last_hook_error is None,
@@ -5523,6 +5593,31 @@ class App:
         checks.append(await self._creator_health())
         return {"status": "ok" if all(c["ok"] for c in checks) else "degraded",
                 "checks": checks}
+
+    def _config_health(self) -> dict[str, Any]:
+        """A failed reload, or a file edited since it was loaded: an error in it shows here
+        (with its line and column) before anyone reloads, so the operator is never guessing."""
+        if self.last_reload_error is not None:
+            return {"name": "config", "ok": False,
+                    "detail": f"reload rejected, running the previous config: "
+                              f"{self.last_reload_error}"}
+        path = self.config.path
+        if not path:
+            return {"name": "config", "ok": True, "detail": "embedded default"}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            return {"name": "config", "ok": False, "detail": f"{path}: cannot read: {exc}"}
+        if text == self.config.text:
+            return {"name": "config", "ok": True, "detail": path}
+        try:
+            parse_config(text, path, self.environ, check_schedules)
+        except ConfigError as exc:
+            return {"name": "config", "ok": False,
+                    "detail": f"{path} changed since it was loaded and has {len(exc.errors)}"
+                              f" error(s): {'; '.join(exc.errors)}"}
+        return {"name": "config", "ok": True,
+                "detail": f"{path} changed since it was loaded; contenthubctl reload applies it"}
 
     async def _creator_health(self) -> dict[str, Any]:
         creator = self.config.creator
@@ -5564,8 +5659,9 @@ class App:
         try:
             parse_config(new_text, self.config.path, self.environ, check_schedules)
         except ConfigError as exc:
-            raise InvalidRequest(f"schedule {name!r} is not valid: {exc}",
-                                 data={"errors": exc.errors}) from None
+            raise InvalidRequest("\n".join([
+                f"schedule {name!r} is not valid; the config file is unchanged:", *exc.errors]),
+                data={"errors": exc.errors}) from None
         write_atomically(Path(self.config.path), new_text)
         await self.reload()
         return self.scheduler.describe(self.scheduler.get(name))

@@ -1,0 +1,86 @@
+"""The operator surface as a new user meets it: contenthubctl with the daemon behind it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import CTL, DAEMON
+
+
+def ctl_by_config(daemon, *args: str):
+    """contenthubctl finding the socket as an operator's does: from the config file."""
+    return subprocess.run([sys.executable, str(CTL), "--config", str(daemon.config_path), *args],
+                          capture_output=True, text=True, timeout=60, env=daemon.env)
+
+
+def check_config(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DAEMON), "--check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+SCHEDULE = """
+[[schedules]]
+name = "daily-tech"
+executor = "async_content_generation"
+cron = "0 8 * * *"
+params = { account_ids = [49], count_per_account = 1 }
+"""
+
+
+# 1. A syntax error in the running daemon's config does not lock the operator out ###########
+
+def test_broken_config_still_reaches_the_daemon_and_reload_shows_line_and_column(
+        daemon_factory):
+    daemon = daemon_factory(extra=SCHEDULE).start()
+    text = daemon.config_path.read_text(encoding="utf-8")
+    broken = text.replace("max_concurrent_tasks = 4", "max_concurrent_tasks = = 5")
+    daemon.config_path.write_text(broken, encoding="utf-8")
+    line = broken.splitlines().index("max_concurrent_tasks = = 5") + 1
+
+    health = ctl_by_config(daemon, "monitor", "health")
+    assert health.returncode == 1, health.stderr
+    assert "has an error" in health.stderr and "warning" in health.stderr
+    config_row = next(row for row in health.stdout.splitlines() if row.startswith("config"))
+    assert f"line {line}, column 24" in config_row
+
+    reload = ctl_by_config(daemon, "reload")
+    assert reload.returncode == 1
+    assert f"(at line {line}, column 24)" in reload.stderr
+    assert reload.stderr.count("TOML syntax error") == 1
+    assert ctl_by_config(daemon, "scheduler", "list").returncode == 0
+    assert daemon.call("version")["pid"] == daemon.proc.pid
+
+
+# 2. One pass: every error in every section, each with its key and line, each once #########
+
+def test_check_config_lists_every_section_error_with_its_line_once(tmp_path):
+    config = tmp_path / "contenthubd.toml"
+    config.write_text("""[daemon]
+max_concurrent_tasks = "5"
+
+[[accounts]]
+id = 49
+name = "a"
+category = "技术"
+
+[[schedules]]
+name = "daily"
+cron = "0 25 * * *"
+timezone = "Mars/Olympus"
+params = { account_ids = [49], count_per_account = 0 }
+
+[[schedules]]
+name = "nightly"
+executor = "nope"
+every = "1h"
+""", encoding="utf-8")
+    result = check_config(config)
+    assert result.returncode == 1
+    errors = result.stderr.splitlines()
+    assert len(errors) == len(set(errors)) == 5, result.stderr
+    expected = ["daemon.max_concurrent_tasks (line 2)", "schedules[0].cron (line 11)",
+                "schedules[0].timezone (line 12)", "schedules[0].params (line 13)",
+                "schedules[1].executor (line 17)"]
+    for where in expected:
+        assert sum(where in error for error in errors) == 1, (where, result.stderr)
