@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from itertools import islice, takewhile
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiosqlite
@@ -134,6 +134,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def to_db_time(moment: datetime) -> str: ...
+@overload
+def to_db_time(moment: datetime | None) -> str | None: ...
 def to_db_time(moment: datetime | None) -> str | None:
     """UTC ISO-8601 with milliseconds and a Z: sorts as text, and sqlite3 can read it."""
     if moment is None:
@@ -141,6 +145,10 @@ def to_db_time(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+@overload
+def from_db_time(text: str) -> datetime: ...
+@overload
+def from_db_time(text: str | None) -> datetime | None: ...
 def from_db_time(text: str | None) -> datetime | None:
     if not text:
         return None
@@ -577,15 +585,15 @@ def parse_config(text: str, path: str = "", environ: dict[str, str] | None = Non
         start = (_header_lines(text, name) or [0])[0]
         sections[name] = _build_section(cls, data.pop(name, {}), name, text, start, errors,
                                         sources, environ)
-    for name, cls in SECTION_ENTRIES.items():
+    for name, entry_cls in SECTION_ENTRIES.items():
         entries = data.pop(name, [])
         if not isinstance(entries, list):
             errors.append(f"{name}: expected [[{name}]] entries")
             entries = []
         starts = _header_lines(text, name)
         sections[name] = tuple(
-            _build_section(cls, entry, f"{name}[{i}]", text, starts[i] if i < len(starts) else 0,
-                           errors)
+            _build_section(entry_cls, entry, f"{name}[{i}]", text,
+                           starts[i] if i < len(starts) else 0, errors)
             for i, entry in enumerate(entries)
         )
     for key in data:
@@ -613,7 +621,8 @@ def _check_config(config: Config, environ: dict[str, str]) -> list[str]:
         errors.append("creator.command: required when creator.kind = \"command\"")
     if creator.mode == "async" and not (creator.submit_command and creator.status_command):
         errors.append("creator: mode = \"async\" needs submit_command and status_command")
-    templates = [(f"creator.{name}", getattr(creator, name), PLACEHOLDERS) for name in
+    templates: list[tuple[str, Any, tuple[str, ...]]] = [
+        (f"creator.{name}", getattr(creator, name), PLACEHOLDERS) for name in
                  ("command", "submit_command", "status_command", "result_command",
                   "cancel_command", "health_command")]
     templates.append(("publish.command", config.publish.command, PUBLISH_PLACEHOLDERS))
@@ -1101,6 +1110,8 @@ class Store:
         return outcomes
 
     async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
+        if self._reader is None:
+            raise RuntimeError("the store is closed")
         return await self._run(self._reader, work, *args)
 
     async def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
@@ -1199,7 +1210,7 @@ class Store:
             running = dict(conn.execute(
                 "SELECT account_id, COUNT(*) FROM content_generation_tasks"
                 " WHERE status = 'running' GROUP BY account_id").fetchall())
-            chosen = []
+            chosen: list[str] = []
             for task_id, account_id in candidates:
                 if running.get(account_id, 0) < per_account_limit and len(chosen) < limit:
                     running[account_id] = running.get(account_id, 0) + 1
@@ -1429,7 +1440,8 @@ class Store:
     async def list_tasks(self, *, status: str | list[str] | None = None,
                          account_id: int | None = None, limit: int = 50,
                          order: str = "t.id DESC") -> list[dict[str, Any]]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if status:
             statuses = [status] if isinstance(status, str) else list(status)
             where.append(f"t.status IN ({', '.join('?' * len(statuses))})")
@@ -1527,7 +1539,8 @@ class Store:
     async def stats(self, days: int, now: datetime, tz: ZoneInfo) -> dict[str, Any]:
         """`monitor stats`: outcomes of the tasks created in the last `days` days."""
         since = to_db_time(now - timedelta(days=days))
-        offset = f"{int(now.astimezone(tz).utcoffset().total_seconds())} seconds"
+        utc_offset = now.astimezone(tz).utcoffset() or timedelta()
+        offset = f"{int(utc_offset.total_seconds())} seconds"
 
         def collect(conn: sqlite3.Connection) -> dict[str, Any]:
             def rows(sql: str, *params: Any) -> list[dict[str, Any]]:
@@ -1632,6 +1645,7 @@ class Store:
                 "INSERT INTO schedule_runs (schedule_name, scheduled_for, fired_at, trigger,"
                 " status) VALUES (?, ?, ?, ?, 'firing')",
                 (name, instant, to_db_time(now), trigger)).lastrowid
+            assert run_id is not None  # an INSERT always sets it
             if trigger != "manual":
                 conn.execute("UPDATE schedule_state SET last_scheduled_for = ? WHERE name = ?"
                              " AND (last_scheduled_for IS NULL OR last_scheduled_for < ?)",
@@ -1877,7 +1891,7 @@ class _PipeCapture:
         start = 0
         while (newline := data.find(b"\n", start)) >= 0:
             line = self.partial + data[start:newline]
-            if not self.skipping and b'"progress"' in line:
+            if self.on_line is not None and not self.skipping and b'"progress"' in line:
                 self.on_line(line.decode("utf-8", "replace"))
             self.partial, self.skipping, start = b"", False, newline + 1
         if not self.skipping:
@@ -1909,7 +1923,7 @@ def _watch_readable(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future:
     """A future that resolves when `fd` becomes readable (a pidfd: when the process exits).
     The caller removes the reader."""
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    loop.add_reader(fd, _settle, ready, True, None)
     return ready
 
 
@@ -1985,7 +1999,11 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
     err = _PipeCapture(loop, err_r, budget, None)
     # Most creators that finish at once are read after they exit, which spares four selector
     # registrations per child; a slower one is read as it writes (progress, the output cap).
-    start_watching = loop.call_later(PIPE_WATCH_DELAY_S, lambda: (out.watch(), err.watch()))
+    def watch_pipes() -> None:
+        out.watch()
+        err.watch()
+
+    start_watching = loop.call_later(PIPE_WATCH_DELAY_S, watch_pipes)
     feeder = _feed_stdin(loop, stdin_w, stdin)
     pidfd = os.pidfd_open(proc.pid)  # the child is not reaped yet, so this cannot fail
     exited = _watch_readable(loop, pidfd)
@@ -2218,7 +2236,7 @@ def parse_json_output(stdout: str) -> Article | CreatorFailure:
     images = data.get("images") or []
     if not isinstance(images, list):
         images = [images]
-    quality = data.get("quality") if isinstance(data.get("quality"), dict) else {}
+    quality: dict[str, Any] = data["quality"] if isinstance(data.get("quality"), dict) else {}
     score = data.get("quality_score", data.get("qualityScore"))
     if score is not None:
         quality = {**quality, "score": score}
@@ -3032,11 +3050,13 @@ class Trigger:
         # instants. Their earliest instants never decrease, but in a fall-back overlap the second
         # occurrences of one hour interleave with the next hour's, so instants wait in a heap
         # until no later candidate can come before them.
+        assert self.cron is not None  # interval triggers never get here
         zone = ZoneInfo(self.timezone)
         follows_elapsed = _hour_follows_elapsed_time(self.cron)
         local = after.astimezone(zone)
         # If `after` is in the first pass of an overlap, the repeated wall times come round again.
-        rewind = local.utcoffset() - local.replace(fold=1).utcoffset()
+        rewind = ((local.utcoffset() or timedelta())
+                  - (local.replace(fold=1).utcoffset() or timedelta()))
         candidates = croniter(
             self.cron, local.replace(tzinfo=None) - rewind, day_or=_cron_day_or(self.cron)
         )
@@ -3067,6 +3087,7 @@ class Trigger:
             return 0
         if self.period is not None:
             return (until - after) // self.period
+        assert self.cron is not None  # a trigger has a period or a cron expression
         zone = ZoneInfo(self.timezone)
         first_day = after.astimezone(zone).date() + timedelta(days=1)
         end_day = until.astimezone(zone).date()
@@ -3852,6 +3873,7 @@ class WorkerPool:
         timers: list[asyncio.TimerHandle] = []
 
         def record_pid() -> None:
+            assert running.pgid is not None  # set by on_spawn, which schedules this
             recording.append(asyncio.ensure_future(
                 self.store.record_process(task_id, attempt, running.pgid)))
 
@@ -3924,7 +3946,7 @@ class WorkerPool:
             content_id, claimed = await self.store.complete_task(
                 task_id, attempt, row, self._result_json(outcome, result), self.clock(),
                 then_claim)
-            if claimed:
+            if claimed and running is not None:
                 running.next_task = claimed[0]
             task_log.info("task_completed", content_id=content_id, title=row["title"],
                           words=row["word_count"], duration=round(result.duration, 3))
@@ -4039,8 +4061,8 @@ class PollLoop(BackgroundLoop):
         try:
             if from_db_time(task["timeout_at"]) <= self.clock():
                 await self.pool.cancel_remote(task)
-                outcome = CreatorFailure("timeout", "asynchronous creator did not finish within"
-                                                    " task_timeout")
+                outcome: Article | CreatorFailure = CreatorFailure(
+                    "timeout", "asynchronous creator did not finish within task_timeout")
                 result = ProcessResult(None, "", "", 0.0)
             else:
                 result = await self.pool.run_creator_command(
@@ -4319,6 +4341,7 @@ class ControlServer:
     async def _serve_connection(self, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
         current = asyncio.current_task()
+        assert current is not None  # asyncio runs each connection as a task
         self._connections.add(current)
         try:
             if len(self._connections) > self.config.daemon.max_connections:
@@ -4577,7 +4600,7 @@ class ControlServer:
         if problems:
             raise InvalidRequest("; ".join(problems))
         ctx = ExecutionContext(self.store, self.config, {}, self.pool.clock())
-        return (await EXECUTORS["cleanup"].execute(ctx, params)).data
+        return (await EXECUTORS["cleanup"].execute(ctx, params)).data or {}
 
     # -- commands: bulk import -----------------------------------------------------------------
 
@@ -4650,7 +4673,8 @@ class ControlServer:
 
     async def cmd_scheduler_status(self, args: dict[str, Any]) -> dict[str, Any]:
         active = [e for e in self.scheduler.schedules.values() if not e.paused]
-        upcoming = min(active, key=lambda e: e.next_fire_at, default=None)
+        upcoming = min((e for e in active if e.next_fire_at is not None),
+                       key=lambda e: e.next_fire_at or datetime.max, default=None)
         return {"running": self.scheduler.is_running, "schedules": len(self.scheduler.schedules),
                 "paused": len(self.scheduler.schedules) - len(active),
                 "next": {"name": upcoming.config.name, "at": to_db_time(upcoming.next_fire_at)}

@@ -76,7 +76,7 @@ class Daemon:
         self.log_path = directory / "daemon.log"
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("LLM_API_KEY", "NOTIFY_SOCKET", "STATE_DIRECTORY",
-                                 "RUNTIME_DIRECTORY", "CONTENTHUB_SOCKET")}
+                                 "RUNTIME_DIRECTORY", "CONTENTHUB_SOCKET", "COLUMNS")}
         self.env.update(CREATOR_STATE_DIR=str(directory), **(env or {}))
         self.proc: subprocess.Popen | None = None
         self._next_id = 0
