@@ -103,10 +103,11 @@ LENIENT_STRING_RE = re.compile(r"""^\s*(socket|state_dir)\s*=\s*(?:"([^"\\]*)"|'
 LENIENT_TABLE_RE = re.compile(r"^\s*\[\s*([^\]]*?)\s*\]")
 
 
-def lenient_daemon_keys(text: str) -> dict:
+def lenient_daemon_keys(text: str) -> dict[str, str]:
     """`socket` and `state_dir` of the [daemon] table, read line by line: a syntax error
     elsewhere in the file must not hide where the daemon listens."""
-    found, table = {}, ""
+    found: dict[str, str] = {}
+    table = ""
     for line in text.splitlines():
         header = LENIENT_TABLE_RE.match(line)
         if header:
