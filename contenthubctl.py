@@ -636,7 +636,8 @@ EXPORT_COLUMNS = (Column("ID", "id", align="right"), Column("FILE", "file"),
                   Column("TITLE", "title", flex=True))
 SCHEDULE_COLUMNS = (Column("NAME", "name"), Column("EXECUTOR", "executor"),
                     Column("TRIGGER", "trigger", flex=True), Column("PAUSED", "paused"),
-                    Column("NEXT_FIRE", "next_fire_at"), Column("TIMEZONE", "timezone"))
+                    Column("NEXT_FIRE", "next_fire_at"), Column("LAST", "last_scheduled_for"),
+                    Column("LAST_STATUS", "last_status"), Column("TIMEZONE", "timezone"))
 RUN_COLUMNS = (Column("ID", "id", align="right"), Column("SCHEDULE", "schedule_name"),
                Column("SCHEDULED_FOR", "scheduled_for"), Column("FIRED_AT", "fired_at"),
                Column("TRIGGER", "trigger"), Column("STATUS", "status"),
@@ -930,6 +931,16 @@ def cmd_scheduler_trigger(session: Session, options) -> int:
     return EXIT_OK
 
 
+def cmd_scheduler_delete(session: Session, options) -> int:
+    result = session.call("scheduler.delete", {"name": options.name})
+    if session.format == "table":
+        session.write_lines([f"deleted schedule {result['deleted']} from"
+                             f" {result['config_path']} and reloaded"])
+    else:
+        session.show(result)
+    return EXIT_OK
+
+
 def cmd_scheduler_next(session: Session, options) -> int:
     result = session.call("scheduler.next", without_none({
         "name": options.name, "count": options.count, "after": options.after}))
@@ -1165,7 +1176,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 ("show", cmd_scheduler_show, "one schedule in full"),
                 ("pause", cmd_scheduler_pause, "stop firing a schedule"),
                 ("resume", cmd_scheduler_resume, "fire a schedule again"),
-                ("trigger", cmd_scheduler_trigger, "fire a schedule now")):
+                ("trigger", cmd_scheduler_trigger, "fire a schedule now"),
+                ("delete", cmd_scheduler_delete,
+                 "remove a schedule from the config file and reload")):
             command(scheduler, name, handler, help_text).add_argument("name", metavar="NAME")
         sub = command(scheduler, "history", cmd_scheduler_history, "recent runs")
         sub.add_argument("name", metavar="NAME", nargs="?", help="only this schedule")

@@ -1697,6 +1697,19 @@ class Store:
         return await self.query("SELECT * FROM schedule_runs WHERE schedule_name = ?"
                                 " ORDER BY id DESC LIMIT ?", (name, limit))
 
+    async def last_runs(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The newest run of each schedule (of `names`, or all), by schedule name."""
+        columns = "schedule_name, scheduled_for, fired_at, status"
+        if names is None:
+            rows = await self.query(
+                f"SELECT {columns} FROM schedule_runs"
+                " WHERE id IN (SELECT MAX(id) FROM schedule_runs GROUP BY schedule_name)")
+        else:
+            rows = [row for name in names for row in await self.query(
+                f"SELECT {columns} FROM schedule_runs WHERE schedule_name = ?"
+                " ORDER BY id DESC LIMIT 1", (name,))]
+        return {row["schedule_name"]: row for row in rows}
+
     async def tasks_for_run(self, run_id: int) -> list[dict[str, Any]]:
         return await self.query(f"SELECT {TASK_COLUMNS} FROM {TASK_FROM}"
                                 " WHERE t.schedule_run_id = ? ORDER BY t.id", (run_id,))
@@ -3617,14 +3630,23 @@ class Scheduler(BackgroundLoop):
         entry = self.get(name)
         return await self.fire(entry, self.clock(), "manual")
 
-    def describe(self, entry: PlannedSchedule) -> dict[str, Any]:
+    def describe(self, entry: PlannedSchedule,
+                 last_run: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A schedule as `scheduler list` shows it. `last_scheduled_for` is the instant of its
+        newest run, None until it has fired (the anchor of a fresh schedule is not a firing)."""
         schedule = entry.config
         return {"name": schedule.name, "executor": schedule.executor,
                 "trigger": schedule.cron or f"every {schedule.every or schedule.interval}"
                            f"{(' ' + schedule.interval_unit) if schedule.interval_unit else ''}",
                 "timezone": entry.trigger.timezone, "paused": entry.paused,
                 "next_fire_at": None if entry.paused else to_db_time(entry.next_fire_at),
-                "last_scheduled_for": to_db_time(entry.last_scheduled_for)}
+                "last_scheduled_for": last_run["scheduled_for"] if last_run else None,
+                "last_status": last_run["status"] if last_run else None}
+
+    async def describe_many(self, entries: list[PlannedSchedule]) -> list[dict[str, Any]]:
+        runs = await self.store.last_runs(None if len(entries) > 1 else
+                                          [e.config.name for e in entries])
+        return [self.describe(entry, runs.get(entry.config.name)) for entry in entries]
 
 # Worker pool ###################################################################################
 
@@ -4625,12 +4647,13 @@ class ControlServer:
     # -- commands: scheduler -------------------------------------------------------------------
 
     async def cmd_scheduler_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [self.scheduler.describe(e) for e in self.scheduler.schedules.values()]
+        return await self.scheduler.describe_many(list(self.scheduler.schedules.values()))
 
     async def cmd_scheduler_show(self, args: dict[str, Any]) -> dict[str, Any]:
         entry = self.scheduler.get(arg(args, "name", str, required=True))
         schedule = entry.config
-        return {**self.scheduler.describe(entry), "params": schedule.params,
+        [described] = await self.scheduler.describe_many([entry])
+        return {**described, "params": schedule.params,
                 "misfire": schedule.misfire, "misfire_grace": schedule.misfire_grace,
                 "overlap": schedule.overlap, "description": schedule.description,
                 "recent_runs": await self.store.list_runs(schedule.name, 5)}
@@ -4640,12 +4663,12 @@ class ControlServer:
                                           arg(args, "limit", int, default=20, minimum=1))
 
     async def cmd_scheduler_pause(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.scheduler.describe(
-            await self.scheduler.set_paused(arg(args, "name", str, required=True), True))
+        entry = await self.scheduler.set_paused(arg(args, "name", str, required=True), True)
+        return (await self.scheduler.describe_many([entry]))[0]
 
     async def cmd_scheduler_resume(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.scheduler.describe(
-            await self.scheduler.set_paused(arg(args, "name", str, required=True), False))
+        entry = await self.scheduler.set_paused(arg(args, "name", str, required=True), False)
+        return (await self.scheduler.describe_many([entry]))[0]
 
     async def cmd_scheduler_trigger(self, args: dict[str, Any]) -> dict[str, Any]:
         return await self.scheduler.trigger_now(arg(args, "name", str, required=True))
@@ -5320,6 +5343,26 @@ def write_atomically(path: Path, text: str) -> None:
         os.chmod(temp, path.stat().st_mode & 0o7777)
     os.replace(temp, path)
 
+def without_schedule_block(text: str, index: int) -> str:
+    """`text` without its `index`-th [[schedules]] block: from that header up to the next
+    table that is not one of its own sub-tables ([schedules.params]), less the comment lines
+    right above that table (they belong to it). Everything else is kept byte for byte."""
+    lines = text.splitlines(keepends=True)
+    start = _header_lines(text, "schedules")[index]
+    own = re.compile(r"^\s*\[\[?\s*schedules\s*\.")
+    end = start + 1
+    while end < len(lines) and not (lines[end].lstrip().startswith("[")
+                                    and not own.match(lines[end])):
+        end += 1
+    if end < len(lines):
+        while lines[end - 1].lstrip().startswith("#"):
+            end -= 1
+    else:
+        while start > 0 and not lines[start - 1].strip():
+            start -= 1  # the last block: the blank lines before it go with it
+    return "".join(lines[:start] + lines[end:])
+
+
 class App:
     """Owns the store, the loops, the pool and the control socket: all mutable state.
 
@@ -5391,7 +5434,8 @@ class App:
         self.control = ControlServer(socket_path, self.config, self.store, self.pool,
                                      self.scheduler, {
             "version": self.cmd_version, "reload": self.cmd_reload, "config": self.cmd_config,
-            "monitor.health": self.cmd_health, "scheduler.create": self.cmd_scheduler_create})
+            "monitor.health": self.cmd_health, "scheduler.create": self.cmd_scheduler_create,
+            "scheduler.delete": self.cmd_scheduler_delete})
         await self.control.start()
         self.pool.on_finished = self._task_finished
         await self.pool.start()
@@ -5688,7 +5732,32 @@ class App:
                 data={"errors": exc.errors}) from None
         write_atomically(Path(self.config.path), new_text)
         await self.reload()
-        return self.scheduler.describe(self.scheduler.get(name))
+        return (await self.scheduler.describe_many([self.scheduler.get(name)]))[0]
+
+    async def cmd_scheduler_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove a [[schedules]] block from the config file, then reload: the rest of the
+        file stays byte for byte, the write is atomic. Its runs stay in the history."""
+        if not self.config.path:
+            raise Conflict("the daemon runs on the embedded default config; there is no file"
+                           " to delete a schedule from")
+        name = arg(args, "name", str, required=True)
+        names = [s.name for s in self.config.schedules]
+        if name not in names:
+            raise NotFound(f"no schedule {name!r} in {self.config.path}")
+        text = self.config.text
+        new_text = without_schedule_block(text, names.index(name))
+        try:
+            remaining = parse_config(new_text, self.config.path, self.environ, check_schedules)
+        except ConfigError as exc:
+            raise InvalidRequest("\n".join([
+                f"without schedule {name!r} the file would not be valid; it is unchanged:",
+                *exc.errors]), data={"errors": exc.errors}) from None
+        if [s.name for s in remaining.schedules] != [n for n in names if n != name]:
+            raise Conflict(f"cannot tell where schedule {name!r} ends in {self.config.path};"
+                           " remove it by hand and run contenthubctl reload")
+        write_atomically(Path(self.config.path), new_text)
+        await self.reload()
+        return {"deleted": name, "config_path": self.config.path}
 
 # CLI entry #####################################################################################
 

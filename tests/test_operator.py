@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
-from conftest import CTL, DAEMON
+from conftest import CTL, DAEMON, ROOT
 
 
 def ctl_by_config(daemon, *args: str):
@@ -84,3 +85,80 @@ every = "1h"
                 "schedules[1].executor (line 17)"]
     for where in expected:
         assert sum(where in error for error in errors) == 1, (where, result.stderr)
+
+
+# 3. Interval schedules as a user writes them; LAST columns; scheduler delete ###############
+
+INTERVALS = """
+[[schedules]]
+name = "every-2m"
+executor = "async_content_generation"
+interval = "2m"
+params = { account_ids = [49], count_per_account = 1 }
+
+[[schedules]]
+name = "seed-form"
+executor = "async_content_generation"
+interval = 2
+interval_unit = "hours"
+params = { account_ids = [49], count_per_account = 1 }
+
+# the cleanup below runs nightly
+[[schedules]]
+name = "nightly"
+executor = "cleanup"
+cron = "30 3 * * *"
+
+[schedules.params]
+days = 30
+"""
+
+
+def test_interval_synonyms_load_and_a_bare_interval_names_every(daemon_factory, tmp_path):
+    daemon = daemon_factory(extra=INTERVALS).start()
+    shown = {s["name"]: s for s in daemon.call("scheduler.list")}
+    assert shown["every-2m"]["trigger"] == "every 2m"
+    assert shown["seed-form"]["trigger"] == "every 2 hours"
+    assert check_config(ROOT / "contenthubd.toml").returncode == 0
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(daemon.config_path.read_text(encoding="utf-8").replace(
+        'interval_unit = "hours"\n', ""), encoding="utf-8")
+    result = check_config(bad)
+    assert result.returncode == 1 and 'every = "2h"' in result.stderr
+    assert "schedules[1].interval (line" in result.stderr
+
+
+def test_scheduler_list_shows_last_only_after_a_firing(daemon_factory):
+    daemon = daemon_factory(extra=INTERVALS).start()
+    listing = daemon.ctl("--format", "json", "scheduler", "list")
+    assert all(s["last_scheduled_for"] is None for s in json.loads(listing.stdout))
+    table = daemon.ctl("scheduler", "list").stdout.splitlines()
+    assert "LAST" in table[0].split() and "LAST_STATUS" in table[0].split()
+    daemon.ctl("scheduler", "trigger", "nightly")
+    rows = {s["name"]: s for s in json.loads(
+        daemon.ctl("--format", "json", "scheduler", "list").stdout)}
+    assert rows["nightly"]["last_status"] == "fired" and rows["nightly"]["last_scheduled_for"]
+    assert rows["every-2m"]["last_scheduled_for"] is None
+    nightly_row = next(line for line in daemon.ctl("scheduler", "list").stdout.splitlines()
+                       if line.startswith("nightly"))
+    assert "fired" in nightly_row.split()
+
+
+def test_scheduler_delete_removes_the_block_atomically_and_reloads(daemon_factory):
+    daemon = daemon_factory(extra=INTERVALS).start()
+    before = daemon.config_path.read_text(encoding="utf-8")
+    result = daemon.ctl("scheduler", "delete", "seed-form")
+    assert result.returncode == 0, result.stderr
+    assert "deleted schedule seed-form" in result.stdout
+    after = daemon.config_path.read_text(encoding="utf-8")
+    block = before[before.index('[[schedules]]\nname = "seed-form"'):
+                   before.index("# the cleanup below")]
+    assert after == before.replace(block, "")
+    assert [s["name"] for s in daemon.call("scheduler.list")] == ["every-2m", "nightly"]
+    assert daemon.ctl("scheduler", "delete", "nightly").returncode == 0
+    text = daemon.config_path.read_text(encoding="utf-8")
+    assert "name = \"nightly\"" not in text and "[schedules.params]" not in text
+    assert "# the cleanup below runs nightly" in text  # a comment is never guessed away
+    missing = daemon.ctl("scheduler", "delete", "nightly")
+    assert missing.returncode == 1 and "no schedule 'nightly'" in missing.stderr
