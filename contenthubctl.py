@@ -508,6 +508,8 @@ def prometheus_text(metrics: dict) -> str:
 #: Front-matter fields of an exported file, in this order; values are JSON (valid YAML).
 FRONT_MATTER_KEYS = ("id", "task_id", "title", "account_id", "account_name", "topic",
                      "review_status", "word_count", "created_at", "images")
+#: Written after those when known (not null or empty): what made the article.
+FRONT_MATTER_KNOWN_KEYS = ("generator", "model", "keywords", "category", "quality", "cost")
 
 
 def slugify(title: str) -> str:
@@ -532,6 +534,8 @@ def export_document(content: dict) -> str:
     titles safe."""
     header = [f"{key}: {json.dumps(content.get(key), ensure_ascii=False)}"
               for key in FRONT_MATTER_KEYS if key in content]
+    header += [f"{key}: {json.dumps(content[key], ensure_ascii=False)}"
+               for key in FRONT_MATTER_KNOWN_KEYS if content.get(key) not in (None, "", {})]
     body = (content.get("body") or "").rstrip("\n")
     return "\n".join(["---", *header, "---", "", body]) + "\n"
 
@@ -628,7 +632,14 @@ FAILED_TASK_COLUMNS = (Column("TASK_ID", "task_id"), Column("STATUS", "status"),
                        Column("ACCOUNT", account_of, flex=True),
                        Column("TOPIC", "topic", flex=True),
                        Column("ERROR", error_of, flex=True), Column("UPDATED", "updated_at"))
+def generator_of(row: dict):
+    """The GENERATOR column: an offline draft is a placeholder, and says so loudly."""
+    generator = row.get("generator")
+    return "offline-template (placeholder)" if generator == "offline-template" else generator
+
+
 CONTENT_COLUMNS = (Column("ID", "id", align="right"), Column("REVIEW", "review_status"),
+                   Column("GENERATOR", generator_of),
                    Column("ACCOUNT", account_of, flex=True),
                    Column("WORDS", "word_count", align="right"),
                    Column("CREATED", "created_at"), Column("TITLE", "title", flex=True))
@@ -652,9 +663,9 @@ TASK_ORDER = ("task_id", "status", "progress", "stage", "account_id", "account_n
               "keywords", "category", "priority", "attempt", "retry_count", "max_retries",
               "auto_approve", "content_id", "error_kind", "error_message", "submitted_at",
               "started_at", "completed_at", "next_attempt_at", "timeout_at")
-CONTENT_ORDER = ("id", "task_id", "title", "account_id", "account_name", "topic",
-                 "review_status", "review_reason", "publish_status", "word_count", "images",
-                 "summary", "created_at")
+CONTENT_ORDER = ("id", "task_id", "title", "generator", "model", "account_id", "account_name",
+                 "topic", "keywords", "category", "review_status", "review_reason",
+                 "publish_status", "word_count", "cost", "images", "summary", "created_at")
 METRICS_ORDER = ("total", "pending", "submitted", "running", "completed", "failed_count",
                  "timeout_count", "cancelled_count", "success_rate", "avg_completion_seconds")
 
@@ -783,14 +794,27 @@ def cmd_content_show(session: Session, options) -> int:
         session.show(content)
         return EXIT_OK
     header = {key: value for key, value in content.items() if key != "body"}
+    if header.get("generator") == "offline-template":
+        header["generator"] = "offline-template (a placeholder draft, not written by an LLM)"
     session.write_lines(object_lines(header, CONTENT_ORDER, session.width))
     session.write_lines(["", (content.get("body") or "").rstrip("\n")])
     return EXIT_OK
 
 
-def review(session: Session, cmd: str, args: dict) -> int:
-    result = session.call(cmd, args)
-    session.show(result)
+def review(session: Session, cmd: str, options) -> int:
+    result = session.call(cmd, without_none({"ids": options.ids, "reason": options.reason,
+                                             "force": options.force or None}))
+    if session.format != "table":
+        session.show(result)
+    else:
+        verb = "approved" if cmd == "content.approve" else "rejected"
+        lines = []
+        if result.get("updated"):
+            lines.append(f"{verb}: " + ", ".join(map(str, result["updated"])))
+        if result.get("unchanged"):
+            lines.append(f"unchanged (already {verb}): "
+                         + ", ".join(map(str, result["unchanged"])))
+        session.write_lines(lines)
     if result.get("missing"):
         session.warn("no content with id " + ", ".join(map(str, result["missing"])))
         return EXIT_FAILED
@@ -798,12 +822,11 @@ def review(session: Session, cmd: str, args: dict) -> int:
 
 
 def cmd_content_approve(session: Session, options) -> int:
-    return review(session, "content.approve", {"ids": options.ids})
+    return review(session, "content.approve", options)
 
 
 def cmd_content_reject(session: Session, options) -> int:
-    return review(session, "content.reject", without_none({"ids": options.ids,
-                                                           "reason": options.reason}))
+    return review(session, "content.reject", options)
 
 
 def cmd_content_export(session: Session, options) -> int:
@@ -1122,8 +1145,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         for name, handler in (("approve", cmd_content_approve), ("reject", cmd_content_reject)):
             sub = command(content, name, handler, f"{name} contents")
             sub.add_argument("ids", metavar="ID", type=int, nargs="+")
-            if name == "reject":
-                sub.add_argument("--reason")
+            sub.add_argument("--reason", help="recorded in the review history")
+            sub.add_argument("--force", action="store_true",
+                             help=f"{name} even a content another review decided otherwise")
         sub = command(content, "export", cmd_content_export,
                       "write contents as Markdown files or JSON Lines")
         sub.add_argument("ids", metavar="ID", type=int, nargs="*", help="only these contents")

@@ -786,7 +786,8 @@ CLAIM_RETURNING = (", ".join(TASK_FIELDS) + ", (SELECT name FROM accounts"
 CONTENT_LIST_COLUMNS = ("c.id, c.task_id, c.account_id, a.name AS account_name, t.topic, c.title,"
                         " c.summary, c.word_count, c.images, c.quality, c.review_status,"
                         " c.review_reason, c.publish_status, c.scheduled_publish_at,"
-                        " c.published_at, c.created_at")
+                        " c.published_at, c.created_at, c.generator, c.model, c.keywords,"
+                        " c.category, c.cost")
 CONTENT_FROM = ("contents c LEFT JOIN content_generation_tasks t ON t.task_id = c.task_id"
                 " LEFT JOIN accounts a ON a.id = c.account_id")
 #: Every connection's settings. NORMAL in WAL mode: a commit survives a process crash
@@ -1281,20 +1282,24 @@ class Store:
         # Encoded here, outside the transaction: the writer's thread does SQL, little else.
         values = (article["title"], article["body"], article["summary"], article["word_count"],
                   json_text(article["images"]), json_text(article["quality"]), stamp,
-                  task_id, attempt)
+                  article["generator"], article["model"], article["cost"], task_id, attempt)
         result_text = json_text(result)
 
         def complete(conn: sqlite3.Connection) -> int | None:
             # Inserted only if this attempt still owns the task: the fence is in the SELECT.
             cursor = conn.execute(
                 "INSERT INTO contents (task_id, account_id, title, body, summary, word_count,"
-                " images, quality, created_at, review_status) SELECT task_id, account_id,"
-                " ?, ?, ?, ?, ?, ?, ?, CASE WHEN auto_approve THEN 'approved'"
+                " images, quality, created_at, generator, model, cost, keywords, category,"
+                " review_status) SELECT task_id, account_id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " keywords, category, CASE WHEN auto_approve THEN 'approved'"
                 " ELSE 'pending_review' END FROM content_generation_tasks"
                 f" WHERE {OWNED_BY_ATTEMPT}", values)
             if not cursor.rowcount:
                 return None
             content_id = cursor.lastrowid
+            conn.execute("INSERT INTO content_events (content_id, at, action, actor, to_status)"
+                         " SELECT id, created_at, 'created', 'contenthubd', review_status"
+                         " FROM contents WHERE id = ?", (content_id,))
             conn.execute("INSERT INTO task_events (task_id, at, from_status, to_status, detail)"
                          " SELECT task_id, ?, status, 'completed', ? FROM"
                          " content_generation_tasks WHERE task_id = ?",
@@ -1460,13 +1465,24 @@ class Store:
 
     # -- contents ------------------------------------------------------------------------------
 
-    async def get_content(self, key: int | str) -> dict[str, Any]:
+    async def get_content(self, key: int | str, with_history: bool = False) -> dict[str, Any]:
         column = "c.task_id" if isinstance(key, str) else "c.id"
-        rows = await self.query(f"SELECT {CONTENT_LIST_COLUMNS}, c.body FROM {CONTENT_FROM}"
-                                f" WHERE {column} = ?", (key,))
-        if not rows:
-            raise NotFound(f"no content {key}")
-        return rows[0]
+
+        def get(conn: sqlite3.Connection) -> dict[str, Any]:
+            cursor = conn.execute(f"SELECT {CONTENT_LIST_COLUMNS}, c.body FROM {CONTENT_FROM}"
+                                  f" WHERE {column} = ?", (key,))
+            row = cursor.fetchone()
+            if row is None:
+                raise NotFound(f"no content {key}")
+            content = _row_dict(cursor, row)
+            if with_history:
+                cursor = conn.execute(
+                    "SELECT at, action, actor, actor_uid, from_status, to_status, reason"
+                    " FROM content_events WHERE content_id = ? ORDER BY id", (content["id"],))
+                content["history"] = [_row_dict(cursor, row) for row in cursor.fetchall()]
+            return content
+
+        return await self._read(get)
 
     async def list_contents(self, *, account_id: int | None = None,
                             review_status: str | None = None, since: str | None = None,
@@ -1487,19 +1503,46 @@ class Store:
         return await self.query(f"SELECT {columns} FROM {CONTENT_FROM} {clause}"
                                 " ORDER BY c.id DESC LIMIT ?", (*params, limit))
 
-    async def review_contents(self, ids: list[int], status: str,
-                              reason: str | None) -> list[int]:
-        def review(conn: sqlite3.Connection) -> list[int]:
-            updated = []
-            for content_id in ids:
-                cursor = conn.execute("UPDATE contents SET review_status = ?, review_reason = ?"
-                                      " WHERE id = ?", (status, reason, content_id))
-                if cursor.rowcount:
-                    updated.append(content_id)
-            return updated
+    async def review_contents(self, ids: list[int], status: str, reason: str | None,
+                              actor: tuple[int | None, str], now: datetime,
+                              force: bool = False) -> dict[str, list[int]]:
+        """Approve or reject contents, each change with its content_events row (who, when,
+        from, to, reason). A content already in `status` is left as it is ("unchanged").
+        Approving a rejected content or rejecting an approved one undoes someone's decision:
+        without `force` that is a Conflict and nothing in the request changes."""
+        stamp = to_db_time(now)
+        action = "approve" if status == "approved" else "reject"
+
+        def review(conn: sqlite3.Connection) -> dict[str, list[int]]:
+            found = dict(conn.execute(
+                "SELECT id, review_status FROM contents WHERE id IN"
+                " (SELECT value FROM json_each(?))", (json_text(ids),)).fetchall())
+            opposite = "rejected" if status == "approved" else "approved"
+            conflicts = [i for i in ids if found.get(i) == opposite]
+            if conflicts and not force:
+                raise Conflict(
+                    f"content {', '.join(map(str, conflicts))} is {opposite}; {action} with"
+                    f" --force to overturn that review (see its history: contenthubctl content"
+                    f" show {conflicts[0]})", data={"conflicts": conflicts})
+            outcome: dict[str, list[int]] = {"updated": [], "unchanged": [], "missing": []}
+            for content_id in dict.fromkeys(ids):
+                before = found.get(content_id)
+                if before is None:
+                    outcome["missing"].append(content_id)
+                    continue
+                if before == status:
+                    outcome["unchanged"].append(content_id)
+                    continue
+                conn.execute("UPDATE contents SET review_status = ?, review_reason = ?"
+                             " WHERE id = ?", (status, reason, content_id))
+                conn.execute("INSERT INTO content_events (content_id, at, action, actor_uid,"
+                             " actor, from_status, to_status, reason)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (content_id, stamp, action, *actor, before, status, reason))
+                outcome["updated"].append(content_id)
+            return outcome
 
         return await self._write(review)
-
 
     # -- reports -------------------------------------------------------------------------------
 
@@ -2164,20 +2207,79 @@ def markdown_title(md: str, lines: list[str] | None = None) -> str | None:
     return None
 
 
-def plain_summary(md: str, limit: int = 200, lines: list[str] | None = None) -> str:
-    """The first `limit` characters of `md` as plain text: code blocks, images, rules and
-    Markdown markers removed, heading and link texts kept, whitespace collapsed."""
-    kept = []
-    for line in _prose_lines(md) if lines is None else lines:
-        if _RULE_RE.match(line) or _TABLE_RULE_RE.match(line):
+_SETEXT_RE = re.compile(r"^ {0,3}(?:=+|-+)[ \t]*$")
+_LIST_ITEM_RE = re.compile(r"^[ \t]*(?:>[ \t]?)*[ \t]*(?:[-*+]|\d{1,9}[.)])[ \t]+")
+#: Where a sentence ends: CJK full stops need no space after them, ASCII ones do (so "3.5"
+#: and "example.com" go on); closing quotes and brackets stay with their sentence.
+_SENTENCE_END_RE = re.compile(r"(?:[。！？；…]+|[.!?]+(?=[\"'”’)\]]*(?:\s|$)))[\"'”’」』）)\]]*")
+#: Characters after which a CJK line may be cut mid-sentence without splitting a word.
+_CJK_PUNCTUATION_RE = re.compile("[\u3000-\u303f\uff01-\uff0f\uff1a-\uff20…”’]")
+_CJK_BREAK_RE = re.compile(_CJK_CLASS[:-1] + ",:\u3000-\u303f\uff01-\uff0f\uff1a-\uff20]")
+SUMMARY_ELLIPSIS = "…"
+
+
+def _prose_paragraphs(lines: list[str]) -> Iterator[str]:
+    """The body's prose as plain-text paragraphs (list items are paragraphs of their own):
+    headings (ATX and setext), rules, tables and lines that are only images are left out."""
+    current: list[str] = []
+
+    def paragraph() -> str:
+        text = " ".join(_inline_text(" ".join(current)).split())
+        current.clear()
+        return text
+
+    for index, line in enumerate(lines):
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        if (not line.strip() or _HEADING_MARK_RE.match(line) or _RULE_RE.match(line)
+                or line.lstrip().startswith("|") or _TABLE_RULE_RE.match(line)
+                or (not current and _SETEXT_RE.match(following))):
+            if current and (text := paragraph()):
+                yield text
             continue
-        if _HEADING_MARK_RE.match(line):
-            line = _CLOSING_HASHES_RE.sub("", _HEADING_MARK_RE.sub("", line))
-        else:
-            line = _BLOCK_PREFIX_RE.sub("", line).replace("|", " ")
-        kept.append(line)
-    text = " ".join(_inline_text("\n".join(kept)).split())
-    return text[:limit].rstrip()
+        if current and _LIST_ITEM_RE.match(line) and (text := paragraph()):
+            yield text
+        current.append(_BLOCK_PREFIX_RE.sub("", line).strip())
+    if current and (text := paragraph()):
+        yield text
+
+
+def _join_prose(left: str, right: str) -> str:
+    """Two pieces of prose as one text: Chinese and Japanese run on without a space."""
+    if not left:
+        return right
+    if CJK_CHAR_RE.match(right[:1]) and _CJK_PUNCTUATION_RE.match(left[-1:]):
+        return left + right
+    return f"{left} {right}"
+
+
+def plain_summary(md: str, limit: int = 200, lines: list[str] | None = None) -> str:
+    """The first sentences of the body's prose as plain text, at most `limit` characters.
+
+    No title, no headings, no Markdown: code, images, rules and tables are left out and
+    inline markup is stripped (link texts kept). Whole sentences are taken while they fit
+    (a paragraph's end ends a sentence too); when even the first one does not fit, it is cut
+    at a word boundary (a space, or between CJK characters) and ends with an ellipsis.
+    """
+    text = ""
+    for paragraph in _prose_paragraphs(_prose_lines(md) if lines is None else lines):
+        text = _join_prose(text, paragraph)
+        if len(text) > limit:
+            break
+    if len(text) <= limit:
+        return text
+    ends = [match.end() for match in _SENTENCE_END_RE.finditer(text, 0, limit + 1)
+            if match.end() <= limit]
+    # Whole sentences, unless that leaves less than half the room: then a cut sentence.
+    if ends and ends[-1] >= limit // 2:
+        return text[:ends[-1]].rstrip()
+    room = limit - len(SUMMARY_ELLIPSIS)
+    breaks = [i for i in range(1, room + 1)
+              if text[i].isspace() or _CJK_BREAK_RE.match(text[i - 1])]
+    # After a comma reads better than between two characters, if one is near the end.
+    commas = [i for i in breaks if _CJK_PUNCTUATION_RE.match(text[i - 1]) or text[i - 1] == ","]
+    cut = (commas[-1] if commas and commas[-1] >= room * 3 // 4 else
+           breaks[-1] if breaks else room)
+    return text[:cut].rstrip(" ，、,:：;；") + SUMMARY_ELLIPSIS
 
 
 def count_words(text: str) -> int:
@@ -2253,8 +2355,8 @@ def parse_json_output(stdout: str) -> Article | CreatorFailure:
     score = data.get("quality_score", data.get("qualityScore"))
     if score is not None:
         quality = {**quality, "score": score}
-    extra = {key: data[key] for key in ("generator", "model", "usage", "summary", "word_count",
-                                        "wordCount") if key in data}
+    extra = {key: data[key] for key in ("generator", "model", "usage", "cost", "summary",
+                                        "word_count", "wordCount") if key in data}
     title = data.get("title") if isinstance(data.get("title"), str) else None
     return Article(body=body, title=title, images=[str(i) for i in images], quality=quality,
                    external_id=data.get("task_id") or data.get("taskId"), extra=extra)
@@ -2567,7 +2669,8 @@ def content_creator_text_outcome(result: ProcessResult, cwd: Path) -> Article | 
         return CreatorFailure(parsed["error_kind"], parsed["error_message"], parsed["retryable"])
     return Article(body=parsed["body"], title=parsed["title"], images=parsed["images"],
                    quality=parsed["quality"], external_id=parsed["external_id"],
-                   extra={"duration_seconds_reported": parsed["duration_seconds"],
+                   extra={"generator": "content-creator",
+                          "duration_seconds_reported": parsed["duration_seconds"],
                           "status_text": parsed["status_text"]})
 
 def classify_result(result: ProcessResult, creator: CreatorConfig,
@@ -2655,7 +2758,21 @@ def article_row(article: Article, topic: str) -> dict[str, Any]:
         "word_count": count_words(body),
         "images": article.images,
         "quality": article.quality,
+        # What made the article, as the creator said: "offline-template" marks a placeholder.
+        "generator": _text_or_none(article.extra.get("generator")),
+        "model": _text_or_none(article.extra.get("model")),
+        "cost": _finite_or_none(article.extra.get("cost")),
     }
+
+
+def _text_or_none(value: Any) -> str | None:
+    return str(value)[:200] if isinstance(value, (str, int, float)) and str(value) else None
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 # Executors #####################################################################################
@@ -4128,6 +4245,8 @@ TIME_FIELDS = {"submitted_at", "started_at", "completed_at", "timeout_at", "next
 JSON_FIELDS = {"images", "quality", "result", "params"}
 BOOL_FIELDS = {"auto_approve", "paused", "enabled"}
 COMMAND_GROUPS = ("content", "task", "monitor", "scheduler")
+#: Commands whose handler also gets the caller (uid, user name): they record who acted.
+PEER_COMMANDS = frozenset({"content.approve", "content.reject"})
 
 
 def present(value: Any, tz: ZoneInfo) -> Any:
@@ -4187,6 +4306,14 @@ def content_ids(values: list[Any]) -> list[int]:
                for i in values):
         raise InvalidRequest("argument 'ids' must be a list of content ids (positive integers)")
     return values
+
+
+def peer_name(uid: int) -> tuple[int, str]:
+    """(uid, user name) of a control-socket peer, as review history records who acted."""
+    try:
+        return uid, pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return uid, f"uid {uid}"
 
 
 def peer_allowed(sock: socket.socket, group: str) -> tuple[bool, int]:
@@ -4393,7 +4520,7 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue
-                await self._answer(line, reader, writer)
+                await self._answer(line, reader, writer, uid)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -4404,7 +4531,7 @@ class ControlServer:
                 await writer.wait_closed()
 
     async def _answer(self, line: bytes, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+                      writer: asyncio.StreamWriter, uid: int) -> None:
         request_id = None
         try:
             try:
@@ -4435,7 +4562,8 @@ class ControlServer:
                 error = ContentHubError(f"unknown command {cmd!r}")
                 error.code = "unknown_command"
                 raise error
-            result = present(await handler(args), self.tz)
+            result = present(await (handler(args, peer_name(uid)) if cmd in PEER_COMMANDS
+                                    else handler(args)), self.tz)
             writer.write(self._reply(request_id, result))
         except ContentHubError as exc:
             writer.write(self._reply(request_id, error=exc))
@@ -4540,20 +4668,28 @@ class ControlServer:
         key = arg(args, "id", (int, str), required=True)
         if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19:
             key = int(key)
-        return await self.store.get_content(key)
+        return await self.store.get_content(key, with_history=True)
 
-    async def cmd_content_approve(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._review(args, "approved")
+    async def cmd_content_approve(self, args: dict[str, Any],
+                                  peer: tuple[int, str]) -> dict[str, Any]:
+        return await self._review(args, "approved", peer)
 
-    async def cmd_content_reject(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._review(args, "rejected")
+    async def cmd_content_reject(self, args: dict[str, Any],
+                                 peer: tuple[int, str]) -> dict[str, Any]:
+        return await self._review(args, "rejected", peer)
 
-    async def _review(self, args: dict[str, Any], status: str) -> dict[str, Any]:
+    async def _review(self, args: dict[str, Any], status: str,
+                      peer: tuple[int, str]) -> dict[str, Any]:
         ids = content_ids(arg(args, "ids", list, required=True))
         if not ids:
             raise InvalidRequest("argument 'ids' must be a non-empty list of content ids")
-        updated = await self.store.review_contents(ids, status, arg(args, "reason", str))
-        return {"updated": updated, "missing": [i for i in ids if i not in updated]}
+        reason = arg(args, "reason", str)
+        force = arg(args, "force", bool, default=False)
+        outcome = await self.store.review_contents(ids, status, reason, peer, self.pool.clock(),
+                                                   force)
+        log.info("content_reviewed", status=status, updated=outcome["updated"],
+                 unchanged=outcome["unchanged"], by=peer[1], forced=force)
+        return outcome
 
     # -- commands: tasks -----------------------------------------------------------------------
 

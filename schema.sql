@@ -176,3 +176,33 @@ CREATE TRIGGER IF NOT EXISTS count_content_delete AFTER DELETE ON contents
 BEGIN
     UPDATE counters SET value = value - 1 WHERE name = 'content:' || OLD.review_status;
 END;
+
+-- migration 2: review history of contents; what made each article (generator, model, cost)
+CREATE TABLE content_events (
+    id           INTEGER PRIMARY KEY,
+    content_id   INTEGER NOT NULL REFERENCES contents (id) ON DELETE CASCADE,
+    at           TEXT NOT NULL,
+    action       TEXT NOT NULL,                     -- created | approve | reject | publish
+    actor_uid    INTEGER,                           -- the peer's uid; NULL for the daemon
+    actor        TEXT NOT NULL,                     -- user name, or 'contenthubd'
+    from_status  TEXT,
+    to_status    TEXT,
+    reason       TEXT
+);
+CREATE INDEX idx_content_events_content ON content_events (content_id, id);
+-- Copied from the task and the creator's result at completion: the task may be cleaned up,
+-- the article and what made it stay.
+ALTER TABLE contents ADD COLUMN generator TEXT;
+ALTER TABLE contents ADD COLUMN model TEXT;
+ALTER TABLE contents ADD COLUMN keywords TEXT NOT NULL DEFAULT '';
+ALTER TABLE contents ADD COLUMN category TEXT NOT NULL DEFAULT '';
+ALTER TABLE contents ADD COLUMN cost REAL;
+UPDATE contents SET
+    generator = (SELECT json_extract(t.result, '$.generator') FROM content_generation_tasks t
+                 WHERE t.task_id = contents.task_id AND json_valid(t.result)),
+    model = (SELECT json_extract(t.result, '$.model') FROM content_generation_tasks t
+             WHERE t.task_id = contents.task_id AND json_valid(t.result)),
+    keywords = COALESCE((SELECT t.keywords FROM content_generation_tasks t
+                         WHERE t.task_id = contents.task_id), ''),
+    category = COALESCE((SELECT t.category FROM content_generation_tasks t
+                         WHERE t.task_id = contents.task_id), '');

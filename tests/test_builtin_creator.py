@@ -300,7 +300,7 @@ def test_plain_summary_strips_markdown_to_text():
     md = ("# 标题\n\n这是**重点**和[链接](http://example.com)。![图](a.png)\n\n"
           "```python\nprint('code')\n```\n\n> 引用 `x`\n\n- 项目一\n1. 项目二\n\n---\n\n"
           "| a | b |\n|---|---|\n| 1 | 2 |\n\nmy_var_name and *em* and ~~del~~ \\*star\\*\n")
-    assert plain_summary(md) == "标题 这是重点和链接。 引用 x 项目一 项目二 a b 1 2 my_var_name and em and del *star*"
+    assert plain_summary(md) == "这是重点和链接。引用 x 项目一 项目二 my_var_name and em and del *star*"
 
 
 def test_plain_summary_keeps_private_use_characters_beside_escapes():
@@ -311,9 +311,9 @@ def test_plain_summary_keeps_private_use_characters_beside_escapes():
     assert plain_summary(crowded, limit=1000) == crowded.replace("\\", "")
 
 
-def test_plain_summary_keeps_the_first_limit_characters():
-    assert plain_summary("字" * 500) == "字" * 200
-    assert plain_summary("word " * 100, limit=12) == "word word wo"
+def test_plain_summary_keeps_at_most_limit_characters_cut_between_words():
+    assert plain_summary("字" * 500) == "字" * 199 + "…"
+    assert plain_summary("word " * 100, limit=12) == "word word…"
 
 
 @pytest.mark.parametrize(("text", "words"), [
