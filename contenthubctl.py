@@ -55,6 +55,7 @@ MAX_REQUEST_BYTES = 1 << 20  #: the daemon rejects longer request lines
 TASK_STATUSES = ("pending", "submitted", "running", "completed", "failed", "timeout",
                  "cancelled")
 REVIEW_STATUSES = ("pending_review", "approved", "rejected")
+TOPIC_STATUSES = ("queued", "used", "skipped")
 FORMATS = ("table", "json", "csv", "prometheus")
 
 COLUMN_GAP = "  "
@@ -655,6 +656,10 @@ RUN_COLUMNS = (Column("ID", "id", align="right"), Column("SCHEDULE", "schedule_n
                Column("RESULT", "result", flex=True))
 EXECUTOR_COLUMNS = (Column("TYPE", "type"), Column("DESCRIPTION", "description", flex=True),
                     Column("PARAMS", executor_params_of, flex=True))
+TOPIC_COLUMNS = (Column("ID", "id", align="right"), Column("ACCOUNT", "account_id", align="right"),
+                 Column("STATUS", "status"), Column("SOURCE", "source"),
+                 Column("TOPIC", "topic", flex=True), Column("KEYWORDS", "keywords", flex=True),
+                 Column("TASK_ID", "task_id"), Column("ADDED", "added_at"))
 CONFIG_COLUMNS = (Column("KEY", "key"), Column("VALUE", "value", flex=True),
                   Column("SOURCE", "source"))
 
@@ -1006,17 +1011,21 @@ def bulk_error_line(file_name: str, error: dict) -> str:
     return f"{where}:{column} {error.get('message', 'invalid row')}"
 
 
-def cmd_bulk_import(session: Session, options) -> int:
+def read_csv_file(path: str) -> str:
     try:
-        with open(options.file, "rb") as file:
+        with open(path, "rb") as file:
             raw = file.read()
     except OSError as exc:
-        raise CtlError(f"cannot read {options.file}: {exc.strerror or exc}") from None
+        raise CtlError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise CtlError(f"{options.file}: not UTF-8 (bad byte at offset {exc.start});"
-                       " save it as UTF-8") from None
+        raise CtlError(f"{path}: not UTF-8 (bad byte at offset {exc.start}); save it as UTF-8"
+                       ) from None
+
+
+def cmd_bulk_import(session: Session, options) -> int:
+    text = read_csv_file(options.file)
     try:
         result = session.call("bulk_import", {"csv": text,
                                               "filename": os.path.basename(options.file)})
@@ -1035,6 +1044,55 @@ def cmd_bulk_import(session: Session, options) -> int:
     else:
         session.show(result)
     return EXIT_OK
+
+
+def show_topics_added(session: Session, result: dict) -> int:
+    """`topics add|import`: the ids added; each duplicate with its reason on stderr."""
+    if session.format != "table":
+        session.show(result)
+    else:
+        added = result.get("added") or []
+        session.write_lines([f"added {len(added)} topic(s)"
+                             + (": " + ", ".join(map(str, added)) if added else "")])
+    for duplicate in result.get("duplicates") or []:
+        session.warn(f"not added: {duplicate.get('topic')}: {duplicate.get('reason')}")
+    return EXIT_OK
+
+
+def cmd_topics_add(session: Session, options) -> int:
+    return show_topics_added(session, session.call("topics.add", without_none({
+        "account_id": options.account_id, "topics": options.topics,
+        "keywords": options.keywords, "requirements": options.requirements,
+        "tone": options.tone, "category": options.category})))
+
+
+def cmd_topics_import(session: Session, options) -> int:
+    text = read_csv_file(options.file)
+    try:
+        result = session.call("topics.import", {"csv": text,
+                                                "filename": os.path.basename(options.file)})
+    except CommandFailed as exc:
+        errors = exc.data.get("errors") if isinstance(exc.data, dict) else None
+        if not errors:
+            raise
+        session.err.write("".join(bulk_error_line(options.file, error) + "\n"
+                                  for error in errors))
+        session.warn(f"nothing imported: {len(errors)} bad row(s) in {options.file}")
+        return EXIT_FAILED
+    return show_topics_added(session, result)
+
+
+def cmd_topics_list(session: Session, options) -> int:
+    session.show(session.call("topics.list", without_none({
+        "account_id": options.account_id, "status": options.status,
+        "limit": options.limit})), TOPIC_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_topics_skip(session: Session, options) -> int:
+    result = session.call("topics.skip", {"ids": options.ids})
+    session.show(result)
+    return EXIT_FAILED if result.get("not_skipped") else EXIT_OK
 
 
 def cmd_reload(session: Session, options) -> int:
@@ -1224,6 +1282,26 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sub.add_argument("--misfire", choices=("skip", "once", "all"))
         sub.add_argument("--overlap", choices=("skip", "allow"))
         sub.add_argument("--params", default="{}", metavar="JSON", help="executor parameters")
+
+    topics = group("topics", "each account's topic pool")
+    if wanted("topics"):
+        sub = command(topics, "add", cmd_topics_add, "queue topics for an account")
+        sub.add_argument("-a", "--account-id", type=int, required=True)
+        sub.add_argument("topics", metavar="TOPIC", nargs="+")
+        sub.add_argument("-k", "--keywords", help="comma-separated, for every topic given")
+        sub.add_argument("--requirements", metavar="TEXT")
+        sub.add_argument("--tone")
+        sub.add_argument("--category")
+        sub = command(topics, "import", cmd_topics_import,
+                      "queue every row of a CSV file, all or nothing")
+        sub.add_argument("--file", required=True, metavar="CSV",
+                         help="columns account_id,topic [,keywords,requirements,tone,category]")
+        sub = command(topics, "list", cmd_topics_list, "topics in the pool, oldest first")
+        sub.add_argument("-a", "--account-id", type=int)
+        sub.add_argument("--status", choices=TOPIC_STATUSES)
+        add_limit(sub)
+        sub = command(topics, "skip", cmd_topics_skip, "take queued topics out of the pool")
+        sub.add_argument("ids", metavar="ID", type=int, nargs="+")
 
     command(commands, "executors", cmd_executors, "executor types and their parameters")
     sub = command(commands, "bulk-import", cmd_bulk_import,

@@ -9,6 +9,7 @@ The file reads top to bottom; each section uses only the ones above it:
     Constants and errors    names, limits, the exceptions the control channel maps to codes
     Config                  TOML + ASYNC_* environment -> frozen Config, every error listed
     Logging and sd_notify   structlog setup; systemd's notify protocol without a dependency
+    Topics                  topic normalisation, a firing's topic slots, research replies
     Store                   schema.sql, the one writer connection, every SQL statement
     Creator runner          argv templates, process groups, capped capture, output adapters
     Executors               the registry scheduled work runs through (content, publish, cleanup)
@@ -51,6 +52,7 @@ import sys
 import threading
 import time
 import tomllib
+import unicodedata
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -350,6 +352,8 @@ class DaemonConfig:
     log_level: str = _key(_choice("debug", "info", "warning", "error"), default="info")
     retention_days: int = _key(_non_negative(_typed(int)), default=30)
     max_batch: int = _key(_positive(_typed(int)), default=100)
+    #: a firing never gives an account a topic it had within this many days; 0 = off
+    topic_repeat_days: int = _key(_non_negative(_typed(int)), default=90)
     max_catch_up: int = _key(_positive(_typed(int)), default=24)
     max_connections: int = _key(_positive(_typed(int)), default=64)
     connection_idle_timeout: float = _key(_positive(parse_duration), default=300.0)
@@ -382,6 +386,10 @@ class CreatorConfig:
     status_command: list[str] = _key(_str_list, default_factory=list)
     result_command: list[str] = _key(_str_list, default_factory=list)
     cancel_command: list[str] = _key(_str_list, default_factory=list)
+    #: what `topic_research` runs instead of the built-in LLM request: the request as JSON on
+    #: stdin, a JSON array of topics on stdout
+    topics_command: list[str] = _key(_str_list, default_factory=list)
+    topics_timeout: float = _key(_positive(parse_duration), default=300.0)
     llm: LLMConfig = field(default_factory=LLMConfig, metadata={"section": LLMConfig})
 
 
@@ -466,6 +474,7 @@ PLACEHOLDERS = ("task_id", "account_id", "account_name", "topic", "keywords", "c
                 "requirements", "tone", "target_audience", "priority", "priority_level",
                 "external_id")
 PUBLISH_PLACEHOLDERS = ("content_id", "task_id", "account_id", "title")
+TOPICS_PLACEHOLDERS = ("account_id", "account_name", "category", "count", "hint")
 
 
 def unknown_placeholders(template: list[str], allowed: tuple[str, ...]) -> list[str]:
@@ -626,6 +635,7 @@ def _check_config(config: Config, environ: dict[str, str]) -> list[str]:
                  ("command", "submit_command", "status_command", "result_command",
                   "cancel_command", "health_command")]
     templates.append(("publish.command", config.publish.command, PUBLISH_PLACEHOLDERS))
+    templates.append(("creator.topics_command", creator.topics_command, TOPICS_PLACEHOLDERS))
     templates += [(f"hooks[{i}].command", h.command, PLACEHOLDERS)
                   for i, h in enumerate(config.hooks)]
     for where, template, allowed in templates:
@@ -769,6 +779,75 @@ def watchdog_interval(environ: dict[str, str]) -> float | None:
         return None
     return int(usec) / 2_000_000
 
+
+# Topics ########################################################################################
+
+#: Unicode categories a topic key drops: punctuation, separators, controls, format characters
+#: (a zero-width space must not make a repeat look new).
+_TOPIC_KEY_DROPPED = ("P", "Z", "Cc", "Cf")
+#: The `{i}` of a template topic while the Store picks its number.
+TOPIC_NUMBER_HOLE = "\0"
+TOPIC_STATUSES = ("queued", "used", "skipped")
+_TOPIC_REPLY_FENCE_RE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n(.*?)\n[ \t]*```", re.S | re.I)
+
+
+def topic_key(topic: str) -> str:
+    """What the no-repeat rule compares: NFKC (full-width letters become plain ones),
+    case-folded, without whitespace or punctuation. "ＡＩ 技术，解析" and "ai技术解析" are one."""
+    text = unicodedata.normalize("NFKC", topic).casefold()
+    return "".join(char for char in text
+                   if not char.isspace() and not unicodedata.category(char).startswith(
+                       _TOPIC_KEY_DROPPED))
+
+
+@dataclass
+class TopicSlots:
+    """One account's share of a firing, before the Store picks its topics (in the same
+    transaction that inserts the tasks, so a pool topic is drawn exactly once).
+
+    `source` says where topics come from: "pool" (the oldest queued), "list" (`topics`, each
+    one), or "template" (`count` numbered topics; `render(n)` is the topic numbered n and
+    `numbering` names the counter it continues)."""
+
+    account_id: int
+    source: str
+    count: int
+    fields: dict[str, Any]  #: the tasks' other fields (category, priority, tone, ...)
+    topics: list[dict[str, Any]] = field(default_factory=list)
+    render: Callable[[int], str] | None = None
+    numbering: str = ""
+
+
+def parse_topic_reply(text: str) -> list[dict[str, str]]:
+    """Topics from a research reply: a JSON array (inside a ```json fence or not) of strings
+    or {"topic", "keywords"} objects; keywords may be a list. Raises ValueError saying what
+    was wrong."""
+    text = re.sub(r"^\s*<think>.*?</think>", "", text, flags=re.S).strip()
+    fenced = _TOPIC_REPLY_FENCE_RE.search(text)
+    if fenced:
+        text = fenced.group(1)
+    elif not text.startswith("["):
+        start, end = text.find("["), text.rfind("]")
+        text = text[start:end + 1] if 0 <= start < end else text
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not a JSON array of topics: {exc}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"expected a JSON array of topics, got {type(items).__name__}")
+    topics = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"topic": item}
+        if not isinstance(item, dict) or not isinstance(item.get("topic"), str):
+            raise ValueError(f"item {index} is neither a string nor an object with a 'topic'")
+        keywords = item.get("keywords") or ""
+        if isinstance(keywords, list):
+            keywords = ",".join(str(word).strip() for word in keywords if str(word).strip())
+        topic = " ".join(item["topic"].split())
+        if topic:
+            topics.append({"topic": topic, "keywords": str(keywords).strip()})
+    return topics
 
 # Store #########################################################################################
 
@@ -954,6 +1033,7 @@ class Store:
         conn = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.create_function("topic_key", 1, topic_key, deterministic=True)
             conn.execute("PRAGMA journal_mode = WAL")
             for pragma in DB_PRAGMAS:
                 conn.execute(f"PRAGMA {pragma}")
@@ -1188,6 +1268,10 @@ class Store:
             " :schedule_run_id, :dedup_key, 'pending', :now, :now, :now)", rows)
         conn.executemany("INSERT INTO task_events (task_id, at, to_status, detail)"
                          " VALUES (:task_id, :now, 'pending', :origin)", rows)
+        conn.executemany("INSERT INTO topic_history (account_id, topic_key, topic, task_id,"
+                         " used_at) VALUES (?, ?, ?, ?, ?)",
+                         [(row["account_id"], topic_key(row["topic"]), row["topic"],
+                           row["task_id"], stamp) for row in rows])
         return [row["task_id"] for row in rows]
 
     async def add_tasks(self, tasks: list[dict[str, Any]], now: datetime) -> list[str]:
@@ -1543,6 +1627,215 @@ class Store:
             return outcome
 
         return await self._write(review)
+
+
+    # -- topics --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _had_topic(conn: sqlite3.Connection, account_id: int, key: str, since: str) -> bool:
+        return conn.execute("SELECT 1 FROM topic_history WHERE account_id = ? AND topic_key = ?"
+                            " AND used_at >= ? LIMIT 1", (account_id, key, since)
+                            ).fetchone() is not None
+
+    @classmethod
+    def _fresh_topic(cls, conn: sqlite3.Connection, since: str | None, account_id: int,
+                     topic: str, taken: set[str]) -> bool:
+        """Not had by the account since `since` (None: the rule is off), nor earlier in this
+        firing."""
+        if since is None:
+            return True
+        key = topic_key(topic)
+        return key not in taken and not cls._had_topic(conn, account_id, key, since)
+
+    async def add_firing(self, slots: list[TopicSlots], run_id: int | None, dedup_prefix: str,
+                         now: datetime, repeat_days: int) -> dict[int, dict[str, Any]]:
+        """Pick each account's topics and insert the firing's tasks, in one transaction: pool
+        topics become `used` with their task_id, template numbers move on, and the topics
+        enter the history. Returns per account {"short": pool topics missing, "repeated":
+        topics left out because the account had them within `repeat_days`}. A firing whose
+        run already has tasks (resumed after a crash) adds nothing."""
+        return await self._write(self._add_firing, slots, run_id, dedup_prefix, now,
+                                 repeat_days)
+
+    @classmethod
+    def _add_firing(cls, conn: sqlite3.Connection, slots: list[TopicSlots], run_id: int | None,
+                    dedup_prefix: str, now: datetime, repeat_days: int
+                    ) -> dict[int, dict[str, Any]]:
+        outcome: dict[int, dict[str, Any]] = {slot.account_id: {"short": 0, "repeated": []}
+                                              for slot in slots}
+        if run_id is not None and conn.execute(
+                "SELECT 1 FROM content_generation_tasks WHERE schedule_run_id = ? LIMIT 1",
+                (run_id,)).fetchone():
+            return outcome
+        since = to_db_time(now - timedelta(days=repeat_days)) if repeat_days else None
+        tasks: list[dict[str, Any]] = []
+        drawn: list[tuple[int, str]] = []  #: (pool topic id, task_id)
+        repeats_in_pool: list[int] = []
+        numbers: list[tuple[int, str, int]] = []
+
+        def add_task(slot: TopicSlots, topic: dict[str, Any]) -> str:
+            task = {**slot.fields, **{k: v for k, v in topic.items() if v},
+                    "account_id": slot.account_id, "task_id": new_task_id(now),
+                    "dedup_key": f"{dedup_prefix}:{slot.account_id}:{len(tasks) + 1}"}
+            tasks.append(task)
+            return task["task_id"]
+
+        for slot in slots:
+            taken: set[str] = set()
+            report = outcome[slot.account_id]
+            if slot.source == "pool":
+                need, after = slot.count, 0
+                while need > 0:
+                    rows = conn.execute(
+                        "SELECT id, topic, keywords, requirements, tone, category FROM topics"
+                        " WHERE account_id = ? AND status = 'queued' AND id > ? ORDER BY id"
+                        " LIMIT ?", (slot.account_id, after, need)).fetchall()
+                    if not rows:
+                        break
+                    for topic_id, topic, keywords, requirements, tone, category in rows:
+                        after = topic_id
+                        if not cls._fresh_topic(conn, since, slot.account_id, topic, taken):
+                            repeats_in_pool.append(topic_id)
+                            report["repeated"].append(topic)
+                            continue
+                        taken.add(topic_key(topic))
+                        drawn.append((topic_id, add_task(slot, {
+                            "topic": topic, "keywords": keywords, "requirements": requirements,
+                            "tone": tone, "category": category})))
+                        need -= 1
+                report["short"] = need
+            elif slot.source == "list":
+                for topic in slot.topics:
+                    if cls._fresh_topic(conn, since, slot.account_id, topic["topic"], taken):
+                        taken.add(topic_key(topic["topic"]))
+                        add_task(slot, topic)
+                    else:
+                        report["repeated"].append(topic["topic"])
+            else:
+                assert slot.render is not None
+                row = conn.execute("SELECT last_number FROM topic_numbers WHERE account_id = ?"
+                                   " AND template = ?", (slot.account_id, slot.numbering)
+                                   ).fetchone()
+                number = row[0] if row else 0
+                for _ in range(slot.count):
+                    number += 1
+                    topic = slot.render(number)
+                    # A number the account already had (a database from before numbering
+                    # continued, or a hand-made task) is passed over; a bounded search.
+                    for _attempt in range(1000):
+                        if cls._fresh_topic(conn, since, slot.account_id, topic, taken):
+                            break
+                        number += 1
+                        topic = slot.render(number)
+                    else:
+                        report["repeated"].append(topic)
+                        continue
+                    taken.add(topic_key(topic))
+                    add_task(slot, {"topic": topic})
+                numbers.append((slot.account_id, slot.numbering, number))
+        inserted = set(cls.insert_tasks(conn, tasks, now))
+        stamp = to_db_time(now)
+        conn.executemany("UPDATE topics SET status = 'used', task_id = ?, used_at = ?"
+                         " WHERE id = ? AND status = 'queued'",
+                         [(task_id, stamp, topic_id) for topic_id, task_id in drawn
+                          if task_id in inserted])
+        conn.executemany("UPDATE topics SET status = 'skipped', used_at = ? WHERE id = ?",
+                         [(stamp, topic_id) for topic_id in repeats_in_pool])
+        conn.executemany("INSERT INTO topic_numbers (account_id, template, last_number)"
+                         " VALUES (?, ?, ?) ON CONFLICT (account_id, template) DO UPDATE SET"
+                         " last_number = MAX(last_number, excluded.last_number)", numbers)
+        return outcome
+
+    async def add_topics(self, topics: list[dict[str, Any]], source: str, now: datetime,
+                         repeat_days: int) -> dict[str, Any]:
+        """Queue topics in the pool, in one transaction. A topic the account has queued
+        already, or had within `repeat_days`, is a duplicate and is not added."""
+
+        def add(conn: sqlite3.Connection) -> dict[str, Any]:
+            since = to_db_time(now - timedelta(days=repeat_days)) if repeat_days else None
+            stamp = to_db_time(now)
+            added: list[int] = []
+            duplicates: list[dict[str, str]] = []
+            seen: set[tuple[int, str]] = set()
+            for topic in topics:
+                account_id, key = topic["account_id"], topic_key(topic["topic"])
+                queued = conn.execute("SELECT id FROM topics WHERE account_id = ? AND"
+                                      " topic_key = ? AND status = 'queued'",
+                                      (account_id, key)).fetchone()
+                reason = None
+                if (account_id, key) in seen:
+                    reason = f"given twice for account {account_id}"
+                elif queued:
+                    reason = f"already queued for account {account_id} (topic {queued[0]})"
+                elif since is not None and self._had_topic(conn, account_id, key, since):
+                    reason = f"account {account_id} had it within {repeat_days} days"
+                if reason:
+                    duplicates.append({"topic": topic["topic"], "reason": reason})
+                    continue
+                seen.add((account_id, key))
+                [(topic_id,)] = conn.execute(
+                    "INSERT INTO topics (account_id, topic, topic_key, keywords, requirements,"
+                    " tone, category, source, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " RETURNING id",
+                    (account_id, topic["topic"], key, topic.get("keywords") or "",
+                     topic.get("requirements") or "", topic.get("tone") or "",
+                     topic.get("category") or "", source, stamp)).fetchall()
+                added.append(topic_id)
+            return {"added": added, "duplicates": duplicates}
+
+        return await self._write(add)
+
+    async def list_topics(self, account_id: int | None, status: str | None,
+                          limit: int) -> list[dict[str, Any]]:
+        where, params = [], []
+        for clause, value in (("account_id = ?", account_id), ("status = ?", status)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return await self.query("SELECT id, account_id, topic, keywords, status, task_id,"
+                                f" added_at, used_at, source FROM topics {clause}"
+                                " ORDER BY id LIMIT ?", (*params, limit))
+
+    async def skip_topics(self, ids: list[int], now: datetime) -> dict[str, Any]:
+        """queued -> skipped; the ids that were not queued are named with their status."""
+
+        def skip(conn: sqlite3.Connection) -> dict[str, Any]:
+            skipped, not_skipped = [], []
+            for topic_id in ids:
+                row = conn.execute("SELECT status FROM topics WHERE id = ?", (topic_id,)
+                                   ).fetchone()
+                if row is None or row[0] != "queued":
+                    not_skipped.append({"id": topic_id, "reason": "no such topic" if row is None
+                                        else f"topic is {row[0]}, not queued"})
+                    continue
+                conn.execute("UPDATE topics SET status = 'skipped', used_at = ? WHERE id = ?",
+                             (to_db_time(now), topic_id))
+                skipped.append(topic_id)
+            return {"skipped": skipped, "not_skipped": not_skipped}
+
+        return await self._write(skip)
+
+    async def queued_topic_counts(self) -> dict[int, int]:
+        rows = await self.query("SELECT account_id, COUNT(*) AS n FROM topics"
+                                " WHERE status = 'queued' GROUP BY account_id")
+        return {row["account_id"]: row["n"] for row in rows}
+
+    async def topics_to_avoid(self, account_id: int, limit: int) -> list[str]:
+        """What a research request lists as taken: the account's queued topics, its latest
+        topics and its latest article titles, `limit` of each at most, each once."""
+        rows = await self.query(
+            "SELECT topic AS text FROM (SELECT topic FROM topics WHERE account_id = ? AND"
+            " status = 'queued' ORDER BY id LIMIT ?) UNION ALL"
+            " SELECT * FROM (SELECT topic FROM topic_history WHERE account_id = ?"
+            " ORDER BY used_at DESC, id DESC LIMIT ?) UNION ALL"
+            " SELECT * FROM (SELECT title FROM contents WHERE account_id = ?"
+            " ORDER BY id DESC LIMIT ?)", (account_id, limit, account_id, limit, account_id,
+                                          limit))
+        seen: dict[str, str] = {}
+        for row in rows:
+            seen.setdefault(topic_key(row["text"]), row["text"])
+        return list(seen.values())
 
     # -- reports -------------------------------------------------------------------------------
 
@@ -2883,6 +3176,8 @@ class ContentGenerationExecutor(Executor):
         ParamDoc("target_audience", "str", False, "audience for every task"),
         ParamDoc("priority", "int", False, "0-10, default 5"),
         ParamDoc("auto_approve", "bool", False, "approve contents on completion"),
+        ParamDoc("topic_source", "str", False,
+                 "\"pool\": each account's oldest queued topics (contenthubctl topics)"),
     )
 
     def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
@@ -2918,7 +3213,8 @@ class ContentGenerationExecutor(Executor):
                                   "target_audience"}
             if extra:
                 problems.append(f"'topics[{i}]' has unknown keys {sorted(extra)}")
-        if not topics and "topic_format" not in params:
+        if not topics and "topic_format" not in params \
+                and params.get("topic_source") != "pool":
             for account_id in account_ids:
                 account = accounts.get(account_id)
                 category = params.get("category") or (account.category if account else "")
@@ -2933,9 +3229,21 @@ class ContentGenerationExecutor(Executor):
         fmt = params.get("topic_format")
         if isinstance(fmt, str):
             try:
-                fmt.format(account_name="a", template="t", i=1, category="c")
+                numbered = (fmt.format(account_name="a", template="t", i=1, category="c")
+                            != fmt.format(account_name="a", template="t", i=2, category="c"))
+                if not numbered and config.daemon.topic_repeat_days:
+                    problems.append("'topic_format' must use {i}: without a number every"
+                                    " firing repeats the last one's topics, which"
+                                    " topic_repeat_days refuses")
             except (KeyError, IndexError, ValueError) as exc:
                 problems.append(f"'topic_format' has a bad placeholder: {exc}")
+        source = params.get("topic_source")
+        if source is not None and source != "pool":
+            problems.append(f"'topic_source' must be \"pool\" (or left out: topics from"
+                            f" 'topics', else from templates), got {source!r}")
+        if source == "pool" and (topics or "topic_format" in params):
+            problems.append("'topic_source = \"pool\"' takes topics from the pool; drop"
+                            " 'topics' and 'topic_format'")
         total = len(account_ids) * (len(topics) if topics else (count or 1))
         if total > config.daemon.max_batch:
             problems.append(f"one firing would create {total} tasks, over max_batch ="
@@ -2943,66 +3251,92 @@ class ContentGenerationExecutor(Executor):
         return problems
 
     @staticmethod
-    def plan_tasks(params: dict[str, Any], config: Config) -> list[dict[str, Any]]:
-        """The tasks of one firing, in a stable order (so dedup keys are stable)."""
+    def plan_slots(params: dict[str, Any], ctx: ExecutionContext) -> list[TopicSlots]:
+        """Each account's share of the firing, in a stable order (so dedup keys are stable);
+        the Store picks the topics in the transaction that inserts the tasks."""
+        config = ctx.config
         accounts = {a.id: a for a in config.accounts}
-        planned = []
+        slots = []
         for account_id in params["account_ids"]:
             account = accounts[account_id]
             category = params.get("category") or account.category
-            common = {"account_id": account_id, "category": category,
-                      "keywords": params.get("keywords", ""),
+            fields = {"category": category, "keywords": params.get("keywords", ""),
                       "requirements": params.get("requirements", ""),
                       "tone": params.get("tone", ""),
-                      "target_audience": params.get("target_audience", "")}
-            if params.get("topics"):
-                for topic in params["topics"]:
-                    planned.append({**common, **topic})
-                continue
-            templates = TOPIC_TEMPLATES.get(category, ("",))
-            fmt = params.get("topic_format") or DEFAULT_TOPIC_FORMAT
-            for i in range(1, params.get("count_per_account", 1) + 1):
-                template = templates[(i - 1) % len(templates)]
-                planned.append({**common, "topic": fmt.format(
-                    account_name=account.name, template=template, i=i, category=category)})
-        return planned
+                      "target_audience": params.get("target_audience", ""),
+                      "priority": params.get("priority", 5),
+                      "auto_approve": params.get("auto_approve", config.daemon.auto_approve),
+                      "max_retries": config.daemon.max_retries, "schedule_run_id": ctx.run_id,
+                      "origin": f"schedule {ctx.schedule_name}"}
+            count = params.get("count_per_account", 1)
+            if params.get("topic_source") == "pool":
+                slots.append(TopicSlots(account_id, "pool", count, fields))
+            elif params.get("topics"):
+                slots.append(TopicSlots(account_id, "list", len(params["topics"]), fields,
+                                        topics=list(params["topics"])))
+            else:
+                fmt = params.get("topic_format") or DEFAULT_TOPIC_FORMAT
+                slots.append(TopicSlots(account_id, "template", count, fields,
+                                        render=_template_topic(fmt, account.name, category),
+                                        numbering=f"{category}:{fmt}"))
+        return slots
 
     async def execute(self, ctx: ExecutionContext, params: dict[str, Any]) -> ExecutionResult:
         accounts = {a.id: a for a in ctx.config.accounts}
+        slots = self.plan_slots(params, ctx)
         instant = to_db_time(ctx.scheduled_for or ctx.now)
-        tasks = []
-        for i, task in enumerate(self.plan_tasks(params, ctx.config), start=1):
-            tasks.append({**task, "priority": params.get("priority", 5),
-                          "auto_approve": params.get("auto_approve",
-                                                     ctx.config.daemon.auto_approve),
-                          "max_retries": ctx.config.daemon.max_retries,
-                          "schedule_run_id": ctx.run_id,
-                          "dedup_key": f"{ctx.schedule_name}:{instant}:{task['account_id']}:{i}",
-                          "origin": f"schedule {ctx.schedule_name}"})
-        await ctx.store.add_tasks(tasks, ctx.now)
+        outcome = await ctx.store.add_firing(slots, ctx.run_id, f"{ctx.schedule_name}:{instant}",
+                                             ctx.now, ctx.config.daemon.topic_repeat_days)
         ctx.wake_pool()
         queued = await ctx.store.tasks_for_run(ctx.run_id) if ctx.run_id else []
+        from_pool = params.get("topic_source") == "pool"
         stats: dict[str, dict[str, Any]] = {}
-        for task in tasks:
-            entry = stats.setdefault(str(task["account_id"]), {
-                "account_name": accounts[task["account_id"]].name, "success": 0, "failed": 0,
-                "total": 0})
-            entry["total"] += 1
+        for slot in slots:
+            report = outcome[slot.account_id]
+            entry = stats[str(slot.account_id)] = {
+                "account_name": accounts[slot.account_id].name, "success": 0, "failed": 0,
+                "total": 0}
+            if report["repeated"]:
+                entry["topics_repeated"] = len(report["repeated"])
+            if from_pool:
+                entry["topics_short"] = report["short"]
         for task in queued:
             stats[str(task["account_id"])]["success"] += 1
-        for entry in stats.values():
-            entry["failed"] = entry["total"] - entry["success"]
-        data = {
+            stats[str(task["account_id"])]["total"] += 1
+        repeated = [{"account_id": account_id, "topic": topic}
+                    for account_id, report in outcome.items() for topic in report["repeated"]]
+        data: dict[str, Any] = {
             "total_submitted": len(queued),
-            "total_failed": len(tasks) - len(queued),
+            "total_failed": 0,
             "tasks": [{"task_id": t["task_id"], "account_id": t["account_id"],
                        "account_name": t["account_name"], "topic": t["topic"],
                        "category": t["category"]} for t in queued],
             "errors": [],
             "account_stats": stats,
+            "topics_repeated": repeated,
         }
-        return ExecutionResult(True, f"Successfully submitted {len(queued)} async tasks for"
-                                     f" {len(stats)} accounts", data)
+        message = f"Successfully submitted {len(queued)} async tasks for {len(stats)} accounts"
+        if from_pool:
+            data["topics_short"] = short = sum(report["short"] for report in outcome.values())
+            if short:
+                message += f"; the topic pool was {short} topic(s) short"
+                log.warning("topics_short", schedule=ctx.schedule_name, short=short,
+                            accounts=[a for a, r in outcome.items() if r["short"]])
+        if repeated:
+            message += f"; {len(repeated)} topic(s) left out as repeats"
+        return ExecutionResult(True, message, data)
+
+
+def _template_topic(fmt: str, account_name: str, category: str) -> Callable[[int], str]:
+    """Topic number n of a template: the category's templates in rotation (seed 000)."""
+    templates = TOPIC_TEMPLATES.get(category, ("",))
+
+    def render(number: int) -> str:
+        return fmt.format(account_name=account_name, template=templates[(number - 1)
+                                                                        % len(templates)],
+                          i=number, category=category)
+
+    return render
 
 
 class PublishExecutor(Executor):
@@ -4241,10 +4575,11 @@ class PollLoop(BackgroundLoop):
 
 TIME_FIELDS = {"submitted_at", "started_at", "completed_at", "timeout_at", "next_attempt_at",
                "created_at", "updated_at", "at", "scheduled_publish_at", "published_at",
-               "scheduled_for", "fired_at", "last_scheduled_for", "next_fire_at", "cutoff"}
+               "scheduled_for", "fired_at", "last_scheduled_for", "next_fire_at", "cutoff",
+               "added_at", "used_at"}
 JSON_FIELDS = {"images", "quality", "result", "params"}
 BOOL_FIELDS = {"auto_approve", "paused", "enabled"}
-COMMAND_GROUPS = ("content", "task", "monitor", "scheduler")
+COMMAND_GROUPS = ("content", "task", "monitor", "scheduler", "topics")
 #: Commands whose handler also gets the caller (uid, user name): they record who acted.
 PEER_COMMANDS = frozenset({"content.approve", "content.reject"})
 
@@ -4300,11 +4635,11 @@ def _strict_json(value: Any) -> bool:
         return False
 
 
-def content_ids(values: list[Any]) -> list[int]:
-    """The `ids` argument: content ids are positive 64-bit integers."""
+def content_ids(values: list[Any], kind: str = "content") -> list[int]:
+    """The `ids` argument: content (or topic) ids are positive 64-bit integers."""
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < (1 << 63)
                for i in values):
-        raise InvalidRequest("argument 'ids' must be a list of content ids (positive integers)")
+        raise InvalidRequest(f"argument 'ids' must be a list of {kind} ids (positive integers)")
     return values
 
 
@@ -4401,6 +4736,56 @@ def parse_task_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
         row["origin"] = f"bulk-import line {line_start}"
         rows.append(row)
     return rows, errors
+
+TOPIC_CSV_COLUMNS = ("account_id", "topic", "keywords", "requirements", "tone", "category")
+
+
+def parse_topic_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
+                                                            list[dict[str, Any]]]:
+    """Pool topics from a `topics import` CSV (account_id,topic + optional keywords,
+    requirements, tone, category), and every error as {line, column, message}."""
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    errors = [{"line": 1, "column": column, "message": "unknown column; expected "
+               + ", ".join(TOPIC_CSV_COLUMNS)} for column in header
+              if column not in TOPIC_CSV_COLUMNS]
+    errors += [{"line": 1, "column": column, "message": "column appears more than once"}
+               for column in sorted({c for c in header if header.count(c) > 1})]
+    errors += [{"line": 1, "column": column, "message": "required column missing"}
+               for column in ("account_id", "topic") if column not in header]
+    if errors:
+        return [], errors
+    rows = []
+    line = 1
+    try:
+        for record in reader:
+            line_start, line = line + 1, reader.line_num
+            values = {k: (v or "").strip() for k, v in record.items() if k is not None}
+            row: dict[str, Any] = {column: values.get(column, "")
+                                   for column in TOPIC_CSV_COLUMNS[1:]}
+            row["topic"] = " ".join(row["topic"].split())
+            problems = []
+            if None in record:
+                problems.append(("-", f"{len(record[None])} more field(s) than the header has"))
+            account = values.get("account_id", "")
+            if not (account.isascii() and account.isdigit()):
+                problems.append(("account_id", f"expected a positive integer, got {account!r}"))
+            elif int(account) not in accounts:
+                problems.append(("account_id", f"unknown account {account}; see [[accounts]]"))
+            else:
+                row["account_id"] = int(account)
+            if not topic_key(row["topic"]):
+                problems.append(("topic", "must not be empty (nor only punctuation)"))
+            problems += [(p.split("'")[1], p) for p in check_task_fields(row)]
+            errors += [{"line": line_start, "column": c, "message": m} for c, m in problems]
+            rows.append(row)
+    except csv.Error as exc:
+        return [], [{"line": line + 1, "column": "-", "message": f"unreadable CSV: {exc}"}]
+    return rows, errors
+
 
 class ControlServer:
     """NDJSON over a Unix stream socket: one request per line, replies in order.
@@ -4779,6 +5164,61 @@ class ControlServer:
         self.pool.wake()
         log.info("bulk_imported", count=len(task_ids), file=filename)
         return {"imported": len(task_ids), "task_ids": task_ids}
+
+    # -- commands: topics ----------------------------------------------------------------------
+
+    async def cmd_topics_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        account_id = arg(args, "account_id", int, required=True)
+        account = await self.store.get_account(account_id)
+        if account is None or not account["enabled"]:
+            raise InvalidRequest(f"unknown account {account_id}; accounts come from [[accounts]]"
+                                 " in the config")
+        texts = arg(args, "topics", list, required=True)
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise InvalidRequest("argument 'topics' must be a non-empty list of strings")
+        common = {name: arg(args, name, str, default="")
+                  for name in ("keywords", "requirements", "tone", "category")}
+        topics = []
+        for text in texts:
+            topic = {**common, "account_id": account_id, "topic": " ".join(text.split())}
+            if not topic_key(topic["topic"]):
+                raise InvalidRequest(f"topic {text!r} is empty once whitespace and punctuation"
+                                     " are removed")
+            problems = check_task_fields(topic)
+            if problems:
+                raise InvalidRequest(f"topic {text[:50]!r}: {'; '.join(problems)}")
+            topics.append(topic)
+        return await self.store.add_topics(topics, "manual", self.pool.clock(),
+                                           self.config.daemon.topic_repeat_days)
+
+    async def cmd_topics_import(self, args: dict[str, Any]) -> dict[str, Any]:
+        """All rows are validated first; any bad row imports nothing. Duplicates are not
+        errors: they are reported and left out."""
+        text = arg(args, "csv", str, required=True)
+        filename = arg(args, "filename", str, default="topics.csv")
+        topics, errors = parse_topic_csv(text.lstrip("\ufeff"),
+                                         {a.id for a in self.config.accounts if a.enabled})
+        if errors:
+            raise InvalidRequest(f"{filename}: {len(errors)} bad row(s); nothing imported",
+                                 data={"errors": errors})
+        if not topics:
+            raise InvalidRequest(f"{filename}: no rows to import")
+        result = await self.store.add_topics(topics, "import", self.pool.clock(),
+                                             self.config.daemon.topic_repeat_days)
+        log.info("topics_imported", added=len(result["added"]),
+                 duplicates=len(result["duplicates"]), file=filename)
+        return result
+
+    async def cmd_topics_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.store.list_topics(
+            arg(args, "account_id", int), arg(args, "status", str, choices=TOPIC_STATUSES),
+            arg(args, "limit", int, default=200, minimum=1, maximum=100_000))
+
+    async def cmd_topics_skip(self, args: dict[str, Any]) -> dict[str, Any]:
+        ids = content_ids(arg(args, "ids", list, required=True), "topic")
+        if not ids:
+            raise InvalidRequest("argument 'ids' must be a non-empty list of topic ids")
+        return await self.store.skip_topics(ids, self.pool.clock())
 
     # -- commands: scheduler -------------------------------------------------------------------
 
@@ -5449,6 +5889,8 @@ def run_builtin_creator(argv: list[str]) -> int:
 
 
 HOOK_CONCURRENCY = 4
+#: `monitor health` warns when an account's pool holds fewer topics than this many firings take
+TOPICS_LOW_FIRINGS = 3
 
 
 def toml_value(value: Any) -> str:
@@ -5795,8 +6237,44 @@ class App:
              "detail": f"{len(self.scheduler.schedules)} schedules"},
         ]
         checks.append(await self._creator_health())
+        topics, warnings = await self._topics_health()
+        checks.append(topics)
         return {"status": "ok" if all(c["ok"] for c in checks) else "degraded",
-                "checks": checks}
+                "checks": checks, "warnings": warnings}
+
+    async def _topics_health(self) -> tuple[dict[str, Any], list[str]]:
+        """Failed when a pool schedule's account has no queued topic left (its firings create
+        nothing); warnings for pools that last fewer than TOPICS_LOW_FIRINGS firings and for
+        schedules that only ever make numbered placeholder topics."""
+        queued = await self.store.queued_topic_counts()
+        accounts = {a.id: a for a in self.config.accounts}
+        per_firing: dict[int, int] = {}
+        warnings, empty = [], []
+        for schedule in self.config.schedules:
+            params = schedule.params
+            if not schedule.enabled or schedule.executor != "async_content_generation":
+                continue
+            if params.get("topic_source") == "pool":
+                for account_id in params.get("account_ids", []):
+                    per_firing[account_id] = (per_firing.get(account_id, 0)
+                                              + params.get("count_per_account", 1))
+            elif not params.get("topics"):
+                warnings.append(f"schedule {schedule.name!r} runs on placeholder templates"
+                                " only (\"{account_name} - {template} {i}\"); give it"
+                                " topic_source = \"pool\" (contenthubctl topics add) or a"
+                                " topics list")
+        for account_id, need in sorted(per_firing.items()):
+            have = queued.get(account_id, 0)
+            name = accounts[account_id].name if account_id in accounts else "?"
+            if have == 0:
+                empty.append(f"account {account_id} ({name}): topic pool empty; pool"
+                             f" schedules take {need} per firing")
+            elif have < need * TOPICS_LOW_FIRINGS:
+                warnings.append(f"account {account_id} ({name}): topic pool low, {have}"
+                                f" queued; pool schedules take {need} per firing")
+        detail = "; ".join(empty) or (f"{sum(queued.values())} topics queued for"
+                                      f" {len(queued)} accounts")
+        return {"name": "topics", "ok": not empty, "detail": detail}, empty + warnings
 
     def _config_health(self) -> dict[str, Any]:
         """A failed reload, or a file edited since it was loaded: an error in it shows here

@@ -206,3 +206,50 @@ UPDATE contents SET
                          WHERE t.task_id = contents.task_id), ''),
     category = COALESCE((SELECT t.category FROM content_generation_tasks t
                          WHERE t.task_id = contents.task_id), '');
+
+-- migration 3: topic pool, topic history and template numbering per account
+-- topic_key is a topic normalised (NFKC, case-folded, whitespace and punctuation removed): the
+-- no-repeat rule compares keys. topic_key() is the daemon's own function, registered on its
+-- connection; this step uses it once, to enter the topics of existing tasks into the history.
+CREATE TABLE topics (
+    id            INTEGER PRIMARY KEY,
+    account_id    INTEGER NOT NULL,
+    topic         TEXT NOT NULL,
+    topic_key     TEXT NOT NULL,
+    keywords      TEXT NOT NULL DEFAULT '',
+    requirements  TEXT NOT NULL DEFAULT '',
+    tone          TEXT NOT NULL DEFAULT '',
+    category      TEXT NOT NULL DEFAULT '',
+    status        TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'used', 'skipped')),
+    task_id       TEXT,                               -- the task a used topic became
+    source        TEXT NOT NULL DEFAULT 'manual',     -- manual | import | research
+    added_at      TEXT NOT NULL,
+    used_at       TEXT
+);
+-- One queued copy of a topic per account; the oldest queued topics are drawn first.
+CREATE UNIQUE INDEX idx_topics_queued_key ON topics (account_id, topic_key)
+    WHERE status = 'queued';
+CREATE INDEX idx_topics_account ON topics (account_id, status, id);
+-- Every topic an account was given a task for. Not a foreign key: `task cleanup` prunes old
+-- tasks after retention_days, while the no-repeat window (topic_repeat_days) may be longer.
+CREATE TABLE topic_history (
+    id          INTEGER PRIMARY KEY,
+    account_id  INTEGER NOT NULL,
+    topic_key   TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    task_id     TEXT NOT NULL,
+    used_at     TEXT NOT NULL
+);
+CREATE INDEX idx_topic_history_key ON topic_history (account_id, topic_key, used_at);
+CREATE INDEX idx_topic_history_recent ON topic_history (account_id, used_at);
+-- The last number a template topic ("{account_name} - {template} {i}") used, per account and
+-- template, so numbering continues across firings.
+CREATE TABLE topic_numbers (
+    account_id   INTEGER NOT NULL,
+    template     TEXT NOT NULL,
+    last_number  INTEGER NOT NULL,
+    PRIMARY KEY (account_id, template)
+) WITHOUT ROWID;
+INSERT INTO topic_history (account_id, topic_key, topic, task_id, used_at)
+    SELECT account_id, topic_key(topic), topic, task_id, created_at
+    FROM content_generation_tasks ORDER BY id;
