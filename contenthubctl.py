@@ -662,6 +662,11 @@ TOPIC_COLUMNS = (Column("ID", "id", align="right"), Column("ACCOUNT", "account_i
                  Column("TASK_ID", "task_id"), Column("ADDED", "added_at"))
 CONFIG_COLUMNS = (Column("KEY", "key"), Column("VALUE", "value", flex=True),
                   Column("SOURCE", "source"))
+DELIVERY_COLUMNS = (Column("ID", "id", align="right"), Column("TARGET", "target"),
+                    Column("EVENT", "event"), Column("STATUS", "status"),
+                    Column("TRIES", "attempts", align="right"), Column("AT", "at"),
+                    Column("NEXT", "next_attempt_at"), Column("LAST", "last_response"),
+                    Column("ERROR", "last_error", flex=True))
 
 #: Key order of single objects in table format; keys not named follow in the daemon's order.
 TASK_ORDER = ("task_id", "status", "progress", "stage", "account_id", "account_name", "topic",
@@ -926,6 +931,23 @@ def cmd_monitor_health(session: Session, options) -> int:
     health = session.call("monitor.health")
     session.show(health)
     return EXIT_OK if health.get("status") == "ok" else EXIT_FAILED
+
+
+def cmd_notify_list(session: Session, options) -> int:
+    session.show(session.call("notify.list", without_none({
+        "status": options.status, "limit": options.limit})), DELIVERY_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_notify_test(session: Session, options) -> int:
+    result = session.call("notify.test", {"name": options.name})
+    session.show(result, order=("target", "ok", "response", "error", "event_id"))
+    return EXIT_OK if result.get("ok") else EXIT_FAILED
+
+
+def cmd_notify_retry(session: Session, options) -> int:
+    session.show(session.call("notify.retry", {"id": options.id}))
+    return EXIT_OK
 
 
 def cmd_scheduler_list(session: Session, options) -> int:
@@ -1303,6 +1325,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sub = command(topics, "skip", cmd_topics_skip, "take queued topics out of the pool")
         sub.add_argument("ids", metavar="ID", type=int, nargs="+")
 
+    notify = group("notify", "notification deliveries ([[notify]] targets)")
+    if wanted("notify"):
+        sub = command(notify, "list", cmd_notify_list, "deliveries, newest first")
+        sub.add_argument("--status", choices=("pending", "sent", "dead"))
+        add_limit(sub)
+        command(notify, "test", cmd_notify_test,
+                "send a test message to a target now; exit 1 unless it was accepted"
+                ).add_argument("name", metavar="NAME")
+        command(notify, "retry", cmd_notify_retry,
+                "send a delivery again from its first attempt").add_argument(
+                    "id", metavar="ID", type=int_in_range(1))
     command(commands, "executors", cmd_executors, "executor types and their parameters")
     sub = command(commands, "bulk-import", cmd_bulk_import,
                   "queue every row of a CSV file, all or nothing")

@@ -16,6 +16,7 @@ The file reads top to bottom; each section uses only the ones above it:
     Scheduler               the cron loop: fire, misfire and overlap policies
     Worker pool             claims tasks, runs creators, retries, timeouts, cancel
     Poll loop               drives tasks whose creator works asynchronously
+    Notifications           [[notify]]: the outbox's delivery loop, formats, signatures
     Control server          the NDJSON Unix socket behind contenthubctl
     Built-in creator        `contenthubd create`: offline drafts or an OpenAI-compatible LLM
     App                     startup -> main_loop -> shutdown, reload, signals
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import email.utils
@@ -34,6 +36,7 @@ import fcntl
 import grp
 import hashlib
 import heapq
+import hmac
 import http.client
 import json
 import math
@@ -54,6 +57,7 @@ import time
 import tomllib
 import unicodedata
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -90,6 +94,7 @@ PIPE_WATCH_DELAY_S = 0.05  #: a creator's pipes are read live once it has run th
 STDERR_TAIL_CHARS = 2000
 EX_CONFIG = 78  #: sysexits.h; the unit's RestartPreventExitStatus= stops restarts on it
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+ENV_REF_RE = re.compile(r"\$\{(\w+)\}")  #: `${VAR}` in creator.env and [[notify]]
 
 
 class ContentHubError(Exception):
@@ -160,6 +165,11 @@ def from_db_time(text: str | None) -> datetime | None:
 def new_task_id(now: datetime) -> str:
     """`task-` + milliseconds + random: sortable by creation, unique without coordination."""
     return f"task-{int(now.timestamp() * 1000):013d}-{secrets.token_hex(4)}"
+
+
+def new_event_id(now: datetime) -> str:
+    """`evt-` + milliseconds + random: a notification's id, the same on every attempt."""
+    return f"evt-{int(now.timestamp() * 1000):013d}-{secrets.token_hex(4)}"
 
 
 def is_secret_name(name: str) -> bool:
@@ -407,6 +417,34 @@ class HookConfig:
     timeout: float = _key(_positive(parse_duration), default=30.0)
 
 
+#: Every event a [[notify]] target may list. Issues other than notifications emit the
+#: creator.*, budget.* and topics.* ones through Store.enqueue_event.
+NOTIFY_EVENTS = ("content.ready", "task.failed", "schedule.failed", "schedule.missed",
+                 "creator.tripped", "creator.recovered", "budget.exhausted", "topics.low",
+                 "digest")
+NOTIFY_FORMATS = ("json", "wecom", "feishu", "dingtalk", "slack")
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """One [[notify]] target: a URL (HTTP POST) or a command (the body on stdin)."""
+
+    name: str = _key(_typed(str), default="")
+    url: str = _key(_typed(str), default="")
+    command: list[str] = _key(_str_list, default_factory=list)
+    format: str = _key(_choice(*NOTIFY_FORMATS), default="json")
+    #: every event but digest unless listed; digest is sent at digest_cron when listed
+    events: list[str] = _key(_str_list, default_factory=lambda: [
+        e for e in NOTIFY_EVENTS if e != "digest"])
+    secret: str = _key(_typed(str), default="")
+    timeout: float = _key(_positive(parse_duration), default=10.0)
+    max_attempts: int = _key(_positive(_typed(int)), default=10)
+    retry_backoff: float = _key(_positive(parse_duration), default=5.0)
+    accounts: list[int] = _key(_int_list, default_factory=list)
+    schedules: list[str] = _key(_str_list, default_factory=list)
+    digest_cron: str = _key(_typed(str), default="0 9 * * *")
+
+
 @dataclass(frozen=True)
 class AccountConfig:
     id: int = _key(_typed(int), default=0)
@@ -441,6 +479,7 @@ class Config:
     accounts: tuple[AccountConfig, ...] = ()
     schedules: tuple[ScheduleConfig, ...] = ()
     hooks: tuple[HookConfig, ...] = ()
+    notify: tuple[NotifyConfig, ...] = ()
     path: str = ""  #: the file it came from, "" for the embedded default
     #: where each effective daemon/creator value came from: "file", "env" or "default"
     sources: dict[str, str] = field(default_factory=dict)
@@ -482,7 +521,8 @@ def unknown_placeholders(template: list[str], allowed: tuple[str, ...]) -> list[
                    if name not in allowed})
 
 
-SECTION_ENTRIES = {"accounts": AccountConfig, "schedules": ScheduleConfig, "hooks": HookConfig}
+SECTION_ENTRIES = {"accounts": AccountConfig, "schedules": ScheduleConfig, "hooks": HookConfig,
+                   "notify": NotifyConfig}
 
 
 def _line_of(text: str, key: str, after: int = 0) -> int:
@@ -666,6 +706,41 @@ def _check_config(config: Config, environ: dict[str, str]) -> list[str]:
         if bad:
             errors.append(f"hooks[{i}].on: unknown status {sorted(bad)}; "
                           f"use {', '.join(TERMINAL_STATUSES)}")
+    return errors + _check_notify(config, environ)
+
+
+def _check_notify(config: Config, environ: dict[str, str]) -> list[str]:
+    errors = []
+    names: set[str] = set()
+    known_accounts = {a.id for a in config.accounts}
+    for i, target in enumerate(config.notify):
+        def where(key: str, index: int = i) -> str:
+            return entry_key_location(config, "notify", index, key)
+
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", target.name):
+            errors.append(f"{where('name')}: required: letters, digits, '_', '.' or '-'")
+        elif target.name in names:
+            errors.append(f"{where('name')}: duplicate target name {target.name!r}")
+        names.add(target.name)
+        if bool(target.url) == bool(target.command):
+            errors.append(f"{where('url')}: set exactly one of url or command")
+        if target.url and not re.match(r"https?://[^/?#\s]+", target.url):
+            errors.append(f"{where('url')}: must start with http:// or https:// and a host")
+        if target.command and target.format != "json":
+            errors.append(f"{where('format')}: a command target gets the json format")
+        bad = sorted(set(target.events) - set(NOTIFY_EVENTS))
+        if bad:
+            errors.append(f"{where('events')}: unknown event(s) {', '.join(bad)}; use "
+                          + ", ".join(NOTIFY_EVENTS))
+        for key in ("url", "secret"):
+            missing = sorted({m for m in ENV_REF_RE.findall(getattr(target, key))
+                              if not environ.get(m)})
+            if missing:
+                errors.append(f"{where(key)}: ${{{missing[0]}}} is not set in the daemon's"
+                              " environment")
+        unknown = sorted(set(target.accounts) - known_accounts)
+        if unknown:
+            errors.append(f"{where('accounts')}: {unknown} not in [[accounts]]")
     return errors
 
 
@@ -991,6 +1066,12 @@ class Store:
         self._closing = False
         self.last_write_error: str | None = None  #: shown by `monitor health` while retrying
         self.schema_version = 0  #: the newest step of schema.sql, known once open
+        #: Events some [[notify]] target wants (the Notifier sets it on start and reload);
+        #: enqueue_event writes nothing for the others.
+        self.notify_subscribed: frozenset[str] = frozenset()
+        #: Called on the event loop after a commit that wrote notification events.
+        self.on_events_written: Callable[[], None] = lambda: None
+        self._events_written = False  #: set on the writer thread by enqueue_event
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -1051,6 +1132,9 @@ class Store:
                 if batch:
                     outcomes = self._commit_retrying(conn, batch)
                     loop.call_soon_threadsafe(_settle_all, batch, outcomes)
+                    if self._events_written:
+                        self._events_written = False
+                        loop.call_soon_threadsafe(self.on_events_written)
         finally:
             conn.close()
 
@@ -1393,6 +1477,7 @@ class Store:
                 " completed_at = ?, progress = 100, result = ?, error_kind = NULL,"
                 " error_message = NULL, pid = NULL, pgid = NULL, updated_at = ?"
                 " WHERE task_id = ?", (content_id, stamp, result_text, stamp, task_id))
+            self._task_finished_events(conn, task_id, "completed", now)
             return content_id
 
         return await self._write(complete_and_claim)
@@ -1427,6 +1512,7 @@ class Store:
                 " WHERE task_id = ?", (final_status, stamp, error_kind, message, stamp, task_id))
             self._event(conn, task_id, stamp, status, final_status,
                         f"{error_kind}: {message}"[:500])
+            self._task_finished_events(conn, task_id, final_status, now)
             return final_status
 
         return await self._write(fail)
@@ -1459,6 +1545,7 @@ class Store:
                          " 'cancelled by operator', updated_at = ? WHERE task_id = ?",
                          (stamp, stamp, task_id))
             self._event(conn, task_id, stamp, before["status"], "cancelled", "operator")
+            self._task_finished_events(conn, task_id, "cancelled", now)
             return before
 
         return await self._write(cancel)
@@ -1991,10 +2078,22 @@ class Store:
 
         return await self._write(begin)
 
-    async def finish_run(self, run_id: int, status: str, result: dict[str, Any]) -> None:
+    async def finish_run(self, run_id: int, status: str, result: dict[str, Any],
+                         now: datetime) -> None:
+        """Record a run's outcome; with it, schedule.failed for a firing that failed or
+        queued nothing, or content.ready if its tasks all ended before the run was recorded."""
+
         def finish(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE schedule_runs SET status = ?, result = ? WHERE id = ?",
                          (status, json.dumps(result, ensure_ascii=False, default=str), run_id))
+            data = result.get("data") or {}
+            if status == "failed" or (status == "fired" and data.get("total_submitted") == 0):
+                run = self._run_summary(conn, run_id)
+                self.enqueue_event(conn, "schedule.failed", {
+                    **run, "status": status, "message": result.get("message"),
+                    "error": result.get("error")}, now, key=f"schedule.failed:run:{run_id}")
+            elif status == "fired":
+                self._run_content_ready(conn, run_id, now)
 
         await self._write(finish)
 
@@ -2010,6 +2109,13 @@ class Store:
                 conn.execute("UPDATE schedule_state SET last_scheduled_for = ? WHERE name = ?"
                              " AND (last_scheduled_for IS NULL OR last_scheduled_for < ?)",
                              (to_db_time(instants[-1]), name, to_db_time(instants[-1])))
+            if instants or skipped:
+                # One event per misfire decision, however many instants it skipped.
+                self.enqueue_event(conn, "schedule.missed", {
+                    "schedule": name, "missed": len(instants) + skipped,
+                    "first_missed": to_db_time(instants[0]) if instants else None,
+                    "last_missed": to_db_time(instants[-1]) if instants else None},
+                    now)
 
         await self._write(record)
 
@@ -2078,12 +2184,224 @@ class Store:
 
         return await self._write(record)
 
+    # -- notifications -------------------------------------------------------------------------
+
+    def enqueue_event(self, conn: sqlite3.Connection, event: str, data: dict[str, Any],
+                      now: datetime, *, key: str | None = None,
+                      target: str | None = None) -> str | None:
+        """Record a notification inside the caller's own write transaction, so the event
+        commits (or rolls back) together with the change it reports; a kill -9 can never
+        keep one and lose the other. The Notifier delivers it later, at least once.
+
+        Call it from a Store write function, with that function's connection:
+
+            def trip(conn):
+                conn.execute("UPDATE ...")
+                self.enqueue_event(conn, "creator.tripped", {"error_kind": kind,
+                                   "message": "连续 5 次认证失败"}, now)
+
+        `event` is one of NOTIFY_EVENTS. `data` is a JSON object; chat formats show its
+        "message" (a short Chinese sentence) when it has one. Keys the target filters read:
+        "account_id" or "account_ids" (a target's `accounts`) and "schedule" (its
+        `schedules`). `key` coalesces: while an event with the same key exists, no second
+        one is written (e.g. "budget.exhausted:2026-12-01"). `target` sends it to that
+        [[notify]] target only. Returns the event id, or None when no target wants this
+        event or the key already exists. Writes nothing when no target listens.
+        """
+        if target is None and event not in self.notify_subscribed:
+            return None
+        event_id = new_event_id(now)
+        cursor = conn.execute(
+            "INSERT INTO notify_events (event_id, event, at, data, coalesce_key, target)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (event_id, event, to_db_time(now), json.dumps(data, ensure_ascii=False,
+                                                          default=str), key, target))
+        self._events_written = True
+        return event_id if cursor.rowcount else None
+
+    def _task_finished_events(self, conn: sqlite3.Connection, task_id: str, status: str,
+                              now: datetime) -> None:
+        """task.failed, and content.ready once a task's run (or the manual task) is done."""
+        wanted = self.notify_subscribed
+        if not ({"task.failed", "content.ready"} & wanted):
+            return
+        cursor = conn.execute(
+            "SELECT t.task_id, t.account_id, a.name AS account_name, t.topic, t.status,"
+            " t.error_kind, t.error_message, t.retry_count, t.content_id, t.schedule_run_id,"
+            " r.schedule_name AS schedule FROM content_generation_tasks t"
+            " LEFT JOIN accounts a ON a.id = t.account_id"
+            " LEFT JOIN schedule_runs r ON r.id = t.schedule_run_id WHERE t.task_id = ?",
+            (task_id,))
+        task = _row_dict(cursor, cursor.fetchone())
+        if status in ("failed", "timeout"):
+            self.enqueue_event(conn, "task.failed", {
+                key: task[key] for key in ("task_id", "account_id", "account_name", "topic",
+                                           "status", "error_kind", "error_message",
+                                           "retry_count", "schedule")}
+                | {"run_id": task["schedule_run_id"]}, now)
+        if "content.ready" not in wanted:
+            return
+        if task["schedule_run_id"] is not None:
+            self._run_content_ready(conn, task["schedule_run_id"], now)
+        elif status == "completed":
+            articles = self._articles(conn, "c.task_id = ?", task_id)
+            self.enqueue_event(conn, "content.ready", {
+                "schedule": None, "run_id": None, "task_id": task_id,
+                "account_ids": [task["account_id"]], "articles": articles,
+                "counts": {"tasks": 1, "completed": 1, "failed": 0}},
+                now, key=f"content.ready:task:{task_id}")
+
+    @staticmethod
+    def _articles(conn: sqlite3.Connection, where: str, *params: Any) -> list[dict[str, Any]]:
+        cursor = conn.execute(
+            "SELECT c.id, c.title, c.account_id, a.name AS account_name, c.word_count,"
+            " c.task_id, c.review_status FROM contents c"
+            " JOIN content_generation_tasks t ON t.task_id = c.task_id"
+            f" LEFT JOIN accounts a ON a.id = c.account_id WHERE {where} ORDER BY c.id",
+            params)
+        return [_row_dict(cursor, row) for row in cursor.fetchall()]
+
+    @staticmethod
+    def _run_summary(conn: sqlite3.Connection, run_id: int) -> dict[str, Any]:
+        row = conn.execute("SELECT schedule_name, scheduled_for, trigger FROM schedule_runs"
+                           " WHERE id = ?", (run_id,)).fetchone()
+        return {"schedule": row[0], "run_id": run_id, "scheduled_for": row[1],
+                "trigger": row[2]}
+
+    def _run_content_ready(self, conn: sqlite3.Connection, run_id: int, now: datetime) -> None:
+        """content.ready for a recorded run whose tasks are all terminal, if it made at
+        least one article: one event per run, however its tasks ended."""
+        if "content.ready" not in self.notify_subscribed:
+            return
+        counts = dict(conn.execute(
+            "SELECT status, COUNT(*) FROM content_generation_tasks WHERE schedule_run_id = ?"
+            " GROUP BY status", (run_id,)).fetchall())
+        if any(status in ACTIVE_STATUSES for status in counts):
+            return
+        run = self._run_summary(conn, run_id)
+        state = conn.execute("SELECT status FROM schedule_runs WHERE id = ?",
+                             (run_id,)).fetchone()[0]
+        if state != "fired":  # still firing: finish_run checks again
+            return
+        articles = self._articles(conn, "t.schedule_run_id = ?", run_id)
+        if not articles:
+            return
+        self.enqueue_event(conn, "content.ready", {
+            **run, "account_ids": sorted({a["account_id"] for a in articles}),
+            "articles": articles,
+            "counts": {"tasks": sum(counts.values()), "completed": counts.get("completed", 0),
+                       "failed": counts.get("failed", 0) + counts.get("timeout", 0),
+                       "cancelled": counts.get("cancelled", 0)}},
+            now, key=f"content.ready:run:{run_id}")
+
+    async def route_events(self, route: Callable[[str, str | None, dict[str, Any]], list[str]],
+                           now: datetime, limit: int = 500) -> int:
+        """Turn new events into one outbox row per target `route` picks; returns how many
+        events it routed (`limit` at most: call again while it returns `limit`)."""
+        stamp = to_db_time(now)
+
+        def fan_out(conn: sqlite3.Connection) -> int:
+            events = conn.execute("SELECT id, event_id, event, target, data FROM notify_events"
+                                  " WHERE routed = 0 ORDER BY id LIMIT ?", (limit,)).fetchall()
+            rows = [(event_id, target, stamp, stamp, stamp)
+                    for _id, event_id, event, only, data in events
+                    for target in route(event, only, json.loads(data))]
+            conn.executemany("INSERT INTO notify_outbox (event_id, target, next_attempt_at,"
+                             " created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+                             " ON CONFLICT DO NOTHING", rows)
+            conn.executemany("UPDATE notify_events SET routed = 1 WHERE id = ?",
+                             [(row[0],) for row in events])
+            return len(events)
+
+        return await self._write(fan_out)
+
+    async def due_deliveries(self, now: datetime, limit: int) -> list[dict[str, Any]]:
+        return await self.query(
+            "SELECT o.id, o.event_id, o.target, o.attempts, e.event, e.at, e.data"
+            " FROM notify_outbox o JOIN notify_events e ON e.event_id = o.event_id"
+            " WHERE o.status = 'pending' AND o.next_attempt_at <= ?"
+            " ORDER BY o.next_attempt_at, o.id LIMIT ?", (to_db_time(now), limit))
+
+    async def next_delivery_at(self, exclude: list[int]) -> datetime | None:
+        """When the next pending delivery falls due, leaving out those being sent."""
+        rows = await self.query("SELECT MIN(next_attempt_at) AS due FROM notify_outbox"
+                                " WHERE status = 'pending' AND id NOT IN"
+                                " (SELECT value FROM json_each(?))", (json_text(exclude),))
+        return from_db_time(rows[0]["due"]) if rows else None
+
+    async def add_digest(self, target: str, instant: datetime, tz: ZoneInfo,
+                         now: datetime) -> str | None:
+        """The `digest` event of one target: the day up to `instant` in numbers."""
+        since, until = to_db_time(instant - timedelta(days=1)), to_db_time(instant)
+
+        def add(conn: sqlite3.Connection) -> str | None:
+            finished = dict(conn.execute(
+                "SELECT status, COUNT(*) FROM content_generation_tasks WHERE status IN"
+                " ('completed', 'failed', 'timeout') AND completed_at >= ? AND completed_at < ?"
+                " GROUP BY status", (since, until)).fetchall())
+            counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+            articles = conn.execute("SELECT COUNT(*) FROM contents WHERE created_at >= ?"
+                                    " AND created_at < ?", (since, until)).fetchone()[0]
+            dead = conn.execute("SELECT COUNT(*) FROM notify_outbox WHERE status = 'dead'"
+                                " AND updated_at >= ? AND updated_at < ?",
+                                (since, until)).fetchone()[0]
+            return self.enqueue_event(conn, "digest", {
+                "date": f"{instant.astimezone(tz):%Y-%m-%d}", "since": since, "until": until,
+                "articles": articles, "completed": finished.get("completed", 0),
+                "failed": finished.get("failed", 0) + finished.get("timeout", 0),
+                "pending": counters.get("task:pending", 0),
+                "pending_review": counters.get("content:pending_review", 0),
+                "notify_dead": dead}, now, key=f"digest:{target}:{until}", target=target)
+
+        return await self._write(add)
+
+    async def record_delivery(self, delivery_id: int, now: datetime, response: str,
+                              error: str | None, retry_at: datetime | None) -> str:
+        """One attempt's outcome: sent (no error), pending until `retry_at`, or dead (an
+        error and no `retry_at`). Returns the new status."""
+        status = "sent" if error is None else "pending" if retry_at is not None else "dead"
+        stamp = to_db_time(now)
+
+        def record(conn: sqlite3.Connection) -> str:
+            conn.execute(
+                "UPDATE notify_outbox SET status = ?, attempts = attempts + 1,"
+                " next_attempt_at = COALESCE(?, next_attempt_at), last_response = ?,"
+                " last_error = ?, updated_at = ?, sent_at = ? WHERE id = ?",
+                (status, to_db_time(retry_at), response, error, stamp,
+                 stamp if error is None else None, delivery_id))
+            return status
+
+        return await self._write(record)
+
+    async def list_deliveries(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        where = "WHERE o.status = ?" if status else ""
+        return await self.query(
+            "SELECT o.id, o.target, e.event, o.status, o.attempts, o.next_attempt_at,"
+            " o.last_response, o.last_error, o.event_id, e.at, o.sent_at"
+            " FROM notify_outbox o JOIN notify_events e ON e.event_id = o.event_id"
+            f" {where} ORDER BY o.id DESC LIMIT ?", (*([status] if status else []), limit))
+
+    async def retry_delivery(self, delivery_id: int, now: datetime) -> dict[str, Any]:
+        """A dead (or sent) delivery back to pending with fresh attempts, due now."""
+
+        def retry(conn: sqlite3.Connection) -> dict[str, Any]:
+            row = conn.execute("SELECT status FROM notify_outbox WHERE id = ?",
+                               (delivery_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no delivery {delivery_id}; see contenthubctl notify list")
+            stamp = to_db_time(now)
+            conn.execute("UPDATE notify_outbox SET status = 'pending', attempts = 0,"
+                         " next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                         (stamp, stamp, delivery_id))
+            return {"id": delivery_id, "was": row[0], "status": "pending"}
+
+        return await self._write(retry)
+
 # Creator runner ################################################################################
 
 #: Variables that belong to the daemon's own supervisor, never to its children.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                "LISTEN_FDNAMES")
-ENV_REF_RE = re.compile(r"\$\{(\w+)\}")
 
 
 def render_argv(template: list[str], values: dict[str, Any]) -> list[str]:
@@ -3878,6 +4196,12 @@ def check_schedules(config: Config) -> list[str]:
             continue
         errors += [f"{where('params')}{name}: InvalidParameters: {problem}"
                    for problem in executor.validate_params(schedule.params, config)]
+    for i, target in enumerate(config.notify):
+        if "digest" in target.events:
+            try:
+                parse_trigger(target.digest_cron, None, config.daemon.timezone)
+            except ValueError as exc:
+                errors.append(f"{entry_key_location(config, 'notify', i, 'digest_cron')}: {exc}")
     return errors
 
 
@@ -4032,7 +4356,8 @@ class Scheduler(BackgroundLoop):
         if busy:
             result = ExecutionResult(False, "previous run still has unfinished tasks",
                                      error="skipped_overlap")
-            await self.store.finish_run(run_id, "skipped_overlap", result.to_dict())
+            await self.store.finish_run(run_id, "skipped_overlap", result.to_dict(),
+                                        self.clock())
             log.info("schedule_skipped_overlap", schedule=entry.config.name)
             return {"run_id": run_id, "status": "skipped_overlap", "result": result.to_dict()}
         return await self._execute(entry, run_id, scheduled_for)
@@ -4051,7 +4376,7 @@ class Scheduler(BackgroundLoop):
                                                                       f" {exc}")
         result.duration = round(time.monotonic() - started, 4)
         status = "fired" if result.success else "failed"
-        await self.store.finish_run(run_id, status, result.to_dict())
+        await self.store.finish_run(run_id, status, result.to_dict(), self.clock())
         log.info("schedule_fired", schedule=schedule.name, run_id=run_id, status=status,
                  scheduled_for=to_db_time(scheduled_for), message=result.message)
         return {"run_id": run_id, "status": status, "result": result.to_dict()}
@@ -4570,6 +4895,454 @@ class PollLoop(BackgroundLoop):
             result = await self.pool.run_creator_command(creator.result_command, task,
                                                          timeout=POLL_COMMAND_TIMEOUT_S)
         return classify_result(result, creator, self.pool.creator_cwd)
+
+# Notifications #################################################################################
+
+NOTIFY_CONCURRENCY = 8  #: deliveries in flight at once, all targets together
+NOTIFY_PER_TARGET = 2  #: in flight per target: a dead receiver cannot take every slot
+NOTIFY_RETRY_CAP_S = 3600.0  #: the longest wait between two attempts of one delivery
+NOTIFY_RESPONSE_MAX = 64 << 10  #: bytes of a receiver's answer that are read
+NOTIFY_ROUTE_BATCH = 500  #: events turned into outbox rows per transaction
+NOTIFY_MAX_TITLES = 10  #: article titles listed in one chat message
+NOTIFY_BRAND = "【ContentHub】"  #: starts every chat title; a DingTalk bot keyword can match it
+#: What a chat message calls an event that has no text of its own below.
+NOTIFY_TITLES = {"creator.tripped": "创作器已熔断", "creator.recovered": "创作器已恢复",
+                 "budget.exhausted": "预算已用尽", "topics.low": "选题库存不足",
+                 "test": "测试通知"}
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def http_post(url: str, body: bytes, headers: dict[str, str], timeout: float,
+                    ssl_context: ssl.SSLContext | None = None) -> HttpResponse:
+    """One HTTP/1.1 POST on asyncio streams, the whole exchange within `timeout`.
+
+    No thread is held while a receiver thinks: a thousand slow receivers cost sockets, not
+    the executor that aiosqlite and DNS share. Raises OSError, asyncio.TimeoutError, or
+    ValueError for an answer that is not HTTP.
+    """
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "https"
+    port = parts.port or (443 if secure else 80)
+    host = parts.hostname or ""
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+    async def exchange() -> HttpResponse:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=(ssl_context or ssl.create_default_context()) if secure else None,
+            limit=NOTIFY_RESPONSE_MAX)
+        try:
+            head = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}",
+                    f"Content-Length: {len(body)}", "Connection: close",
+                    *(f"{name}: {value}" for name, value in headers.items())]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            await writer.drain()
+            status_line = (await reader.readline()).decode("latin-1")
+            match = re.match(r"HTTP/1\.[01] (\d{3})", status_line)
+            if not match:
+                raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
+            answer: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                answer[name.strip().lower()] = value.strip()
+            if answer.get("transfer-encoding", "").lower() == "chunked":
+                data = b""
+                while len(data) < NOTIFY_RESPONSE_MAX:
+                    size = int((await reader.readline()).split(b";")[0] or b"0", 16)
+                    if size == 0:
+                        break
+                    data += await reader.readexactly(size)
+                    await reader.readline()
+            elif "content-length" in answer:
+                length = min(int(answer["content-length"]), NOTIFY_RESPONSE_MAX)
+                data = await reader.readexactly(length)
+            else:
+                data = await reader.read(NOTIFY_RESPONSE_MAX)
+            return HttpResponse(int(match[1]), answer, data)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+    return await asyncio.wait_for(exchange(), timeout)
+
+
+def signature_header(secret: str, timestamp: int, body: bytes) -> str:
+    """X-ContentHub-Signature, Stripe's scheme: t=<unix seconds>,v1=<hex HMAC-SHA256 of
+    "<t>." + body>. A receiver recomputes v1 and rejects an old t (replays)."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+def feishu_sign(secret: str, timestamp: int) -> str:
+    """Feishu custom bot: HMAC-SHA256 keyed with "<seconds>\\n<secret>" over nothing, base64."""
+    key = f"{timestamp}\n{secret}".encode()
+    return base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode()
+
+
+def dingtalk_sign(secret: str, timestamp_ms: int) -> str:
+    """DingTalk robot: HMAC-SHA256 keyed with the secret over "<ms>\\n<secret>", base64
+    (the caller URL-encodes it into the webhook's query)."""
+    digest = hmac.new(secret.encode(), f"{timestamp_ms}\n{secret}".encode(), hashlib.sha256)
+    return base64.b64encode(digest.digest()).decode()
+
+
+def _local(text: str | None, tz: ZoneInfo) -> str:
+    moment = from_db_time(text)
+    return moment.astimezone(tz).strftime("%m-%d %H:%M") if moment else "?"
+
+
+def _clip(text: Any, limit: int) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def event_text(event: str, data: dict[str, Any], tz: ZoneInfo) -> tuple[str, list[str]]:
+    """A chat message for an event: a title and a few short lines in Chinese, ending with
+    the command an editor runs next."""
+    if event == "content.ready":
+        articles, counts = data.get("articles") or [], data.get("counts") or {}
+        where = data.get("schedule") or "手动任务"
+        lines = [f"{i}. {_clip(a.get('title'), 60)}（{a.get('account_name') or a.get('account_id')}"
+                 f"，{a.get('word_count', 0)} 字）"
+                 for i, a in enumerate(articles[:NOTIFY_MAX_TITLES], start=1)]
+        if len(articles) > NOTIFY_MAX_TITLES:
+            lines.append(f"…另有 {len(articles) - NOTIFY_MAX_TITLES} 篇")
+        tally = f"任务 {counts.get('tasks', len(articles))} 个：完成 {counts.get('completed', 0)}"
+        tally += f"，失败 {counts.get('failed', 0)}"
+        if counts.get("cancelled"):
+            tally += f"，取消 {counts['cancelled']}"
+        lines.append(tally)
+        pending = any(a.get("review_status") == "pending_review" for a in articles)
+        lines.append("审核：contenthubctl content list --review-status pending_review" if pending
+                     else "查看：contenthubctl content list")
+        return f"{where}：{len(articles)} 篇新文章", lines
+    if event == "task.failed":
+        task_id = data.get("task_id")
+        lines = [f"账号：{data.get('account_name') or ''}（{data.get('account_id')}）",
+                 f"原因：{data.get('error_kind')}：{_clip(data.get('error_message'), 200)}"]
+        if data.get("schedule"):
+            lines.append(f"计划：{data['schedule']}")
+        lines += [f"查看：contenthubctl task status {task_id}",
+                  f"重试：contenthubctl task retry {task_id}"]
+        status = "超时" if data.get("status") == "timeout" else "失败"
+        return f"任务{status}：{_clip(data.get('topic'), 60)}", lines
+    if event == "schedule.failed":
+        reason = data.get("error") or data.get("message") or "没有创建任何任务"
+        return f"计划 {data.get('schedule')} 执行失败", [
+            f"计划时间：{_local(data.get('scheduled_for'), tz)}", f"原因：{_clip(reason, 200)}",
+            f"历史：contenthubctl scheduler history {data.get('schedule')}"]
+    if event == "schedule.missed":
+        return f"计划 {data.get('schedule')} 错过 {data.get('missed')} 次触发", [
+            f"最近一次：{_local(data.get('last_missed'), tz)}",
+            f"历史：contenthubctl scheduler history {data.get('schedule')}"]
+    if event == "digest":
+        lines = [f"新文章 {data.get('articles', 0)} 篇，待审核 {data.get('pending_review', 0)} 篇",
+                 f"任务：完成 {data.get('completed', 0)}，失败 {data.get('failed', 0)}"
+                 f"，排队 {data.get('pending', 0)}"]
+        if data.get("notify_dead"):
+            lines.append(f"通知投递失败 {data['notify_dead']} 条：contenthubctl notify list"
+                         " --status dead")
+        lines.append("审核：contenthubctl content list --review-status pending_review")
+        return f"每日摘要 {data.get('date', '')}", lines
+    lines = ([_clip(data["message"], 300)] if data.get("message") else
+             [f"{key}：{_clip(value, 80)}" for key, value in list(data.items())[:6]
+              if not isinstance(value, (dict, list))])
+    return NOTIFY_TITLES.get(event, event), lines
+
+
+def _utf8_clip(text: str, limit: int) -> str:
+    """At most `limit` UTF-8 bytes, cut on a character boundary (WeCom counts bytes)."""
+    raw = text.encode()
+    return text if len(raw) <= limit else raw[:limit - 3].decode(errors="ignore") + "…"
+
+
+def _slack_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def chat_body(fmt: str, title: str, lines: list[str], secret: str,
+              now: datetime) -> dict[str, Any]:
+    """The vendor's documented message shape for one chat format."""
+    title = NOTIFY_BRAND + title
+    if fmt == "wecom":  # group bot: markdown content up to 4096 bytes
+        return {"msgtype": "markdown",
+                "markdown": {"content": _utf8_clip(f"**{title}**\n" + "\n".join(lines), 4000)}}
+    if fmt == "dingtalk":  # paragraphs need blank lines in DingTalk's markdown
+        return {"msgtype": "markdown", "markdown": {
+            "title": title, "text": _utf8_clip(f"#### {title}\n\n" + "\n\n".join(lines), 18000)}}
+    if fmt == "feishu":
+        body: dict[str, Any] = {"msg_type": "post", "content": {"post": {"zh_cn": {
+            "title": title, "content": [[{"tag": "text", "text": line}] for line in lines]}}}}
+        if secret:
+            stamp = int(now.timestamp())
+            body = {"timestamp": str(stamp), "sign": feishu_sign(secret, stamp), **body}
+        return body
+    text = f"*{_slack_escape(title)}*\n" + "\n".join(_slack_escape(line) for line in lines)
+    return {"text": title + "\n" + "\n".join(lines),
+            "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}}]}
+
+
+def chat_error(fmt: str, response: HttpResponse) -> str | None:
+    """WeCom, DingTalk and Feishu answer 200 with an error code in the body."""
+    if fmt not in ("wecom", "dingtalk", "feishu"):
+        return None
+    try:
+        answer = json.loads(response.body)
+    except ValueError:
+        return None
+    if not isinstance(answer, dict):
+        return None
+    code = answer.get("errcode", answer.get("code", answer.get("StatusCode", 0)))
+    if code in (0, None):
+        return None
+    return f"{fmt} error {code}: {answer.get('errmsg') or answer.get('msg') or ''}"[:300]
+
+
+def target_matches(target: NotifyConfig, data: dict[str, Any]) -> bool:
+    """A target's `accounts` and `schedules` filters; an event that names no account (or no
+    schedule) passes that filter."""
+    accounts = data.get("account_ids") or ([data["account_id"]] if data.get("account_id")
+                                           is not None else [])
+    if target.accounts and accounts and not set(accounts) & set(target.accounts):
+        return False
+    return not (target.schedules and "schedule" in data
+                and data["schedule"] not in target.schedules)
+
+
+@dataclass
+class SendOutcome:
+    response: str  #: "HTTP 200", "exit 1", "timed out", ""
+    error: str | None = None  #: None: delivered
+    retry_after: float | None = None  #: the receiver's Retry-After, in seconds
+
+
+class Notifier(BackgroundLoop):
+    """The delivery loop behind [[notify]]: at least once, from the outbox.
+
+    Events are rows written in the transaction of the change they report
+    (Store.enqueue_event). Each round: new events become one notify_outbox row per target
+    that wants them; due rows are sent, at most NOTIFY_CONCURRENCY at once and
+    NOTIFY_PER_TARGET per target, each within the target's timeout; digests fall due at
+    their targets' digest_cron. A failure waits `retry_backoff`, doubling with jitter up to
+    an hour (or the receiver's Retry-After); after `max_attempts` the row is dead with its
+    last error. A row stays pending while it is sent, so a crash resends it after restart;
+    every attempt carries the same event id for receivers to deduplicate. Secrets and URLs
+    (a WeCom key is in its URL) are never logged or stored.
+    """
+
+    loop_name = "notify-loop"
+
+    def __init__(self, store: Store, config: Config, environ: dict[str, str],
+                 clock: Callable[[], datetime] = utc_now):
+        super().__init__()
+        self.store = store
+        self.environ = environ
+        self.clock = clock
+        self._in_flight: dict[int, asyncio.Task] = {}
+        self._busy: dict[str, int] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._digests: dict[str, tuple[Trigger, datetime]] = {}
+        self.last_error: str | None = None  #: the latest dead delivery, for `monitor health`
+        store.on_events_written = self.wake
+        self.apply_config(config)
+
+    def apply_config(self, config: Config) -> None:
+        """Start and reload: new targets and filters route from the next event on."""
+        self.config = config
+        self.targets = {target.name: target for target in config.notify}
+        self.store.notify_subscribed = frozenset(
+            event for target in config.notify for event in target.events)
+        now = self.clock()
+        digests = {}
+        for target in config.notify:
+            if "digest" in target.events:
+                trigger = parse_trigger(target.digest_cron, None, config.daemon.timezone)
+                kept = self._digests.get(target.name)
+                digests[target.name] = (kept if kept and kept[0] == trigger
+                                        else (trigger, trigger.next_after(now)))
+        self._digests = digests
+        self.wake()
+
+    def route(self, event: str, only: str | None, data: dict[str, Any]) -> list[str]:
+        """The targets an event goes to (runs on the store's writer thread: pure)."""
+        targets = self.targets
+        if only is not None:
+            return [only] if only in targets else []
+        return [t.name for t in targets.values()
+                if event in t.events and target_matches(t, data)]
+
+    async def stop(self) -> None:
+        """In-flight deliveries are abandoned, still pending: the next start resends them."""
+        await super().stop()
+        for task in list(self._in_flight.values()):
+            task.cancel()
+        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while self._running:
+            self._wake.clear()
+            delay = MAX_SLEEP_S
+            try:
+                now = self.clock()
+                await self._emit_due_digests(now)
+                while await self.store.route_events(self.route, now) == NOTIFY_ROUTE_BATCH:
+                    pass
+                if not await self._start_due(now):
+                    due = await self.store.next_delivery_at(exclude=list(self._in_flight))
+                    if due is not None:
+                        delay = min(delay, (due - self.clock()).total_seconds())
+                for _trigger, instant in self._digests.values():
+                    delay = min(delay, (instant - self.clock()).total_seconds())
+            except Exception:
+                log.exception("notify_round_failed")
+                delay = 5.0
+            if delay > 0:
+                await self._sleep(delay)
+
+    async def _start_due(self, now: datetime) -> bool:
+        """Start deliveries for due rows; True when some wait for a free slot (a finishing
+        delivery wakes the loop)."""
+        free = NOTIFY_CONCURRENCY - len(self._in_flight)
+        if free <= 0:
+            return True
+        rows = await self.store.due_deliveries(now, free + len(self._in_flight)
+                                               + NOTIFY_CONCURRENCY * NOTIFY_PER_TARGET)
+        waiting = False
+        for row in rows:
+            if row["id"] in self._in_flight:
+                continue
+            if free <= 0 or self._busy.get(row["target"], 0) >= NOTIFY_PER_TARGET:
+                waiting = True
+                continue
+            free -= 1
+            self._busy[row["target"]] = self._busy.get(row["target"], 0) + 1
+            self._in_flight[row["id"]] = asyncio.create_task(self._deliver(row),
+                                                             name=f"notify-{row['id']}")
+        return waiting
+
+    async def _deliver(self, row: dict[str, Any]) -> None:
+        name = row["target"]
+        try:
+            target = self.targets.get(name)
+            if target is None:
+                await self.store.record_delivery(row["id"], self.clock(), "", "no [[notify]]"
+                                                 f" target named {name!r} any more", None)
+                return
+            attempts = row["attempts"] + 1
+            outcome = await self.send(target, row["event_id"], row["event"], row["at"],
+                                      json.loads(row["data"]))
+            retry_at = None
+            if outcome.error is not None and attempts < target.max_attempts:
+                delay = retry_delay(target.retry_backoff, NOTIFY_RETRY_CAP_S, attempts - 1)
+                if outcome.retry_after:
+                    delay = max(delay, min(outcome.retry_after, NOTIFY_RETRY_CAP_S))
+                retry_at = self.clock() + timedelta(seconds=delay)
+            status = await self.store.record_delivery(row["id"], self.clock(), outcome.response,
+                                                      outcome.error, retry_at)
+            fields = {"delivery": row["id"], "event_id": row["event_id"], "event": row["event"],
+                      "target": name, "attempt": attempts, "response": outcome.response}
+            if status == "sent":
+                log.info("notify_sent", **fields)
+            elif status == "dead":
+                self.last_error = f"{name}: {row['event']} dead after {attempts} attempts:" \
+                                  f" {outcome.error}"
+                log.warning("notify_dead", error=outcome.error, **fields)
+            else:
+                log.info("notify_retry", error=outcome.error, retry_at=to_db_time(retry_at),
+                         **fields)
+        except Exception:
+            log.exception("notify_delivery_failed", delivery=row["id"], target=name)
+        finally:
+            self._in_flight.pop(row["id"], None)
+            self._busy[name] = self._busy.get(name, 1) - 1
+            self.wake()
+
+    def render(self, target: NotifyConfig, event_id: str, event: str, at: str,
+               data: dict[str, Any], now: datetime) -> tuple[str, dict[str, str], bytes]:
+        """The URL, headers and body of one attempt, signed at `now`."""
+        secret = ENV_REF_RE.sub(lambda m: self.environ.get(m.group(1), ""), target.secret)
+        url = ENV_REF_RE.sub(lambda m: self.environ.get(m.group(1), ""), target.url)
+        if target.format == "json":
+            payload: dict[str, Any] = {"id": event_id, "event": event, "at": at, "data": data}
+        else:
+            title, lines = event_text(event, data, ZoneInfo(self.config.daemon.timezone))
+            payload = chat_body(target.format, title, lines, secret, now)
+        body = json.dumps(payload, ensure_ascii=False, default=str).encode()
+        headers = {"Content-Type": "application/json; charset=utf-8",
+                   "User-Agent": f"contenthubd/{__version__}", "X-ContentHub-Event": event,
+                   "X-ContentHub-Delivery": event_id}
+        if secret:
+            headers["X-ContentHub-Signature"] = signature_header(secret, int(now.timestamp()),
+                                                                 body)
+            if target.format == "dingtalk":
+                stamp = int(now.timestamp() * 1000)
+                url += ("&" if "?" in url else "?") + urllib.parse.urlencode(
+                    {"timestamp": stamp, "sign": dingtalk_sign(secret, stamp)})
+        return url, headers, body
+
+    async def send(self, target: NotifyConfig, event_id: str, event: str, at: str,
+                   data: dict[str, Any]) -> SendOutcome:
+        """One attempt to one target; never raises for the receiver's faults."""
+        url, headers, body = self.render(target, event_id, event, at, data, self.clock())
+        if target.command:
+            env = child_environment(self.environ, {
+                "CONTENTHUB_EVENT": event, "CONTENTHUB_DELIVERY": event_id,
+                "CONTENTHUB_SIGNATURE": headers.get("X-ContentHub-Signature", "")})
+            try:
+                result = await run_process(target.command, stdin=body, env=env,
+                                           timeout=target.timeout, max_output=1 << 16)
+            except OSError as exc:
+                return SendOutcome("", f"cannot run {target.command[0]}: {exc}")
+            if result.timed_out:
+                return SendOutcome("timed out", f"no exit within {target.timeout:g}s")
+            if result.exit_code != 0:
+                return SendOutcome(f"exit {result.exit_code}",
+                                   result.stderr_tail(300) or "(stderr empty)")
+            return SendOutcome("exit 0")
+        if url.startswith("https://") and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        try:
+            response = await http_post(url, body, headers, target.timeout, self._ssl)
+        except TimeoutError:
+            return SendOutcome("timed out", f"no answer within {target.timeout:g}s")
+        except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            return SendOutcome("", f"{type(exc).__name__}: {exc}"[:300])
+        shown = f"HTTP {response.status}"
+        retry_after = response.headers.get("retry-after", "")
+        wait = float(retry_after) if re.fullmatch(r"\d+(\.\d+)?", retry_after) else None
+        if not 200 <= response.status < 300:
+            detail = response.body[:200].decode(errors="replace").strip()
+            return SendOutcome(shown, f"{shown}" + (f": {detail}" if detail else ""), wait)
+        return SendOutcome(shown, chat_error(target.format, response))
+
+    async def _emit_due_digests(self, now: datetime) -> None:
+        for name, (trigger, instant) in list(self._digests.items()):
+            if instant > now:
+                continue
+            await self.store.add_digest(name, instant, ZoneInfo(self.config.daemon.timezone),
+                                        now)
+            self._digests[name] = (trigger, trigger.next_after(now))
+
+    # -- operator actions ----------------------------------------------------------------------
+
+    async def test(self, name: str) -> dict[str, Any]:
+        """`notify test NAME`: a test event now, straight to the target, not via the outbox."""
+        target = self.targets.get(name)
+        if target is None:
+            raise NotFound(f"no [[notify]] target named {name!r}; configured: "
+                           + (", ".join(self.targets) or "none"))
+        now = self.clock()
+        event_id = new_event_id(now)
+        outcome = await self.send(target, event_id, "test", to_db_time(now), {
+            "message": f"来自 contenthubd {__version__} 的测试消息：收到即表示 {name} 配置正确。"})
+        return {"target": name, "event_id": event_id, "ok": outcome.error is None,
+                "response": outcome.response, "error": outcome.error}
 
 # Control server ################################################################################
 
@@ -5958,6 +6731,7 @@ class App:
         self.pool = WorkerPool(self.store, config, environ, clock)
         self.scheduler = Scheduler(self.store, config, environ, self.pool.wake, clock)
         self.poll_loop = PollLoop(self.store, self.pool, clock)
+        self.notifier = Notifier(self.store, config, environ, clock)
         self.control: ControlServer | None = None
         self.should_exit = asyncio.Event()
         self.reload_requested = asyncio.Event()
@@ -6013,11 +6787,14 @@ class App:
                                      self.scheduler, {
             "version": self.cmd_version, "reload": self.cmd_reload, "config": self.cmd_config,
             "monitor.health": self.cmd_health, "scheduler.create": self.cmd_scheduler_create,
-            "scheduler.delete": self.cmd_scheduler_delete})
+            "scheduler.delete": self.cmd_scheduler_delete,
+            "notify.list": self.cmd_notify_list, "notify.test": self.cmd_notify_test,
+            "notify.retry": self.cmd_notify_retry})
         await self.control.start()
         self.pool.on_finished = self._task_finished
         await self.pool.start()
         await self.poll_loop.start()
+        await self.notifier.start()
         await self.scheduler.start()
         if self.environ.get("NOTIFY_SOCKET"):
             self._background.append(asyncio.create_task(self._status_loop(), name="sd-status"))
@@ -6057,6 +6834,7 @@ class App:
         await self.scheduler.stop()
         await self.poll_loop.stop()
         await self.pool.stop(self.config.daemon.shutdown_grace)
+        await self.notifier.stop()
         if self._hooks_running:
             await asyncio.wait(self._hooks_running, timeout=self.config.daemon.shutdown_grace)
         for task in self._background:
@@ -6132,6 +6910,7 @@ class App:
         old, self.config = self.config, new
         await self.store.sync_accounts(new.accounts, self.clock())
         self.pool.apply_config(new)
+        self.notifier.apply_config(new)
         await self.scheduler.apply_config(new)
         if self.control is not None:
             self.control.apply_config(new)
@@ -6221,6 +7000,21 @@ class App:
                 f" in {self.config.path or 'the config'}:", *exc.errors]),
                 data={"errors": exc.errors}) from None
 
+    async def cmd_notify_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        status = arg(args, "status", str, choices=("pending", "sent", "dead"))
+        limit = arg(args, "limit", int, default=50, minimum=1, maximum=10_000)
+        return await self.store.list_deliveries(status, limit)
+
+    async def cmd_notify_test(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.notifier.test(arg(args, "name", str, required=True))
+
+    async def cmd_notify_retry(self, args: dict[str, Any]) -> dict[str, Any]:
+        delivery_id = arg(args, "id", int, required=True, minimum=1, maximum=(1 << 63) - 1)
+        result = await self.store.retry_delivery(delivery_id, self.clock())
+        self.notifier.last_error = None
+        self.notifier.wake()
+        return result
+
     async def cmd_config(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return describe_config(self.config)
 
@@ -6235,6 +7029,8 @@ class App:
              "detail": self.last_hook_error or f"{len(self.config.hooks)} configured"},
             {"name": "scheduler", "ok": self.scheduler.is_running,
              "detail": f"{len(self.scheduler.schedules)} schedules"},
+            {"name": "notify", "ok": self.notifier.last_error is None,
+             "detail": self.notifier.last_error or f"{len(self.config.notify)} targets"},
         ]
         checks.append(await self._creator_health())
         topics, warnings = await self._topics_health()

@@ -253,3 +253,37 @@ CREATE TABLE topic_numbers (
 INSERT INTO topic_history (account_id, topic_key, topic, task_id, used_at)
     SELECT account_id, topic_key(topic), topic, task_id, created_at
     FROM content_generation_tasks ORDER BY id;
+
+-- migration 4: notification outbox (notify_events, notify_outbox)
+-- An event row is inserted in the same transaction as the change it reports
+-- (Store.enqueue_event); the delivery loop turns it into one notify_outbox row per [[notify]]
+-- target that wants it (routed = 1), then sends each row until it is sent or dead.
+CREATE TABLE notify_events (
+    id            INTEGER PRIMARY KEY,
+    event_id      TEXT NOT NULL UNIQUE,            -- 'evt-…': the same on every attempt
+    event         TEXT NOT NULL,                   -- 'content.ready', 'task.failed', …
+    at            TEXT NOT NULL,
+    data          TEXT NOT NULL,                   -- JSON object
+    coalesce_key  TEXT UNIQUE,                     -- a second event with this key is not written
+    target        TEXT,                            -- for this target only; NULL: all that want it
+    routed        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX idx_notify_events_unrouted ON notify_events (id) WHERE routed = 0;
+CREATE INDEX idx_notify_events_at ON notify_events (at);
+
+CREATE TABLE notify_outbox (
+    id               INTEGER PRIMARY KEY,
+    event_id         TEXT NOT NULL REFERENCES notify_events (event_id) ON DELETE CASCADE,
+    target           TEXT NOT NULL,
+    status           TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'sent', 'dead')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  TEXT NOT NULL,
+    last_response    TEXT,                            -- 'HTTP 503', 'exit 1', 'timed out'
+    last_error       TEXT,
+    created_at       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL,
+    sent_at          TEXT,
+    UNIQUE (event_id, target)
+);
+CREATE INDEX idx_notify_outbox_due ON notify_outbox (status, next_attempt_at);
