@@ -346,7 +346,9 @@ def format_value(key: str, value) -> str:
 
 
 #: A table column: `key` names a field of the row, or is a function of the row.
-Column = collections.namedtuple("Column", "header key flex align", defaults=(False, "left"))
+#: `short`, if set, shortens a cell (a task id to its random part) before any column is cut.
+Column = collections.namedtuple("Column", "header key flex align short",
+                                defaults=(False, "left", None))
 
 
 def cell_text(row: dict, column: Column) -> str:
@@ -378,10 +380,21 @@ def fit_widths(widths: list[int], columns, headers: list[str], max_width: int) -
 
 
 def table_lines(rows: list[dict], columns, max_width: int | None = None) -> list[str]:
-    """Rows as aligned columns, measured in display cells so CJK text lines up."""
+    """Rows as aligned columns, measured in display cells so CJK text lines up. Too wide for
+    `max_width`: ids shorten first (still accepted as input), then columns are cut."""
     headers = [column.header for column in columns]
     cells = [[cell_text(row, column) for column in columns] for row in rows]
-    widths = [max(display_width(text) for text in texts) for texts in zip(headers, *cells)]
+
+    def measure() -> list[int]:
+        return [max(display_width(text) for text in texts) for texts in zip(headers, *cells)]
+
+    widths = measure()
+    if max_width and sum(widths) + len(COLUMN_GAP) * (len(widths) - 1) > max_width:
+        shortened = [i for i, column in enumerate(columns) if column.short]
+        for texts in cells:
+            for i in shortened:
+                texts[i] = columns[i].short(texts[i])
+        widths = measure()
     if max_width:
         widths = fit_widths(widths, columns, headers, max_width)
     return [COLUMN_GAP.join(pad(truncate(text, width), width, column.align)
@@ -625,14 +638,48 @@ def executor_params_of(row: dict) -> str:
                      for param in row.get("params") or [])
 
 
-TASK_COLUMNS = (Column("TASK_ID", "task_id"), Column("STATUS", "status"),
+#: task-<13 digit ms>-<8 hex>: narrow tables show the random part, which the daemon accepts
+TASK_ID_RE = re.compile(r"task-\d{13}-([0-9a-f]{8})")
+
+
+def short_task_id(task_id: str) -> str:
+    match = TASK_ID_RE.fullmatch(task_id)
+    return match.group(1) if match else task_id
+
+
+def run_result_of(row: dict):
+    """A schedule run's result as its message (or error), not the executor's whole record."""
+    result = row.get("result")
+    if not isinstance(result, dict):
+        return result
+    message, error = result.get("message"), result.get("error")
+    if result.get("success") is False and error:
+        return f"{error}: {message}" if message and message != error else error
+    return message or error
+
+
+def compact_time(text: str) -> str:
+    """`2026-12-02 05:53:06` as `12-02 05:53`, for tables that do not fit."""
+    return f"{text[5:16]}" if re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", text) else text
+
+
+TASK_ID_COLUMN = Column("TASK_ID", "task_id", short=short_task_id)
+
+
+def time_column(header: str, key: str) -> Column:
+    return Column(header, key, short=compact_time)
+
+
+TASK_COLUMNS = (TASK_ID_COLUMN, Column("STATUS", "status"),
                 Column("PRI", "priority", align="right"),
                 Column("ACCOUNT", account_of, flex=True), Column("TOPIC", "topic", flex=True),
-                Column("UPDATED", "updated_at"))
-FAILED_TASK_COLUMNS = (Column("TASK_ID", "task_id"), Column("STATUS", "status"),
+                time_column("UPDATED", "updated_at"))
+FAILED_TASK_COLUMNS = (TASK_ID_COLUMN, Column("STATUS", "status"),
                        Column("ACCOUNT", account_of, flex=True),
                        Column("TOPIC", "topic", flex=True),
-                       Column("ERROR", error_of, flex=True), Column("UPDATED", "updated_at"))
+                       Column("ERROR", error_of, flex=True), time_column("UPDATED", "updated_at"))
+
+
 def generator_of(row: dict):
     """The GENERATOR column: an offline draft is a placeholder, and says so loudly."""
     generator = row.get("generator")
@@ -643,17 +690,19 @@ CONTENT_COLUMNS = (Column("ID", "id", align="right"), Column("REVIEW", "review_s
                    Column("GENERATOR", generator_of),
                    Column("ACCOUNT", account_of, flex=True),
                    Column("WORDS", "word_count", align="right"),
-                   Column("CREATED", "created_at"), Column("TITLE", "title", flex=True))
+                   time_column("CREATED", "created_at"), Column("TITLE", "title", flex=True))
 EXPORT_COLUMNS = (Column("ID", "id", align="right"), Column("FILE", "file"),
                   Column("TITLE", "title", flex=True))
-SCHEDULE_COLUMNS = (Column("NAME", "name"), Column("EXECUTOR", "executor"),
+#: Like `systemctl list-timers`; times are in the daemon's timezone (`show` has the schedule's).
+SCHEDULE_COLUMNS = (Column("NAME", "name"), Column("EXECUTOR", "executor", flex=True),
                     Column("TRIGGER", "trigger", flex=True), Column("PAUSED", "paused"),
-                    Column("NEXT_FIRE", "next_fire_at"), Column("LAST", "last_scheduled_for"),
-                    Column("LAST_STATUS", "last_status"), Column("TIMEZONE", "timezone"))
+                    time_column("NEXT_FIRE", "next_fire_at"),
+                    time_column("LAST", "last_scheduled_for"),
+                    Column("LAST_STATUS", "last_status"))
 RUN_COLUMNS = (Column("ID", "id", align="right"), Column("SCHEDULE", "schedule_name"),
-               Column("SCHEDULED_FOR", "scheduled_for"), Column("FIRED_AT", "fired_at"),
+               time_column("SCHEDULED_FOR", "scheduled_for"), time_column("FIRED_AT", "fired_at"),
                Column("TRIGGER", "trigger"), Column("STATUS", "status"),
-               Column("RESULT", "result", flex=True))
+               Column("RESULT", run_result_of, flex=True))
 EXECUTOR_COLUMNS = (Column("TYPE", "type"), Column("DESCRIPTION", "description", flex=True),
                     Column("PARAMS", executor_params_of, flex=True))
 TOPIC_COLUMNS = (Column("ID", "id", align="right"), Column("ACCOUNT", "account_id", align="right"),
@@ -732,6 +781,19 @@ class Session:
             self.write_lines([format_value("", value)])
 
 
+def show_listing(session: Session, cmd: str, args: dict, columns) -> None:
+    """A listing; in table format the daemon also counts what the limit left out, and the
+    table is followed (on stderr) by "showing 50 of 54 (use --limit)"."""
+    if session.format != "table":
+        session.show(session.call(cmd, args), columns)
+        return
+    reply = session.call(cmd, {**args, "with_total": True})
+    rows, total = reply["rows"], reply["total"]
+    session.show(rows, columns)
+    if total > len(rows):
+        session.warn(f"showing {len(rows)} of {total} (use --limit)")
+
+
 def without_none(mapping: dict) -> dict:
     """Request args with unset options left out, so the daemon applies its defaults."""
     return {key: value for key, value in mapping.items() if value is not None}
@@ -787,9 +849,9 @@ def wait_for_task(session: Session, task_id: str) -> int:
 
 
 def cmd_content_list(session: Session, options) -> int:
-    session.show(session.call("content.list", without_none({
+    show_listing(session, "content.list", without_none({
         "account_id": options.account_id, "review_status": options.review_status,
-        "since": options.since, "limit": options.limit})), CONTENT_COLUMNS)
+        "since": options.since, "limit": options.limit}), CONTENT_COLUMNS)
     return EXIT_OK
 
 
@@ -865,19 +927,28 @@ def cmd_task_status(session: Session, options) -> int:
 
 def cmd_task_list(session: Session, options) -> int:
     status = options.status[0] if options.status and len(options.status) == 1 else options.status
-    session.show(session.call("task.list", without_none({
-        "account_id": options.account_id, "status": status, "limit": options.limit})),
+    show_listing(session, "task.list", without_none({
+        "account_id": options.account_id, "status": status, "limit": options.limit}),
         TASK_COLUMNS)
     return EXIT_OK
 
 
 def cmd_task_cancel(session: Session, options) -> int:
-    session.show(session.call("task.cancel", {"task_id": options.task_id}), order=TASK_ORDER)
+    task = session.call("task.cancel", {"task_id": options.task_id})
+    if session.format == "table":
+        session.write_lines([f"{task['task_id']} {task['status']}"])
+    else:
+        session.show(task, order=TASK_ORDER)
     return EXIT_OK
 
 
 def cmd_task_retry(session: Session, options) -> int:
-    session.show(session.call("task.retry", {"task_id": options.task_id}), order=TASK_ORDER)
+    task = session.call("task.retry", {"task_id": options.task_id})
+    if session.format == "table":
+        session.write_lines([f"{task['task_id']} {task['status']} again (follow it with:"
+                             f" contenthubctl task status {short_task_id(task['task_id'])})"])
+    else:
+        session.show(task, order=TASK_ORDER)
     return EXIT_OK
 
 
@@ -909,7 +980,7 @@ def cmd_monitor_metrics(session: Session, options) -> int:
 def task_listing(cmd: str, columns):
     """The handler of a `monitor recent|failed|pending` listing: one cmd, one column set."""
     def show_tasks(session: Session, options) -> int:
-        session.show(session.call(cmd, without_none({"limit": options.limit})), columns)
+        show_listing(session, cmd, without_none({"limit": options.limit}), columns)
         return EXIT_OK
 
     return show_tasks
@@ -961,8 +1032,8 @@ def cmd_scheduler_show(session: Session, options) -> int:
 
 
 def cmd_scheduler_history(session: Session, options) -> int:
-    session.show(session.call("scheduler.history", without_none({
-        "name": options.name, "limit": options.limit})), RUN_COLUMNS)
+    show_listing(session, "scheduler.history", without_none({
+        "name": options.name, "limit": options.limit}), RUN_COLUMNS)
     return EXIT_OK
 
 
@@ -977,8 +1048,16 @@ def cmd_scheduler_resume(session: Session, options) -> int:
 
 
 def cmd_scheduler_trigger(session: Session, options) -> int:
-    session.show(session.call("scheduler.trigger", {"name": options.name}))
-    return EXIT_OK
+    """A line: `daily-tech: run 12 fired: Successfully submitted 3 async tasks …`; exit 1
+    when the executor failed."""
+    run = session.call("scheduler.trigger", {"name": options.name})
+    if session.format != "table":
+        session.show(run)
+    else:
+        summary = run_result_of(run)
+        session.write_lines([f"{options.name}: run {run.get('run_id')} {run.get('status')}"
+                             + (f": {format_value('', summary)}" if summary else "")])
+    return EXIT_FAILED if run.get("status") == "failed" else EXIT_OK
 
 
 def cmd_scheduler_delete(session: Session, options) -> int:
@@ -1117,8 +1196,31 @@ def cmd_topics_skip(session: Session, options) -> int:
     return EXIT_FAILED if result.get("not_skipped") else EXIT_OK
 
 
+def reload_lines(changes: dict) -> list[str]:
+    """What a reload changed, one fact a line."""
+    workers = changes.get("workers") or [None, None]
+    lines = ["reloaded the config",
+             f"  workers: {workers[0]} -> {workers[1]}" if workers[0] != workers[1]
+             else f"  workers: {workers[1]} (unchanged)",
+             f"  accounts: {changes.get('accounts')}",
+             "  creator: " + ("changed (new tasks use it)" if changes.get("creator_changed")
+                              else "unchanged")]
+    for key, label in (("schedules_added", "added"), ("schedules_removed", "removed"),
+                       ("schedules_changed", "changed")):
+        if changes.get(key):
+            lines.append(f"  schedules {label}: {', '.join(changes[key])}")
+    if changes.get("restart_required"):
+        lines.append(f"  restart to apply: {', '.join(changes['restart_required'])}"
+                     " (running values kept)")
+    return lines
+
+
 def cmd_reload(session: Session, options) -> int:
-    session.show(session.call("reload"))
+    result = session.call("reload")
+    if session.format == "table":
+        session.write_lines(reload_lines(result.get("changes") or {}))
+    else:
+        session.show(result)
     return EXIT_OK
 
 

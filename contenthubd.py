@@ -85,6 +85,7 @@ MIGRATION_HEADER = re.compile(r"^-- migration (\d+): (.+)$", re.MULTILINE)
 TERMINAL_STATUSES = ("completed", "failed", "timeout", "cancelled")
 ACTIVE_STATUSES = ("pending", "submitted", "running")
 MAX_LINE_BYTES = 1 << 20  #: control-socket request limit
+TASK_ID_MATCHES_SHOWN = 5  #: an ambiguous abbreviated task id names this many candidates
 KILL_GRACE_S = 5.0  #: SIGTERM -> SIGKILL for a creator's process group
 PIPE_DRAIN_S = 2.0  #: how long stray grandchildren may hold the pipes after the creator exits
 POLL_COMMAND_TIMEOUT_S = 60.0  #: an async creator's submit/status/result/cancel command
@@ -1613,9 +1614,9 @@ class Store:
 
         return await self._read(get)
 
-    async def list_tasks(self, *, status: str | list[str] | None = None,
-                         account_id: int | None = None, limit: int = 50,
-                         order: str = "t.id DESC") -> list[dict[str, Any]]:
+    @staticmethod
+    def _task_filter(status: str | list[str] | None,
+                     account_id: int | None) -> tuple[str, list[Any]]:
         where: list[str] = []
         params: list[Any] = []
         if status:
@@ -1625,9 +1626,34 @@ class Store:
         if account_id is not None:
             where.append("t.account_id = ?")
             params.append(account_id)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return (f"WHERE {' AND '.join(where)}" if where else ""), params
+
+    async def list_tasks(self, *, status: str | list[str] | None = None,
+                         account_id: int | None = None, limit: int = 50,
+                         order: str = "t.id DESC") -> list[dict[str, Any]]:
+        clause, params = self._task_filter(status, account_id)
         return await self.query(f"SELECT {TASK_COLUMNS} FROM {TASK_FROM} {clause}"
                                 f" ORDER BY {order} LIMIT ?", (*params, limit))
+
+    async def count_tasks(self, *, status: str | list[str] | None = None,
+                          account_id: int | None = None) -> int:
+        """How many rows list_tasks would return without its limit."""
+        clause, params = self._task_filter(status, account_id)
+        rows = await self.query(f"SELECT COUNT(*) AS n FROM content_generation_tasks t {clause}",
+                                tuple(params))
+        return rows[0]["n"]
+
+    async def find_task_ids(self, abbreviation: str, limit: int) -> list[str]:
+        """Task ids that start with `abbreviation`, or whose random part (after
+        `task-<ms>-`) does: what narrow tables show."""
+        end = abbreviation + "\U0010ffff"
+        rows = await self.query(
+            "SELECT task_id FROM content_generation_tasks WHERE task_id >= ? AND task_id < ?"
+            " UNION SELECT task_id FROM content_generation_tasks"
+            " WHERE substr(task_id, 20) >= ? AND substr(task_id, 20) < ?"
+            " AND task_id GLOB 'task-[0-9]*-*' LIMIT ?",
+            (abbreviation, end, abbreviation, end, limit))
+        return [row["task_id"] for row in rows]
 
     async def status_counts(self) -> dict[str, int]:
         rows = await self.query("SELECT substr(name, 6) AS status, value FROM counters"
@@ -1655,11 +1681,11 @@ class Store:
 
         return await self._read(get)
 
-    async def list_contents(self, *, account_id: int | None = None,
-                            review_status: str | None = None, since: str | None = None,
-                            ids: list[int] | None = None, limit: int = 50,
-                            with_body: bool = False) -> list[dict[str, Any]]:
-        where, params = [], []
+    @staticmethod
+    def _content_filter(account_id: int | None, review_status: str | None, since: str | None,
+                        ids: list[int] | None) -> tuple[str, list[Any]]:
+        where: list[str] = []
+        params: list[Any] = []
         for clause, value in (("c.account_id = ?", account_id),
                               ("c.review_status = ?", review_status),
                               ("c.created_at >= ?", since)):
@@ -1669,10 +1695,23 @@ class Store:
         if ids:
             where.append(f"c.id IN ({', '.join('?' * len(ids))})")
             params += ids
+        return (f"WHERE {' AND '.join(where)}" if where else ""), params
+
+    async def list_contents(self, *, account_id: int | None = None,
+                            review_status: str | None = None, since: str | None = None,
+                            ids: list[int] | None = None, limit: int = 50,
+                            with_body: bool = False) -> list[dict[str, Any]]:
+        clause, params = self._content_filter(account_id, review_status, since, ids)
         columns = CONTENT_LIST_COLUMNS + (", c.body" if with_body else "")
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
         return await self.query(f"SELECT {columns} FROM {CONTENT_FROM} {clause}"
                                 " ORDER BY c.id DESC LIMIT ?", (*params, limit))
+
+    async def count_contents(self, *, account_id: int | None = None,
+                             review_status: str | None = None, since: str | None = None,
+                             ids: list[int] | None = None) -> int:
+        clause, params = self._content_filter(account_id, review_status, since, ids)
+        rows = await self.query(f"SELECT COUNT(*) AS n FROM contents c {clause}", tuple(params))
+        return rows[0]["n"]
 
     async def review_contents(self, ids: list[int], status: str, reason: str | None,
                               actor: tuple[int | None, str], now: datetime,
@@ -2131,6 +2170,14 @@ class Store:
             " (SELECT MAX(id) FROM schedule_runs WHERE schedule_name = ? AND id < ?"
             " AND status = 'fired') AND status IN ('pending', 'submitted', 'running'))",
             (name, before_run_id)).fetchone()[0])
+
+    async def count_runs(self, name: str | None) -> int:
+        if name is None:
+            rows = await self.query("SELECT COUNT(*) AS n FROM schedule_runs")
+        else:
+            rows = await self.query("SELECT COUNT(*) AS n FROM schedule_runs"
+                                    " WHERE schedule_name = ?", (name,))
+        return rows[0]["n"]
 
     async def list_runs(self, name: str | None, limit: int) -> list[dict[str, Any]]:
         if name is None:
@@ -5733,7 +5780,7 @@ class ControlServer:
     async def _watch(self, request_id: Any, args: dict[str, Any],
                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Stream a task's changes until it is terminal or the client goes away."""
-        task_id = arg(args, "task_id", str, required=True)
+        task_id = await self.task_id(args)
         queue = self.pool.subscribe(task_id)
         try:
             task = await self.store.get_task(task_id)
@@ -5758,6 +5805,28 @@ class ControlServer:
                 await self.store.get_task(task_id, with_events=True), self.tz)))
         finally:
             self.pool.unsubscribe(task_id, queue)
+
+    async def task_id(self, args: dict[str, Any]) -> str:
+        """The `task_id` argument, which may be abbreviated to a unique prefix of the id or of
+        its random part (the 8 hex digits narrow tables show)."""
+        text = arg(args, "task_id", str, required=True)
+        matches = await self.store.find_task_ids(text, TASK_ID_MATCHES_SHOWN + 1)
+        if text in matches or len(matches) == 1:
+            return text if text in matches else matches[0]
+        if not matches:
+            raise NotFound(f"no task {text}")
+        shown = ", ".join(matches[:TASK_ID_MATCHES_SHOWN])
+        more = ", …" if len(matches) > TASK_ID_MATCHES_SHOWN else ""
+        raise InvalidRequest(f"task id {text!r} is ambiguous: it matches {shown}{more};"
+                             " give more characters")
+
+    async def _with_total(self, args: dict[str, Any], rows: list[dict[str, Any]], limit: int,
+                          count: Callable[[], Awaitable[int]]) -> Any:
+        """With `with_total`, a listing says how many rows its limit left out: {rows, total}.
+        Counting costs a query, paid only when the limit was reached."""
+        if not arg(args, "with_total", bool, default=False):
+            return rows
+        return {"rows": rows, "total": len(rows) if len(rows) < limit else await count()}
 
     # -- commands: content ---------------------------------------------------------------------
 
@@ -5797,13 +5866,13 @@ class ControlServer:
             raise InvalidRequest("; ".join(problems))
         return task
 
-    async def cmd_content_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def cmd_content_list(self, args: dict[str, Any]) -> Any:
         return await self._contents(args, with_body=False)
 
     async def cmd_content_export(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return await self._contents(args, with_body=True)
 
-    async def _contents(self, args: dict[str, Any], with_body: bool) -> list[dict[str, Any]]:
+    async def _contents(self, args: dict[str, Any], with_body: bool) -> Any:
         since = arg(args, "since", str)
         if since is not None:
             try:
@@ -5815,17 +5884,23 @@ class ControlServer:
         ids = arg(args, "ids", list)
         if ids is not None:
             ids = content_ids(ids)
-        return await self.store.list_contents(
-            account_id=arg(args, "account_id", int),
-            review_status=arg(args, "review_status", str,
-                              choices=("pending_review", "approved", "rejected")),
-            since=since, ids=ids, limit=arg(args, "limit", int, default=50, minimum=1,
-                                            maximum=100_000), with_body=with_body)
+        filters = {"account_id": arg(args, "account_id", int),
+                   "review_status": arg(args, "review_status", str,
+                                        choices=("pending_review", "approved", "rejected")),
+                   "since": since, "ids": ids}
+        limit = arg(args, "limit", int, default=50, minimum=1, maximum=100_000)
+        rows = await self.store.list_contents(**filters, limit=limit, with_body=with_body)
+        if with_body:
+            return rows
+        return await self._with_total(args, rows, limit,
+                                      lambda: self.store.count_contents(**filters))
 
     async def cmd_content_show(self, args: dict[str, Any]) -> dict[str, Any]:
         key = arg(args, "id", (int, str), required=True)
         if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19:
             key = int(key)
+        if isinstance(key, str):
+            key = await self.task_id({"task_id": key})
         return await self.store.get_content(key, with_history=True)
 
     async def cmd_content_approve(self, args: dict[str, Any],
@@ -5852,26 +5927,26 @@ class ControlServer:
     # -- commands: tasks -----------------------------------------------------------------------
 
     async def cmd_task_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self.store.get_task(arg(args, "task_id", str, required=True),
-                                         with_events=True)
+        return await self.store.get_task(await self.task_id(args), with_events=True)
 
-    async def cmd_task_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def cmd_task_list(self, args: dict[str, Any]) -> Any:
         status = arg(args, "status", (str, list))
         statuses = [status] if isinstance(status, str) else status
         for name in statuses or ():
             if name not in ACTIVE_STATUSES + TERMINAL_STATUSES:
                 raise InvalidRequest(f"unknown status {name!r}")
-        return await self.store.list_tasks(
-            status=statuses, account_id=arg(args, "account_id", int),
-            limit=arg(args, "limit", int, default=50, minimum=1, maximum=100_000))
+        filters = {"status": statuses, "account_id": arg(args, "account_id", int)}
+        limit = arg(args, "limit", int, default=50, minimum=1, maximum=100_000)
+        return await self._with_total(args, await self.store.list_tasks(**filters, limit=limit),
+                                      limit, lambda: self.store.count_tasks(**filters))
 
     async def cmd_task_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
-        task_id = arg(args, "task_id", str, required=True)
+        task_id = await self.task_id(args)
         await self.pool.cancel(task_id)
         return await self.store.get_task(task_id)
 
     async def cmd_task_retry(self, args: dict[str, Any]) -> dict[str, Any]:
-        task_id = arg(args, "task_id", str, required=True)
+        task_id = await self.task_id(args)
         await self.store.retry_task(task_id, self.pool.clock())
         self.pool.wake()
         self.pool.publish(task_id, status="pending")
@@ -5885,20 +5960,22 @@ class ControlServer:
                        uptime_seconds=round(time.monotonic() - self.started_monotonic, 1))
         return metrics
 
-    async def cmd_monitor_recent(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self.store.list_tasks(limit=arg(args, "limit", int, default=20, minimum=1),
-                                           order="t.updated_at DESC")
+    async def cmd_monitor_recent(self, args: dict[str, Any]) -> Any:
+        return await self._task_listing(args, None, "t.updated_at DESC")
 
-    async def cmd_monitor_failed(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self.store.list_tasks(status=["failed", "timeout"],
-                                           limit=arg(args, "limit", int, default=20, minimum=1),
-                                           order="t.updated_at DESC")
+    async def cmd_monitor_failed(self, args: dict[str, Any]) -> Any:
+        return await self._task_listing(args, ["failed", "timeout"], "t.updated_at DESC")
 
-    async def cmd_monitor_pending(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self.store.list_tasks(
-            status=["pending", "submitted", "running"],
-            limit=arg(args, "limit", int, default=20, minimum=1),
-            order="t.priority DESC, t.next_attempt_at, t.id")
+    async def cmd_monitor_pending(self, args: dict[str, Any]) -> Any:
+        return await self._task_listing(args, ["pending", "submitted", "running"],
+                                        "t.priority DESC, t.next_attempt_at, t.id")
+
+    async def _task_listing(self, args: dict[str, Any], statuses: list[str] | None,
+                            order: str) -> Any:
+        limit = arg(args, "limit", int, default=20, minimum=1)
+        rows = await self.store.list_tasks(status=statuses, limit=limit, order=order)
+        return await self._with_total(args, rows, limit,
+                                      lambda: self.store.count_tasks(status=statuses))
 
 
     async def cmd_monitor_stats(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -6007,9 +6084,10 @@ class ControlServer:
                 "overlap": schedule.overlap, "description": schedule.description,
                 "recent_runs": await self.store.list_runs(schedule.name, 5)}
 
-    async def cmd_scheduler_history(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self.store.list_runs(arg(args, "name", str),
-                                          arg(args, "limit", int, default=20, minimum=1))
+    async def cmd_scheduler_history(self, args: dict[str, Any]) -> Any:
+        name, limit = arg(args, "name", str), arg(args, "limit", int, default=20, minimum=1)
+        return await self._with_total(args, await self.store.list_runs(name, limit), limit,
+                                      lambda: self.store.count_runs(name))
 
     async def cmd_scheduler_pause(self, args: dict[str, Any]) -> dict[str, Any]:
         entry = await self.scheduler.set_paused(arg(args, "name", str, required=True), True)

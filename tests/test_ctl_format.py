@@ -57,13 +57,16 @@ def test_table_aligns_chinese_rows_with_ascii_rows():
             lines[0][:lines[0].index("TOPIC")])
 
 
-def test_too_wide_table_truncates_the_topic_with_an_ellipsis_first():
+def test_too_wide_table_shortens_ids_and_times_then_truncates_the_topic():
     rows = [dict(TASK, topic="很长的选题" * 20), dict(TASK, task_id="task-2", topic="short")]
     lines = ctl.table_lines(rows, ctl.TASK_COLUMNS, max_width=90)
     assert all(ctl.display_width(line) <= 90 for line in lines)
-    assert "…" in lines[1] and TASK["task_id"] in lines[1]
-    assert "2026-02-08 10:31:00" in lines[1]  # fixed columns untouched, times shortened
+    assert "…" in lines[1] and lines[1].startswith("abcd1234  ")  # the id's random part
+    assert TASK["task_id"] not in lines[1] and lines[2].startswith("task-2  ")
+    assert "02-08 10:31" in lines[1] and "2026-02-08" not in lines[1]
     assert "…" not in lines[2]
+    wide = ctl.table_lines(rows, ctl.TASK_COLUMNS, max_width=400)
+    assert TASK["task_id"] in wide[1] and "2026-02-08 10:31:00" in wide[1]
 
 
 def test_truncate_never_exceeds_the_width_with_wide_characters():

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import CTL, DAEMON, ROOT
+from conftest import CTL, DAEMON, ROOT, command_creator
 
 
 def ctl_by_config(daemon, *args: str):
@@ -162,3 +162,66 @@ def test_scheduler_delete_removes_the_block_atomically_and_reloads(daemon_factor
     assert "# the cleanup below runs nightly" in text  # a comment is never guessed away
     missing = daemon.ctl("scheduler", "delete", "nightly")
     assert missing.returncode == 1 and "no schedule 'nightly'" in missing.stderr
+
+
+# 5. Human output: a line for trigger, reload, cancel and retry; history without JSON ######
+
+def ctl_env(daemon, *args: str, **env: str):
+    return subprocess.run([sys.executable, str(CTL), "--socket", str(daemon.socket), *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={**daemon.env, **env})
+
+
+def test_trigger_history_reload_cancel_retry_print_lines_not_records(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("slow_article_with_pid.py"), env={"CREATOR_SLEEP": "600"}, extra=SCHEDULE).start()
+    trigger = daemon.ctl("scheduler", "trigger", "daily-tech")
+    assert trigger.returncode == 0, trigger.stderr
+    assert trigger.stdout.startswith("daily-tech: run 1 fired: ") and "{" not in trigger.stdout
+    assert len(trigger.stdout.splitlines()) == 1
+    history = daemon.ctl("scheduler", "history").stdout
+    assert "{" not in history and "submitted" in history.splitlines()[1]
+
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(text + SCHEDULE.replace("daily-tech", "evening"),
+                                  encoding="utf-8")
+    reload = daemon.ctl("reload")
+    assert reload.returncode == 0 and "{" not in reload.stdout
+    assert "  schedules added: evening" in reload.stdout.splitlines()
+
+    task_id = daemon.call("task.list")[0]["task_id"]
+    cancel = daemon.ctl("task", "cancel", task_id)
+    assert cancel.stdout == f"{task_id} cancelled\n"
+    retry = daemon.ctl("task", "retry", task_id)
+    assert retry.stdout.startswith(f"{task_id} pending again")
+
+
+# 6. Listings say what the limit left out; 80 columns keep the topic; short task ids #######
+
+def test_listing_says_how_many_it_left_out(daemon_factory, tmp_path):
+    daemon = daemon_factory(creator=command_creator("slow_article_with_pid.py"), env={"CREATOR_SLEEP": "600"}, workers=1).start()
+    rows = "".join(f"49,慢任务 {i}\n" for i in range(54))
+    (tmp_path / "tasks.csv").write_text("account_id,topic\n" + rows, encoding="utf-8")
+    assert daemon.ctl("bulk-import", "--file", str(tmp_path / "tasks.csv")).returncode == 0
+    listing = daemon.ctl("task", "list")
+    assert len(listing.stdout.splitlines()) == 51
+    assert listing.stderr == "contenthubctl: showing 50 of 54 (use --limit)\n"
+    assert daemon.ctl("task", "list", "--limit", "60").stderr == ""
+    as_json = json.loads(daemon.ctl("--format", "json", "task", "list").stdout)
+    assert isinstance(as_json, list) and len(as_json) == 50
+
+
+def test_eighty_columns_shorten_ids_before_the_topic_and_short_ids_work(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("slow_article_with_pid.py"), env={"CREATOR_SLEEP": "600"}, workers=1).start()
+    first = daemon.submit(topic="慢任务：深度解析")
+    second = daemon.submit(topic="另一个题目")
+    table = ctl_env(daemon, "task", "list", COLUMNS="80").stdout.splitlines()
+    assert all(len(line) <= 80 for line in table)
+    row = next(line for line in table if first[-8:] in line)
+    assert "慢任务：深度解析" in row and first not in row
+    for abbreviation in (first[-8:], first[-8:-3], first):
+        shown = daemon.ctl("task", "status", abbreviation)
+        assert shown.returncode == 0 and f"task_id:         {first}" in shown.stdout
+    ambiguous = daemon.ctl("task", "status", "task-")
+    assert ambiguous.returncode == 1 and "ambiguous" in ambiguous.stderr
+    assert first in ambiguous.stderr and second in ambiguous.stderr
+    assert daemon.ctl("task", "cancel", second[-8:]).stdout == f"{second} cancelled\n"
