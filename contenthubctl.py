@@ -709,7 +709,12 @@ TOPIC_COLUMNS = (Column("ID", "id", align="right"), Column("ACCOUNT", "account_i
                  Column("STATUS", "status"), Column("SOURCE", "source"),
                  Column("TOPIC", "topic", flex=True), Column("KEYWORDS", "keywords", flex=True),
                  Column("TASK_ID", "task_id"), Column("ADDED", "added_at"))
-CONFIG_COLUMNS = (Column("KEY", "key"), Column("VALUE", "value", flex=True),
+def config_value_of(row: dict):
+    """A duration as the config writes it ("30m"), anything else as it is."""
+    return row["display"] if "display" in row else row.get("value")
+
+
+CONFIG_COLUMNS = (Column("KEY", "key"), Column("VALUE", config_value_of, flex=True),
                   Column("SOURCE", "source"))
 DELIVERY_COLUMNS = (Column("ID", "id", align="right"), Column("TARGET", "target"),
                     Column("EVENT", "event"), Column("STATUS", "status"),

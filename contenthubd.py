@@ -769,33 +769,63 @@ def keep_restart_only_keys(running: Config, new: Config) -> tuple[Config, list[s
     if not changed:
         return new, []
     kept = {key: getattr(running.daemon, key) for key in changed}
-    sources = {**new.sources, **{f"daemon.{key}": "running; restart to apply the file's"
-                                 for key in changed}}
+    sources = {**new.sources, **{
+        f"daemon.{key}": f"running value; restart to apply {key} ="
+                         f" {json.dumps(getattr(new.daemon, key), ensure_ascii=False)}"
+                         f" from {new.sources.get(f'daemon.{key}', 'the file')}"
+        for key in changed}}
     return dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **kept),
                                sources=sources), changed
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds the way a config writes them: 1800 -> "30m", 5400 -> "1h30m", 0.5 -> "0.5s"."""
+    if seconds == 0:
+        return "0s"
+    parts, rest = [], seconds
+    for unit, size in _DURATION_UNIT_S.items():
+        if unit != "s" and rest >= size:
+            count = int(rest // size)
+            parts.append(f"{count}{unit}")
+            rest -= count * size
+    if rest:
+        parts.append(f"{rest:g}s")
+    return "".join(parts)
+
+
+def _is_duration(spec: dataclasses.Field) -> bool:
+    """A key parsed by parse_duration (possibly wrapped): it reads "1m" as 60 seconds."""
+    try:
+        return spec.metadata["parse"]("1m") == 60.0
+    except (ValueError, TypeError, KeyError):
+        return False
+
+
 def describe_config(config: Config) -> list[dict[str, Any]]:
-    """Effective daemon and creator settings with their source; secrets masked."""
+    """Effective daemon and creator settings with their source; secrets masked. Durations
+    carry `display` ("30m") next to their value in seconds."""
     rows = []
+
+    def add(key: str, spec: dataclasses.Field, value: Any) -> None:
+        row = {"key": key, "value": value, "source": config.sources.get(key, "default")}
+        if _is_duration(spec) and isinstance(value, (int, float)):
+            row["display"] = format_duration(value)
+        rows.append(row)
+
     for section_name in ("daemon", "creator", "publish"):
         section = getattr(config, section_name)
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
             if dataclasses.is_dataclass(value):
                 for sub in dataclasses.fields(value):
-                    rows.append({"key": f"{section_name}.{f.name}.{sub.name}",
-                                 "value": getattr(value, sub.name),
-                                 "source": "file" if f"{section_name}.{f.name}" in config.text
-                                 else "default"})
+                    add(f"{section_name}.{f.name}.{sub.name}", sub, getattr(value, sub.name))
                 continue
             if f.name == "env":
                 value = {k: ("***" if is_secret_name(k) and "${" not in v else v)
                          for k, v in value.items()}
             elif f.name == "socket_mode":
                 value = f"{value:04o}"
-            rows.append({"key": f"{section_name}.{f.name}", "value": value,
-                         "source": config.sources.get(f"{section_name}.{f.name}", "default")})
+            add(f"{section_name}.{f.name}", f, value)
     rows.append({"key": "accounts", "value": len(config.accounts), "source": "file"})
     rows.append({"key": "schedules", "value": len(config.schedules), "source": "file"})
     return rows

@@ -187,6 +187,7 @@ LLM_API_KEY = "${LLM_API_KEY}"
     assert "literal-secret-value" not in shown.stdout
     rows = {r["key"]: r for r in ctl_json(daemon, "config")}
     assert rows["daemon.task_timeout"] == {"key": "daemon.task_timeout", "value": 2700.0,
+                                           "display": "45m",
                                            "source": "env ASYNC_TASK_TIMEOUT"}
     assert rows["creator.env"]["value"]["LLM_API_KEY"] == "${LLM_API_KEY}"
 

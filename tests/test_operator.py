@@ -225,3 +225,26 @@ def test_eighty_columns_shorten_ids_before_the_topic_and_short_ids_work(daemon_f
     assert ambiguous.returncode == 1 and "ambiguous" in ambiguous.stderr
     assert first in ambiguous.stderr and second in ambiguous.stderr
     assert daemon.ctl("task", "cancel", second[-8:]).stdout == f"{second} cancelled\n"
+
+
+# 7. `config`: durations as written, true sources, complete restart messages ################
+
+def test_config_shows_durations_true_sources_and_what_a_restart_applies(daemon_factory):
+    daemon = daemon_factory(extra="# [creator.llm] model could be set here; it is not\n")
+    daemon.start()
+    table = {line.split()[0]: line for line in daemon.ctl("config").stdout.splitlines()[1:]}
+    assert table["daemon.task_timeout"].split()[1:] == ["1m", "file"]
+    assert table["daemon.poll_interval"].split()[1:] == ["30s", "default"]
+    assert table["daemon.retry_backoff_max"].split()[1:] == ["1s", "file"]
+    assert table["creator.llm.model"].split()[-1] == "default"
+    rows = {r["key"]: r for r in json.loads(daemon.ctl("--format", "json", "config").stdout)}
+    assert rows["daemon.task_timeout"]["value"] == 60.0
+
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(text.replace('[daemon]\n', '[daemon]\nsocket = "other.sock"\n'),
+                                  encoding="utf-8")
+    assert daemon.ctl("reload").returncode == 0
+    rows = {r["key"]: r for r in json.loads(daemon.ctl("--format", "json", "config").stdout)}
+    assert rows["daemon.socket"]["value"] == "contenthubd.sock"
+    assert rows["daemon.socket"]["source"] == (
+        'running value; restart to apply socket = "other.sock" from file')
