@@ -12,13 +12,15 @@ The file reads top to bottom; each section uses only the ones above it:
     Topics                  topic normalisation, a firing's topic slots, research replies
     Store                   schema.sql, the one writer connection, every SQL statement
     Creator runner          argv templates, process groups, capped capture, output adapters
-    Executors               the registry scheduled work runs through (content, publish, cleanup)
+    Executors               the registry scheduled work runs through (content, research, publish,
+                            cleanup)
     Scheduler               the cron loop: fire, misfire and overlap policies
     Worker pool             claims tasks, runs creators, retries, timeouts, cancel
     Poll loop               drives tasks whose creator works asynchronously
     Notifications           [[notify]]: the outbox's delivery loop, formats, signatures
     Control server          the NDJSON Unix socket behind contenthubctl
-    Built-in creator        `contenthubd create`: offline drafts or an OpenAI-compatible LLM
+    Built-in creator        `contenthubd create`: offline drafts or an OpenAI-compatible LLM;
+                            `contenthubd research-topics`: topics from the same LLM
     App                     startup -> main_loop -> shutdown, reload, signals
     CLI entry               main()
 """
@@ -1903,9 +1905,10 @@ class Store:
         return outcome
 
     async def add_topics(self, topics: list[dict[str, Any]], source: str, now: datetime,
-                         repeat_days: int) -> dict[str, Any]:
+                         repeat_days: int, limit: int | None = None) -> dict[str, Any]:
         """Queue topics in the pool, in one transaction. A topic the account has queued
-        already, or had within `repeat_days`, is a duplicate and is not added."""
+        already, or had within `repeat_days`, is a duplicate and is not added. With `limit`,
+        new topics past that many are left out."""
 
         def add(conn: sqlite3.Connection) -> dict[str, Any]:
             since = to_db_time(now - timedelta(days=repeat_days)) if repeat_days else None
@@ -1914,6 +1917,8 @@ class Store:
             duplicates: list[dict[str, str]] = []
             seen: set[tuple[int, str]] = set()
             for topic in topics:
+                if limit is not None and len(added) >= limit:
+                    break
                 account_id, key = topic["account_id"], topic_key(topic["topic"])
                 queued = conn.execute("SELECT id FROM topics WHERE account_id = ? AND"
                                       " topic_key = ? AND status = 'queued'",
@@ -3814,8 +3819,131 @@ class CleanupExecutor(Executor):
                                 "statuses": statuses})
 
 
+#: How many of an account's latest topics, titles and queued topics a research request
+#: lists as taken.
+RESEARCH_AVOID_LIMIT = 50
+RESEARCH_OUTPUT_LIMIT = 1 << 20
+
+
+def research_argv(config: Config) -> list[str]:
+    """`[creator] topics_command`, else the built-in research (`contenthubd research-topics`)
+    with the `[creator.llm]` settings, whatever the creator kind."""
+    if config.creator.topics_command:
+        return config.creator.topics_command
+    llm = config.creator.llm
+    return [sys.executable, str(Path(__file__).resolve()), "research-topics",
+            "--llm-base-url", llm.base_url, "--llm-model", llm.model,
+            "--api-key-env", llm.api_key_env, "--timeout", str(llm.timeout)]
+
+
+class TopicResearchExecutor(Executor):
+    """Fills accounts' topic pools: one research request per account (an LLM chat completion,
+    or `[creator] topics_command`), its answer deduplicated against pool and history."""
+
+    executor_type = "topic_research"
+    description = "Research new topics into each account's pool ([creator.llm] or" \
+                  " topics_command)."
+    params = (
+        ParamDoc("account_ids", "list[int]", True, "accounts from [[accounts]]"),
+        ParamDoc("count", "int", True, "new topics wanted per account (1-100)"),
+        ParamDoc("category", "str", False, "default: the account's"),
+        ParamDoc("hint", "str", False, "a direction for the research, e.g. 新能源汽车"),
+    )
+
+    def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
+        problems = super().validate_params(params, config)
+        accounts = {a.id for a in config.accounts}
+        account_ids = _check_type(problems, params, "account_ids", list, "a list of account ids")
+        if not account_ids:
+            if "account_ids" not in params or account_ids == []:
+                problems.append("'account_ids' is required: a non-empty list of account ids")
+            account_ids = []
+        for account_id in account_ids:
+            if not isinstance(account_id, int) or isinstance(account_id, bool):
+                problems.append(f"'account_ids' has a non-integer {account_id!r}")
+            elif account_id not in accounts:
+                problems.append(f"account {account_id} is not in [[accounts]]")
+        count = _check_type(problems, params, "count", int, "an integer 1-100")
+        if "count" not in params:
+            problems.append("'count' is required: how many new topics per account")
+        elif count is not None and not 1 <= count <= 100:
+            problems.append("'count' must be between 1 and 100")
+        for name in ("category", "hint"):
+            _check_type(problems, params, name, str, "a string")
+        return problems + check_task_fields(params)
+
+    async def execute(self, ctx: ExecutionContext, params: dict[str, Any]) -> ExecutionResult:
+        creator = ctx.config.creator
+        if not creator.topics_command and not ctx.environ.get(creator.llm.api_key_env, "").strip():
+            return ExecutionResult(False, "no topic research source: set the API key in"
+                                   f" ${creator.llm.api_key_env} (for [creator.llm]) or"
+                                   " [creator] topics_command; nothing was changed",
+                                   error="offline")
+        accounts = {a.id: a for a in ctx.config.accounts}
+        env = child_environment(ctx.environ, expand_env(creator.env, ctx.environ))
+        report: dict[str, dict[str, Any]] = {}
+        for account_id in params["account_ids"]:
+            account = accounts[account_id]
+            request = {"account_id": account_id, "account_name": account.name,
+                       "category": params.get("category") or account.category,
+                       "count": params["count"], "hint": params.get("hint", ""),
+                       "avoid": await ctx.store.topics_to_avoid(account_id,
+                                                                RESEARCH_AVOID_LIMIT)}
+            entry = report[str(account_id)] = {"account_name": account.name, "added": [],
+                                               "duplicates": [], "error": None}
+            try:
+                found = await self._research(ctx, request, env)
+            except ContentHubError as exc:
+                entry["error"] = scrub_secrets(str(exc), ctx.environ)
+                log.warning("topic_research_failed", account_id=account_id, error=entry["error"])
+                continue
+            topics = [{"account_id": account_id, "topic": topic["topic"],
+                       "keywords": topic["keywords"],
+                       "category": params.get("category", "")} for topic in found
+                      if topic_key(topic["topic"]) and not check_task_fields(topic)]
+            added = await ctx.store.add_topics(topics, "research", ctx.now,
+                                               ctx.config.daemon.topic_repeat_days,
+                                               limit=params["count"])
+            entry.update(added)
+        total = sum(len(entry["added"]) for entry in report.values())
+        failed = [account_id for account_id, entry in report.items() if entry["error"]]
+        message = f"added {total} researched topic(s) for {len(report)} account(s)"
+        if failed:
+            message += f"; research failed for account(s) {', '.join(failed)}"
+        return ExecutionResult(not failed, message, {"total_added": total, "accounts": report},
+                               error="; ".join(f"{a}: {report[a]['error']}" for a in failed)
+                               or None)
+
+    @staticmethod
+    async def _research(ctx: ExecutionContext, request: dict[str, Any],
+                        env: dict[str, str]) -> list[dict[str, str]]:
+        """Run the research command for one account; its topics, or a ContentHubError."""
+        creator = ctx.config.creator
+        argv = render_argv(research_argv(ctx.config), {
+            name: request.get(name) for name in TOPICS_PLACEHOLDERS})
+        try:
+            result = await run_process(
+                argv, stdin=json_text(request).encode(), env=env,
+                cwd=ctx.config.creator_cwd(ctx.environ), timeout=creator.topics_timeout,
+                max_output=RESEARCH_OUTPUT_LIMIT, kill_grace=creator.kill_grace)
+        except OSError as exc:
+            raise ContentHubError(f"cannot run {argv[0]}: {exc}") from None
+        if result.timed_out:
+            raise ContentHubError(f"{argv[0]} timed out after {creator.topics_timeout:g}s")
+        if result.output_too_large:
+            raise ContentHubError(f"{argv[0]} printed more than {RESEARCH_OUTPUT_LIMIT} bytes")
+        if result.exit_code != 0:
+            raise ContentHubError(f"{argv[0]} exited {result.exit_code}:"
+                                  f" {result.stderr_tail(500) or '(stderr empty)'}")
+        try:
+            return parse_topic_reply(result.stdout)
+        except ValueError as exc:
+            raise ContentHubError(f"{argv[0]} printed no usable topics: {exc}") from None
+
+
 EXECUTORS: dict[str, Executor] = {executor.executor_type: executor for executor in (
-    ContentGenerationExecutor(), PublishExecutor(), CleanupExecutor())}
+    ContentGenerationExecutor(), PublishExecutor(), CleanupExecutor(),
+    TopicResearchExecutor())}
 
 
 def get_executor(executor_type: str) -> Executor:
@@ -6766,6 +6894,95 @@ def run_builtin_creator(argv: list[str]) -> int:
     return 0
 
 
+# Topic research ---------------------------------------------------------------------------------
+
+
+def research_messages(request: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat messages asking for `count` new topics for one account, listing the topics
+    and titles it already has so the model proposes others."""
+    name, category = _field_text(request.get("account_name")), _field_text(request.get("category"))
+    hint, count = _field_text(request.get("hint")), int(request.get("count") or 5)
+    avoid = [_field_text(text) for text in request.get("avoid") or [] if _field_text(text)]
+    if CJK_CHAR_RE.search(name + category + hint) or not (name + category + hint):
+        system = ("你是内容平台的选题编辑。只输出一个 JSON 数组，不要任何解释。每个元素是对象"
+                  '{"topic": "选题标题", "keywords": "关键词1,关键词2"}。选题要具体、新颖、'
+                  "适合写成一篇文章。")
+        lines = [f"请为账号「{name}」策划 {count} 个新选题。"]
+        lines += [f"栏目：{category}"] if category else []
+        lines += [f"方向：{hint}"] if hint else []
+        if avoid:
+            lines.append("以下选题和标题已经用过或已排期，不要重复，也不要只换个说法：")
+            lines += [f"- {text}" for text in avoid]
+    else:
+        system = ("You are the topic editor of a content platform. Output only a JSON array, no "
+                  'explanation. Each item is an object {"topic": "headline", "keywords": '
+                  '"keyword1,keyword2"}. Topics are specific, fresh, and fit one article each.')
+        lines = [f"Plan {count} new topics for the account \"{name}\"."]
+        lines += [f"Category: {category}"] if category else []
+        lines += [f"Direction: {hint}"] if hint else []
+        if avoid:
+            lines.append("These topics and titles are used or planned already; do not repeat"
+                         " them or merely reword them:")
+            lines += [f"- {text}" for text in avoid]
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def run_builtin_research(argv: list[str]) -> int:
+    """`contenthubd research-topics`: the research request as JSON on stdin, one chat
+    completion, the topics as a JSON array on stdout. 0 = printed, 1 = retryable failure,
+    2 = permanent failure (no API key, bad request, the LLM rejecting it)."""
+    parser = _builtin_creator_parser()
+    parser.prog = "contenthubd research-topics"
+    parser.description = ("Ask the OpenAI-compatible endpoint for new topics for the account in"
+                          " the JSON request on stdin; print them as a JSON array.")
+    try:
+        options = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else CREATOR_EXIT_PERMANENT
+    api_key = os.environ.get(options.api_key_env, "").strip()
+    try:
+        if not api_key:
+            raise BuiltinCreatorError(f"no API key in ${options.api_key_env}; research needs"
+                                      " the LLM")
+        raw = sys.stdin.buffer.read().decode("utf-8-sig", "replace") if sys.stdin else ""
+        request = _json_object_or_none(raw)
+        if request is None:
+            raise BuiltinCreatorError("expected the research request as a JSON object on stdin")
+        base_url = options.llm_base_url.strip().rstrip("/")
+        if not re.match(r"https?://", base_url, re.I):
+            raise BuiltinCreatorError(f"--llm-base-url must be an http(s) URL, got {base_url!r}")
+        payload = json.dumps({"model": options.llm_model, "messages": research_messages(request),
+                              "temperature": LLM_TEMPERATURE, "stream": False},
+                             ensure_ascii=False).encode()
+        attempts = options.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                data = _post_chat_completion(f"{base_url}/chat/completions", payload, api_key,
+                                             options.timeout)
+                content = _completion_markdown(data)
+            except _RetryableLLMError as exc:
+                if attempt == attempts:
+                    raise BuiltinCreatorError(f"LLM research failed after {attempts}"
+                                              f" attempt(s): {exc}", CREATOR_EXIT_RETRYABLE
+                                              ) from None
+                time.sleep(exc.retry_after_s if exc.retry_after_s is not None
+                           else options.retry_backoff * 2 ** (attempt - 1))
+                continue
+            try:
+                topics = parse_topic_reply(content)
+            except ValueError as exc:
+                # Asked for a JSON array and answered otherwise: the same prompt again is
+                # unlikely to do better; the next scheduled research run asks afresh.
+                raise BuiltinCreatorError(f"the LLM's reply holds no topics ({exc}):"
+                                          f" {' '.join(content.split())[:200]}") from None
+            break
+    except BuiltinCreatorError as exc:
+        print(f"contenthubd research-topics: {_scrub(str(exc), api_key)}", file=sys.stderr)
+        return exc.exit_code
+    sys.stdout.buffer.write(json.dumps(topics, ensure_ascii=False).encode() + b"\n")
+    return 0
+
+
 # App ###########################################################################################
 
 
@@ -7284,9 +7501,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["create"]:
         return run_builtin_creator(argv[1:])
+    if argv[:1] == ["research-topics"]:
+        return run_builtin_research(argv[1:])
     parser = argparse.ArgumentParser(
         prog="contenthubd", description="Run the contenthubd daemon in the foreground.",
-        epilog="`contenthubd create` is the built-in creator the daemon runs for each task.")
+        epilog="`contenthubd create` is the built-in creator the daemon runs for each task;"
+               " `contenthubd research-topics` the built-in topic research.")
     parser.add_argument("--config", metavar="FILE",
                         help="TOML config (default: $CONTENTHUB_CONFIG, else the embedded"
                              " default: built-in offline creator, state in ./state)")

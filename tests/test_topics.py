@@ -6,10 +6,15 @@ import json
 import random
 import shutil
 import sqlite3
+import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from conftest import command_creator, wait_until
+import pytest
+from conftest import ROOT, command_creator, wait_until
+from test_builtin_creator import FakeLLM, completion
 
 from contenthubd import topic_key
 
@@ -305,3 +310,138 @@ def test_an_upgraded_database_remembers_the_topics_of_its_old_tasks(daemon_facto
     account_id, topic = old[0]
     result = daemon.call("topics.add", {"account_id": account_id, "topics": [topic]})
     assert result["added"] == [] and len(result["duplicates"]) == 1
+
+
+# Research ######################################################################################
+
+RESEARCH_SCHEDULE = """
+[[schedules]]
+name = "research"
+executor = "topic_research"
+cron = "0 6 * * 1"
+params = { account_ids = [49], count = 3, hint = "新能源" }
+"""
+
+
+@pytest.fixture
+def llm():
+    fake = FakeLLM()
+    fake.thread.start()
+    yield fake
+    fake.release.set()
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+def llm_creator(url: str) -> str:
+    return INSTANT + f'\n[creator.llm]\nbase_url = "{url}"\nmodel = "fake-chat"\n'
+
+
+def test_research_adds_only_new_topics_and_tells_the_llm_what_to_avoid(daemon_factory, llm):
+    fenced = ("好的，以下是选题：\n```json\n["
+              '{"topic": "固态电池量产进展", "keywords": ["固态电池"]}, "800V快充普及",'
+              ' {"topic": "换电模式 的未来", "keywords": "换电,蔚来"}, "智能座舱 新趋势",'
+              ' "第五个多出来的"]\n```')
+    llm.responses = [completion(fenced)]
+    daemon = daemon_factory(creator=llm_creator(llm.url), extra=RESEARCH_SCHEDULE,
+                            env={"LLM_API_KEY": "sk-test-research"}).start()
+    daemon.wait_status(daemon.submit("固态电池 量产进展", account_id=49), "completed")
+    daemon.call("topics.add", {"account_id": 49, "topics": ["800V 快充普及"]})
+    run = daemon.call("scheduler.trigger", {"name": "research"})
+    assert run["status"] == "fired", run
+    report = run["result"]["data"]["accounts"]["49"]
+    assert len(report["added"]) == 3 and report["error"] is None
+    assert {d["topic"] for d in report["duplicates"]} == {"固态电池量产进展", "800V快充普及"}
+    researched = daemon.call("topics.list", {"account_id": 49})
+    assert [(t["topic"], t["keywords"], t["source"]) for t in researched[1:]] == [
+        ("换电模式 的未来", "换电,蔚来", "research"), ("智能座舱 新趋势", "", "research"),
+        ("第五个多出来的", "", "research")]
+    [request] = llm.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer sk-test-research"
+    assert request["json"]["model"] == "fake-chat"
+    prompt = request["json"]["messages"][1]["content"]
+    for text in ("车界显眼包", "3 个新选题", "新能源", "固态电池 量产进展", "800V 快充普及",
+                 "instant article"):
+        assert text in prompt, prompt
+    assert "sk-test-research" not in daemon.log()
+
+
+def test_research_offline_reports_a_clear_error_and_changes_nothing(daemon_factory):
+    daemon = daemon_factory(creator=INSTANT, extra=RESEARCH_SCHEDULE).start()
+    daemon.call("topics.add", {"account_id": 49, "topics": ["已有话题"]})
+    run = daemon.call("scheduler.trigger", {"name": "research"})
+    assert run["status"] == "failed"
+    assert "no topic research source" in run["result"]["message"]
+    assert "$LLM_API_KEY" in run["result"]["message"]
+    assert run["result"]["error"] == "offline"
+    assert daemon.scalar("SELECT COUNT(*) FROM topics") == 1
+
+
+def test_research_failure_of_the_llm_changes_nothing(daemon_factory, llm):
+    llm.responses = [completion("抱歉，我无法提供。")]
+    daemon = daemon_factory(creator=llm_creator(llm.url), extra=RESEARCH_SCHEDULE,
+                            env={"LLM_API_KEY": "sk-test"}).start()
+    run = daemon.call("scheduler.trigger", {"name": "research"})
+    assert run["status"] == "failed"
+    error = run["result"]["data"]["accounts"]["49"]["error"]
+    assert "exited 2" in error and "the LLM's reply holds no topics" in error, error
+    assert "抱歉，我无法提供。" in error
+    assert daemon.scalar("SELECT COUNT(*) FROM topics") == 0
+
+
+class FakeTavily:
+    """Tavily's POST /search on 127.0.0.1: answers with canned news results."""
+
+    def __init__(self, results: list[dict]) -> None:
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"path": self.path, "headers": dict(self.headers),
+                                      "json": body})
+                payload = json.dumps({"query": body["query"], "results": results},
+                                     ensure_ascii=False).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_the_tavily_example_fills_the_pool_through_topics_command(daemon_factory):
+    tavily = FakeTavily([
+        {"title": "宁德时代发布新一代固态电池 - 新浪科技", "url": "https://example.com/1",
+         "content": "...", "score": 0.9},
+        {"title": "用过的热点", "url": "https://example.com/2", "content": "...", "score": 0.8},
+        {"title": "800V 高压平台加速普及 | 汽车之家", "url": "https://example.com/3",
+         "content": "...", "score": 0.7}])
+    script = ROOT / "examples" / "tavily_topics.py"
+    creator = INSTANT + f"""topics_command = ["{sys.executable}", "{script}"]
+env = {{ TAVILY_API_KEY = "${{TAVILY_API_KEY}}", TAVILY_BASE_URL = "{tavily.url}" }}
+"""
+    daemon = daemon_factory(creator=creator, extra=RESEARCH_SCHEDULE,
+                            env={"TAVILY_API_KEY": "tvly-test"}).start()
+    daemon.submit("用过的热点", account_id=49)
+    try:
+        run = daemon.call("scheduler.trigger", {"name": "research"})
+    finally:
+        tavily.server.shutdown()
+    assert run["status"] == "fired", run
+    topics = [(t["topic"], t["keywords"], t["source"])
+              for t in daemon.call("topics.list", {"account_id": 49})]
+    assert topics == [("宁德时代发布新一代固态电池", "新能源", "research"),
+                      ("800V 高压平台加速普及", "新能源", "research")]
+    [request] = tavily.requests
+    assert request["path"] == "/search"
+    assert request["headers"]["Authorization"] == "Bearer tvly-test"
+    assert request["json"]["query"] == "新能源" and request["json"]["topic"] == "news"
