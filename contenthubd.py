@@ -1805,20 +1805,23 @@ class Store:
         key = topic_key(topic)
         return key not in taken and not cls._had_topic(conn, account_id, key, since)
 
-    async def add_firing(self, slots: list[TopicSlots], run_id: int | None, dedup_prefix: str,
-                         now: datetime, repeat_days: int) -> dict[int, dict[str, Any]]:
+    async def add_firing(self, slots: list[TopicSlots], run_id: int | None, schedule: str,
+                         instant: str, now: datetime, repeat_days: int
+                         ) -> dict[int, dict[str, Any]]:
         """Pick each account's topics and insert the firing's tasks, in one transaction: pool
         topics become `used` with their task_id, template numbers move on, and the topics
         enter the history. Returns per account {"short": pool topics missing, "repeated":
-        topics left out because the account had them within `repeat_days`}. A firing whose
-        run already has tasks (resumed after a crash) adds nothing."""
-        return await self._write(self._add_firing, slots, run_id, dedup_prefix, now,
+        topics left out because the account had them within `repeat_days`}. A pool that ran
+        short, or cannot serve the next firing, writes a topics.low event in the same
+        transaction. A firing whose run already has tasks (resumed after a crash) adds
+        nothing."""
+        return await self._write(self._add_firing, slots, run_id, schedule, instant, now,
                                  repeat_days)
 
-    @classmethod
-    def _add_firing(cls, conn: sqlite3.Connection, slots: list[TopicSlots], run_id: int | None,
-                    dedup_prefix: str, now: datetime, repeat_days: int
+    def _add_firing(self, conn: sqlite3.Connection, slots: list[TopicSlots], run_id: int | None,
+                    schedule: str, instant: str, now: datetime, repeat_days: int
                     ) -> dict[int, dict[str, Any]]:
+        cls = type(self)
         outcome: dict[int, dict[str, Any]] = {slot.account_id: {"short": 0, "repeated": []}
                                               for slot in slots}
         if run_id is not None and conn.execute(
@@ -1834,7 +1837,7 @@ class Store:
         def add_task(slot: TopicSlots, topic: dict[str, Any]) -> str:
             task = {**slot.fields, **{k: v for k, v in topic.items() if v},
                     "account_id": slot.account_id, "task_id": new_task_id(now),
-                    "dedup_key": f"{dedup_prefix}:{slot.account_id}:{len(tasks) + 1}"}
+                    "dedup_key": f"{schedule}:{instant}:{slot.account_id}:{len(tasks) + 1}"}
             tasks.append(task)
             return task["task_id"]
 
@@ -1902,7 +1905,30 @@ class Store:
         conn.executemany("INSERT INTO topic_numbers (account_id, template, last_number)"
                          " VALUES (?, ?, ?) ON CONFLICT (account_id, template) DO UPDATE SET"
                          " last_number = MAX(last_number, excluded.last_number)", numbers)
+        for slot in slots:
+            if slot.source == "pool":
+                self._topics_low_event(conn, slot, outcome[slot.account_id]["short"], schedule,
+                                       now)
         return outcome
+
+    def _topics_low_event(self, conn: sqlite3.Connection, slot: TopicSlots, short: int,
+                          schedule: str, now: datetime) -> None:
+        """topics.low when this firing was short, or the next one will be: once per account
+        and day."""
+        queued = conn.execute("SELECT COUNT(*) FROM topics WHERE account_id = ? AND"
+                              " status = 'queued'", (slot.account_id,)).fetchone()[0]
+        if not short and queued >= slot.count:
+            return
+        row = conn.execute("SELECT name FROM accounts WHERE id = ?", (slot.account_id,)
+                           ).fetchone()
+        name = row[0] if row else str(slot.account_id)
+        message = (f"账号 {name}（{slot.account_id}）的选题池" + (f"本次缺 {short} 个选题，"
+                   if short else "不够下一次使用，") + f"剩余 {queued} 个，每次取 {slot.count} 个。"
+                   f"补充：contenthubctl topics add -a {slot.account_id} 选题…")
+        self.enqueue_event(conn, "topics.low", {
+            "account_id": slot.account_id, "account_name": name, "schedule": schedule,
+            "short": short, "queued": queued, "per_firing": slot.count, "message": message},
+            now, key=f"topics.low:{slot.account_id}:{now.date().isoformat()}")
 
     async def add_topics(self, topics: list[dict[str, Any]], source: str, now: datetime,
                          repeat_days: int, limit: int | None = None) -> dict[str, Any]:
@@ -3685,7 +3711,7 @@ class ContentGenerationExecutor(Executor):
         accounts = {a.id: a for a in ctx.config.accounts}
         slots = self.plan_slots(params, ctx)
         instant = to_db_time(ctx.scheduled_for or ctx.now)
-        outcome = await ctx.store.add_firing(slots, ctx.run_id, f"{ctx.schedule_name}:{instant}",
+        outcome = await ctx.store.add_firing(slots, ctx.run_id, ctx.schedule_name, instant,
                                              ctx.now, ctx.config.daemon.topic_repeat_days)
         ctx.wake_pool()
         queued = await ctx.store.tasks_for_run(ctx.run_id) if ctx.run_id else []

@@ -445,3 +445,28 @@ env = {{ TAVILY_API_KEY = "${{TAVILY_API_KEY}}", TAVILY_BASE_URL = "{tavily.url}
     assert request["path"] == "/search"
     assert request["headers"]["Authorization"] == "Bearer tvly-test"
     assert request["json"]["query"] == "新能源" and request["json"]["topic"] == "news"
+
+
+def test_a_short_pool_writes_one_topics_low_event_per_account_and_day(daemon_factory):
+    notify = """
+[[notify]]
+name = "editors"
+url = "http://127.0.0.1:9/unreachable"
+events = ["topics.low"]
+max_attempts = 1
+"""
+    daemon = daemon_factory(creator=INSTANT, extra=POOL_SCHEDULE + notify).start()
+    daemon.call("topics.add", {"account_id": 49, "topics": [f"话题{n}" for n in range(7)]})
+    fire(daemon, "from-pool")  # 49: 3 drawn, 4 left (enough); 50: 3 short
+    with daemon.db() as conn:
+        events = [json.loads(data) for (data,) in conn.execute(
+            "SELECT data FROM notify_events WHERE event = 'topics.low' ORDER BY at")]
+    assert [(e["account_id"], e["short"], e["queued"]) for e in events] == [(50, 3, 0)]
+    assert "产品观察室（50）的选题池本次缺 3 个选题" in events[0]["message"]
+    assert events[0]["schedule"] == "from-pool"
+    fire(daemon, "from-pool")  # 49: 3 drawn, 1 left (not enough for the next); 50 again
+    with daemon.db() as conn:
+        low = conn.execute("SELECT json_extract(data, '$.account_id'),"
+                           " json_extract(data, '$.short') FROM notify_events"
+                           " WHERE event = 'topics.low' ORDER BY at").fetchall()
+    assert low == [(50, 3), (49, 0)]
