@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import ctypes
 import dataclasses
 import email.utils
 import errno
@@ -370,6 +371,12 @@ class DaemonConfig:
     max_catch_up: int = _key(_positive(_typed(int)), default=24)
     max_connections: int = _key(_positive(_typed(int)), default=64)
     connection_idle_timeout: float = _key(_positive(parse_duration), default=300.0)
+    #: Fair share of the control socket: no one uid holds more than this many connections.
+    max_connections_per_uid: int = _key(_positive(_typed(int)), default=16)
+    #: A connection that has not sent one full request line by then is closed.
+    connection_first_line_timeout: float = _key(_positive(parse_duration), default=10.0)
+    #: A reply the client does not read for this long closes the connection.
+    connection_write_timeout: float = _key(_positive(parse_duration), default=30.0)
 
 
 @dataclass(frozen=True)
@@ -860,6 +867,20 @@ def configure_logging(log_format: str, level: str, environ: dict[str, str]) -> N
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+_M_MMAP_THRESHOLD = -3  #: glibc's mallopt() parameter number
+#: Blocks from this size up (article bodies, export pages) are mmap'd, so freeing them
+#: returns the memory to the system at once.
+HEAP_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def bound_heap_retention() -> None:
+    """Pin glibc's mmap threshold. By default glibc raises it to the size of the first large
+    block freed, after which large blocks come from per-thread arenas that keep the memory:
+    RSS stayed at its peak after the clients of a big export had gone. No-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD_BYTES)
 
 
 def sd_notify(*fields: str, environ: dict[str, str] | None = None) -> bool:
@@ -1732,8 +1753,13 @@ class Store:
     async def list_contents(self, *, account_id: int | None = None,
                             review_status: str | None = None, since: str | None = None,
                             ids: list[int] | None = None, limit: int = 50,
-                            with_body: bool = False) -> list[dict[str, Any]]:
+                            with_body: bool = False,
+                            before_id: int | None = None) -> list[dict[str, Any]]:
+        """Newest first; `before_id` pages on from the last id of the previous page."""
         clause, params = self._content_filter(account_id, review_status, since, ids)
+        if before_id is not None:
+            clause = f"{clause} AND c.id < ?" if clause else "WHERE c.id < ?"
+            params.append(before_id)
         columns = CONTENT_LIST_COLUMNS + (", c.body" if with_body else "")
         return await self.query(f"SELECT {columns} FROM {CONTENT_FROM} {clause}"
                                 " ORDER BY c.id DESC LIMIT ?", (*params, limit))
@@ -5791,12 +5817,38 @@ def parse_topic_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]]
     return rows, errors
 
 
+#: The transport's high-water mark: a client that does not read holds at most this much of
+#: a reply (plus one chunk) in the daemon.
+CONTROL_QUEUED_BYTES = 256 << 10
+CONTROL_WRITE_CHUNK_BYTES = 256 << 10
+#: The last slots of max_connections are kept for root and the daemon's own user.
+CONTROL_RESERVED_SLOTS = 2
+#: Replies with article bodies stream at most this many at a time, so clients that do not
+#: read hold at most this many articles in memory.
+CONTROL_BODY_STREAMS = 4
+#: Rows of an export page grow while a page's bodies stay under this, shrink above it.
+EXPORT_PAGE_BYTES = 4 << 20
+EXPORT_PAGE_ROWS_MAX = 256
+CONTROL_CLOSE_S = 1.0  #: how long a closing connection may flush what it still holds
+
+
+class ClientTooSlow(Exception):
+    """The client took none of its reply within connection_write_timeout."""
+
+
 class ControlServer:
     """NDJSON over a Unix stream socket: one request per line, replies in order.
 
     Every request is parsed and validated before it touches anything; a bad line gets an
-    error reply and the connection stays usable. Connections are bounded, idle ones time out.
+    error reply and the connection stays usable. Admission is fair: at most
+    max_connections_per_uid per peer uid, max_connections in all, the last
+    CONTROL_RESERVED_SLOTS of them only for root and the daemon's user. A connection must send
+    its first line within connection_first_line_timeout and may then idle for
+    connection_idle_timeout. Replies go out in chunks under a bounded write buffer; a client
+    that takes nothing for connection_write_timeout is cut off. Article exports stream page by
+    page, never the whole reply in memory. stop() cuts every connection at once.
     """
+
 
     def __init__(self, path: Path, config: Config, store: Store, pool: WorkerPool,
                  scheduler: Scheduler,
@@ -5811,7 +5863,9 @@ class ControlServer:
                          for name in dir(self) if name.startswith("cmd_")}
         self.commands.update(app_commands)
         self._server: asyncio.base_events.Server | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._per_uid: dict[int, int] = {}
+        self._body_streams = asyncio.Semaphore(CONTROL_BODY_STREAMS)
         self.started_monotonic = time.monotonic()
 
     @staticmethod
@@ -5854,10 +5908,13 @@ class ControlServer:
                         " socket_group")
 
     async def stop(self) -> None:
+        """Stop accepting and cut every connection now: a client that does not read its reply
+        must not hold up the shutdown."""
         if self._server is not None:
             self._server.close()
-            for connection in list(self._connections):
+            for connection, writer in list(self._connections.items()):
                 connection.cancel()
+                writer.transport.abort()
             await asyncio.gather(*self._connections, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
@@ -5876,28 +5933,47 @@ class ControlServer:
                 body["error"]["data"] = error.data
         return json.dumps(body, ensure_ascii=False, default=str).encode() + b"\n"
 
+    def _refusal(self, uid: int) -> str | None:
+        """Why a new connection from `uid` may not be served now, or None."""
+        daemon = self.config.daemon
+        if self._per_uid.get(uid, 0) >= daemon.max_connections_per_uid:
+            return (f"uid {uid} already holds {daemon.max_connections_per_uid} connections"
+                    " (max_connections_per_uid); close one and try again")
+        free = daemon.max_connections - len(self._connections)
+        reserved = 0 if uid in (0, os.getuid()) else min(CONTROL_RESERVED_SLOTS,
+                                                         daemon.max_connections - 1)
+        if free <= reserved:
+            return "too many connections; try again"
+        return None
+
     async def _serve_connection(self, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
         current = asyncio.current_task()
         assert current is not None  # asyncio runs each connection as a task
-        self._connections.add(current)
+        uid = None
         try:
-            if len(self._connections) > self.config.daemon.max_connections:
-                error = ContentHubError("too many connections; try again")
-                error.code = "busy"
-                writer.write(self._reply(None, error=error))
-                return
-            allowed, uid = peer_allowed(writer.get_extra_info("socket"),
-                                        self.config.daemon.socket_group)
+            allowed, peer_uid = peer_allowed(writer.get_extra_info("socket"),
+                                             self.config.daemon.socket_group)
             if not allowed:
-                error = ContentHubError(f"uid {uid} may not use this socket")
+                error = ContentHubError(f"uid {peer_uid} may not use this socket")
                 error.code = "forbidden"
                 writer.write(self._reply(None, error=error))
                 return
+            refusal = self._refusal(peer_uid)
+            if refusal is not None:
+                error = ContentHubError(refusal)
+                error.code = "busy"
+                writer.write(self._reply(None, error=error))
+                return
+            uid = peer_uid
+            self._connections[current] = writer
+            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+            writer.transport.set_write_buffer_limits(high=CONTROL_QUEUED_BYTES)
+            daemon = self.config.daemon
+            timeout = min(daemon.connection_first_line_timeout, daemon.connection_idle_timeout)
             while True:
                 try:
-                    line = await asyncio.wait_for(reader.readline(),
-                                                  self.config.daemon.connection_idle_timeout)
+                    line = await asyncio.wait_for(reader.readline(), timeout)
                 except TimeoutError:
                     return
                 except (ValueError, asyncio.LimitOverrunError):
@@ -5909,15 +5985,43 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue
+                timeout = self.config.daemon.connection_idle_timeout
                 await self._answer(line, reader, writer, uid)
-                await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except ClientTooSlow:
+            writer.transport.abort()
+            log.info("control_client_too_slow", uid=uid,
+                     timeout=self.config.daemon.connection_write_timeout)
         finally:
-            self._connections.discard(current)
-            with contextlib.suppress(Exception):
-                writer.close()
-                await writer.wait_closed()
+            if uid is not None:
+                del self._connections[current]
+                self._per_uid[uid] -= 1
+                if not self._per_uid[uid]:
+                    del self._per_uid[uid]
+            await self._close(writer)
+
+    @staticmethod
+    async def _close(writer: asyncio.StreamWriter) -> None:
+        """Close, letting the kernel take what is queued for a moment; then drop it."""
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), CONTROL_CLOSE_S)
+        except Exception:
+            writer.transport.abort()
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Write `data` in chunks, waiting while the client is behind: the daemon never queues
+        more than CONTROL_QUEUED_BYTES + one chunk per connection."""
+        view = memoryview(data)
+        for start in range(0, len(view), CONTROL_WRITE_CHUNK_BYTES):
+            writer.write(view[start:start + CONTROL_WRITE_CHUNK_BYTES])
+            if writer.transport.get_write_buffer_size() > CONTROL_QUEUED_BYTES:
+                try:
+                    await asyncio.wait_for(writer.drain(),
+                                           self.config.daemon.connection_write_timeout)
+                except TimeoutError:
+                    raise ClientTooSlow from None
 
     async def _answer(self, line: bytes, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter, uid: int) -> None:
@@ -5946,6 +6050,9 @@ class ControlServer:
             if cmd == "task.watch":
                 await self._watch(request_id, args, reader, writer)
                 return
+            if cmd == "content.export":
+                await self._export(request_id, args, writer)
+                return
             handler = self.commands.get(cmd) if isinstance(cmd, str) else None
             if handler is None:
                 error = ContentHubError(f"unknown command {cmd!r}")
@@ -5953,13 +6060,16 @@ class ControlServer:
                 raise error
             result = present(await (handler(args, peer_name(uid)) if cmd in PEER_COMMANDS
                                     else handler(args)), self.tz)
-            writer.write(self._reply(request_id, result))
+            reply = self._reply(request_id, result)
         except ContentHubError as exc:
-            writer.write(self._reply(request_id, error=exc))
+            reply = self._reply(request_id, error=exc)
+        except (ConnectionError, ClientTooSlow):
+            raise
         except Exception as exc:
             log.exception("control_command_failed")
-            writer.write(self._reply(request_id, error=ContentHubError(
-                f"internal error: {type(exc).__name__}: {exc}")))
+            reply = self._reply(request_id, error=ContentHubError(
+                f"internal error: {type(exc).__name__}: {exc}"))
+        await self._send(writer, reply)
 
     async def _watch(self, request_id: Any, args: dict[str, Any],
                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -5971,9 +6081,8 @@ class ControlServer:
             while task["status"] not in TERMINAL_STATUSES:
                 event = {"task_id": task_id, "status": task["status"],
                          "progress": task["progress"], "stage": task["stage"]}
-                writer.write(json.dumps({"v": 1, "id": request_id, "event": event},
-                                        ensure_ascii=False).encode() + b"\n")
-                await writer.drain()
+                await self._send(writer, json.dumps({"v": 1, "id": request_id, "event": event},
+                                                    ensure_ascii=False).encode() + b"\n")
                 getter = asyncio.ensure_future(queue.get())
                 gone = asyncio.ensure_future(reader.read(1))
                 done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -5985,10 +6094,51 @@ class ControlServer:
                 task = await self.store.get_task(task_id)
                 if change.get("progress") is not None and task["status"] == "running":
                     task["progress"], task["stage"] = change["progress"], change.get("stage")
-            writer.write(self._reply(request_id, present(
+            await self._send(writer, self._reply(request_id, present(
                 await self.store.get_task(task_id, with_events=True), self.tz)))
         finally:
             self.pool.unsubscribe(task_id, queue)
+
+    async def _export(self, request_id: Any, args: dict[str, Any],
+                      writer: asyncio.StreamWriter) -> None:
+        """`content.export` as one reply line written page by page: the daemon holds one page
+        of articles, not the whole export. Page sizes adapt to the bodies' size. An error
+        after the first bytes went out can only be told by closing the connection."""
+        filters = self._content_filters(args)
+        remaining = filters.pop("limit")
+        async with self._body_streams:
+            page, before_id, separator = 1, None, b""
+            rows = await self.store.list_contents(**filters, limit=min(page, remaining),
+                                                  with_body=True)
+            await self._send(writer, self._reply(request_id, [])[:-len(b"]}\n")])
+            try:
+                while rows:
+                    remaining -= len(rows)
+                    before_id = rows[-1]["id"]
+                    body_bytes = sum(len(row["body"]) for row in rows)
+                    for encoded in await asyncio.to_thread(self._encode_rows, rows, self.tz):
+                        await self._send(writer, separator)
+                        await self._send(writer, encoded)
+                        separator = b","
+                    del rows, encoded
+                    if body_bytes > EXPORT_PAGE_BYTES:
+                        page = max(1, page // 2)
+                    elif body_bytes * 2 <= EXPORT_PAGE_BYTES:
+                        page = min(EXPORT_PAGE_ROWS_MAX, page * 2)
+                    rows = [] if remaining <= 0 else await self.store.list_contents(
+                        **filters, limit=min(page, remaining), with_body=True,
+                        before_id=before_id)
+            except (ConnectionError, ClientTooSlow):
+                raise
+            except Exception as exc:
+                log.exception("content_export_failed")
+                raise ConnectionAbortedError("export failed after its reply began") from exc
+            await self._send(writer, b"]}\n")
+
+    @staticmethod
+    def _encode_rows(rows: list[dict[str, Any]], tz: ZoneInfo) -> list[bytes]:
+        return [json.dumps(present(row, tz), ensure_ascii=False, default=str).encode()
+                for row in rows]
 
     async def task_id(self, args: dict[str, Any]) -> str:
         """The `task_id` argument, which may be abbreviated to a unique prefix of the id or of
@@ -6051,12 +6201,13 @@ class ControlServer:
         return task
 
     async def cmd_content_list(self, args: dict[str, Any]) -> Any:
-        return await self._contents(args, with_body=False)
+        filters = self._content_filters(args)
+        limit = filters.pop("limit")
+        rows = await self.store.list_contents(**filters, limit=limit)
+        return await self._with_total(args, rows, limit,
+                                      lambda: self.store.count_contents(**filters))
 
-    async def cmd_content_export(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self._contents(args, with_body=True)
-
-    async def _contents(self, args: dict[str, Any], with_body: bool) -> Any:
+    def _content_filters(self, args: dict[str, Any]) -> dict[str, Any]:
         since = arg(args, "since", str)
         if since is not None:
             try:
@@ -6068,16 +6219,11 @@ class ControlServer:
         ids = arg(args, "ids", list)
         if ids is not None:
             ids = content_ids(ids)
-        filters = {"account_id": arg(args, "account_id", int),
-                   "review_status": arg(args, "review_status", str,
-                                        choices=("pending_review", "approved", "rejected")),
-                   "since": since, "ids": ids}
-        limit = arg(args, "limit", int, default=50, minimum=1, maximum=100_000)
-        rows = await self.store.list_contents(**filters, limit=limit, with_body=with_body)
-        if with_body:
-            return rows
-        return await self._with_total(args, rows, limit,
-                                      lambda: self.store.count_contents(**filters))
+        return {"account_id": arg(args, "account_id", int),
+                "review_status": arg(args, "review_status", str,
+                                     choices=("pending_review", "approved", "rejected")),
+                "since": since, "ids": ids,
+                "limit": arg(args, "limit", int, default=50, minimum=1, maximum=100_000)}
 
     async def cmd_content_show(self, args: dict[str, Any]) -> dict[str, Any]:
         key = arg(args, "id", (int, str), required=True)
@@ -7558,6 +7704,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"contenthubd: config error: {error}", file=sys.stderr)
         return EX_CONFIG
     configure_logging(config.daemon.log_format, config.daemon.log_level, environ)
+    bound_heap_retention()
     return asyncio.run(App(config, environ).serve())
 
 
