@@ -670,7 +670,13 @@ def time_column(header: str, key: str) -> Column:
     return Column(header, key, short=compact_time)
 
 
-TASK_COLUMNS = (TASK_ID_COLUMN, Column("STATUS", "status"),
+def status_of(row: dict):
+    """A pending task a budget holds reads `pending (waiting: budget)`."""
+    waiting = row.get("waiting")
+    return f"{row.get('status')} (waiting: {waiting})" if waiting else row.get("status")
+
+
+TASK_COLUMNS = (TASK_ID_COLUMN, Column("STATUS", status_of),
                 Column("PRI", "priority", align="right"),
                 Column("ACCOUNT", account_of, flex=True), Column("TOPIC", "topic", flex=True),
                 time_column("UPDATED", "updated_at"))
@@ -1000,6 +1006,49 @@ def cmd_monitor_stats(session: Session, options) -> int:
     session.show(session.call("monitor.stats", without_none({"days": options.days})),
                  order=("days", "total", "completed", "failed", "timeout", "success_rate",
                         "failure_reasons"))
+    return EXIT_OK
+
+
+COST_KEY_COLUMNS = {"day": (Column("DAY", "day"),),
+                    "account": (Column("ACCOUNT_ID", "account_id", align="right"),
+                                Column("ACCOUNT", "account_name", flex=True)),
+                    "model": (Column("MODEL", "model", flex=True),)}
+COST_COLUMNS = (Column("ATTEMPTS", "attempts", align="right"),
+                Column("TOKENS_IN", "tokens_in", align="right"),
+                Column("TOKENS_OUT", "tokens_out", align="right"),
+                Column("COST", "cost", align="right"),
+                Column("UNPRICED", "unpriced_attempts", align="right"))
+
+
+def budget_lines(budget: dict) -> list[str]:
+    """One line per configured budget: spent of limit, remaining."""
+    currency = budget.get("currency", "")
+    windows = [("daemon", budget)] + [
+        (f"account {a.get('account_name') or a.get('account_id')}", a)
+        for a in budget.get("accounts", [])]
+    lines = []
+    for who, holder in windows:
+        for name in ("daily", "monthly"):
+            window = holder.get(name) or {}
+            if window.get("limit"):
+                lines.append(f"{who} {name}: {window['spent']:g} of {window['limit']:g}"
+                             f" {currency} spent, {window['remaining']:g} left")
+    return lines + [f"waiting: {reason}" for reason in budget.get("waiting", [])]
+
+
+def cmd_monitor_cost(session: Session, options) -> int:
+    by = options.by or "day"
+    report = session.call("monitor.cost", without_none({"days": options.days, "by": by}))
+    if session.format != "table":
+        session.show(report)
+        return EXIT_OK
+    rows = report.get("rows") or []
+    session.write_lines(table_lines(rows, COST_KEY_COLUMNS[by] + COST_COLUMNS, session.width)
+                        if rows else ["(no usage recorded)"])
+    session.write_lines([
+        "", f"total: {report.get('total_cost', 0):g} {report.get('currency', '')},"
+        f" {report.get('tokens_in', 0)} tokens in, {report.get('tokens_out', 0)} out"
+        f" over {report.get('days')} day(s)", *budget_lines(report.get("budget") or {})])
     return EXIT_OK
 
 
@@ -1379,6 +1428,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sub = command(monitor, "stats", cmd_monitor_stats, "daily statistics and failure reasons")
         sub.add_argument("--days", type=int_in_range(1), help="how many days back (default 7)")
         command(monitor, "health", cmd_monitor_health, "health checks; exit 1 unless all pass")
+        sub = command(monitor, "cost", cmd_monitor_cost, "LLM tokens and spend, and budgets")
+        sub.add_argument("--days", type=int_in_range(1), help="how many days back (default 7)")
+        sub.add_argument("--by", choices=("day", "account", "model"), help="group rows by"
+                         " (default day)")
 
     scheduler = group("scheduler", "schedules and their runs")
     if wanted("scheduler"):

@@ -12,6 +12,7 @@ The file reads top to bottom; each section uses only the ones above it:
     Topics                  topic normalisation, a firing's topic slots, research replies
     Store                   schema.sql, the one writer connection, every SQL statement
     Creator runner          argv templates, process groups, capped capture, output adapters
+    Spend                   usage per attempt, prices, budget windows, the creator rate limit
     Executors               the registry scheduled work runs through (content, research, publish,
                             cleanup)
     Scheduler               the cron loop: fire, misfire and overlap policies
@@ -331,6 +332,81 @@ def _positive(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return check
 
 
+_RATE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*")
+_RATE_UNIT_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+                "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(value: Any) -> float:
+    """Events per second from "4/s", "240/min" or "1000/h"; "" or 0 means no limit (0.0)."""
+    if value in ("", 0) and not isinstance(value, bool):
+        return 0.0
+    match = _RATE_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"expected a rate like \"4/s\", \"240/min\" or \"1000/h\", got {value!r}")
+    return float(match[1]) / _RATE_UNIT_S[match[2]]
+
+
+def _clock_minutes(text: str) -> int:
+    hours, _, minutes = text.partition(":")
+    if not (hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60):
+        raise ValueError(f"expected HH:MM, got {text!r}")
+    return int(hours) * 60 + int(minutes)
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """Price per million tokens; off-peak (local time window "HH:MM-HH:MM") scales both."""
+
+    input: float
+    output: float
+    off_peak: tuple[int, int] | None = None  #: (start, end) minutes after local midnight
+    off_peak_factor: float = 1.0
+
+    def cost(self, tokens_in: int, tokens_out: int, local: datetime) -> float:
+        factor = 1.0
+        if self.off_peak is not None:
+            start, end = self.off_peak
+            minute = local.hour * 60 + local.minute
+            inside = start <= minute < end if start <= end else (minute >= start or minute < end)
+            factor = self.off_peak_factor if inside else 1.0
+        return (tokens_in * self.input + tokens_out * self.output) * factor / 1_000_000
+
+
+def _parse_prices(value: Any) -> dict[str, ModelPrice]:
+    """[budget.prices]: "model" = { input = 2.0, output = 8.0 [, off_peak = "00:30-08:30",
+    off_peak_factor = 0.5] }, prices per million tokens."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of models, got {value!r}")
+    prices = {}
+    for model, entry in value.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{model!r}: expected {{ input = ..., output = ... }}, got {entry!r}")
+        unknown = set(entry) - {"input", "output", "off_peak", "off_peak_factor"}
+        if unknown:
+            raise ValueError(f"{model!r}: unknown key(s) {', '.join(sorted(unknown))}; use"
+                             " input, output, off_peak, off_peak_factor")
+        numbers = {}
+        for name, default in (("input", None), ("output", None), ("off_peak_factor", 1.0)):
+            number = entry.get(name, default)
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
+                raise ValueError(f"{model!r}.{name}: expected a number >= 0, got {number!r}")
+            numbers[name] = float(number)
+        window = None
+        if "off_peak" in entry:
+            text = entry["off_peak"]
+            start, dash, end = text.partition("-") if isinstance(text, str) else ("", "", "")
+            if not dash:
+                raise ValueError(f"{model!r}.off_peak: expected \"HH:MM-HH:MM\", got {text!r}")
+            try:
+                window = (_clock_minutes(start.strip()), _clock_minutes(end.strip()))
+            except ValueError as exc:
+                raise ValueError(f"{model!r}.off_peak: {exc}") from None
+        prices[model] = ModelPrice(numbers["input"], numbers["output"], window,
+                                   numbers["off_peak_factor"])
+    return prices
+
+
 def _key(parse: Callable[[Any], Any], env: str | None = None, **kwargs: Any) -> Any:
     """A config field: how its TOML value is parsed, and the seed's environment override."""
     return field(metadata={"parse": parse, "env": env}, **kwargs)
@@ -410,6 +486,8 @@ class CreatorConfig:
     #: stdin, a JSON array of topics on stdout
     topics_command: list[str] = _key(_str_list, default_factory=list)
     topics_timeout: float = _key(_positive(parse_duration), default=300.0)
+    #: creator starts per second across the pool ("4/s", "240/min"); 0 = unlimited
+    rate_limit: float = _key(parse_rate, default=0.0)
     llm: LLMConfig = field(default_factory=LLMConfig, metadata={"section": LLMConfig})
 
 
@@ -418,6 +496,18 @@ class PublishConfig:
     command: list[str] = _key(_str_list, default_factory=list)
     max_attempts: int = _key(_positive(_typed(int)), default=3)
     timeout: float = _key(_positive(parse_duration), default=300.0)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Spend limits (0 = none) in `currency`, calendar days and months of daemon.timezone."""
+
+    currency: str = _key(_typed(str), default="CNY")
+    daily: float = _key(_non_negative(_typed(float)), default=0.0)
+    monthly: float = _key(_non_negative(_typed(float)), default=0.0)
+    #: the cost a task is expected to have before any attempt has reported one
+    estimate: float = _key(_non_negative(_typed(float)), default=0.0)
+    prices: dict[str, ModelPrice] = _key(_parse_prices, default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -461,6 +551,8 @@ class AccountConfig:
     name: str = _key(_typed(str), default="")
     category: str = _key(_typed(str), default="")
     enabled: bool = _key(_typed(bool), default=True)
+    daily_budget: float = _key(_non_negative(_typed(float)), default=0.0)
+    monthly_budget: float = _key(_non_negative(_typed(float)), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -486,6 +578,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     creator: CreatorConfig = field(default_factory=CreatorConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     accounts: tuple[AccountConfig, ...] = ()
     schedules: tuple[ScheduleConfig, ...] = ()
     hooks: tuple[HookConfig, ...] = ()
@@ -640,7 +733,7 @@ def parse_config(text: str, path: str = "", environ: dict[str, str] | None = Non
     sources: dict[str, str] = {}
     sections: dict[str, Any] = {}
     for name, cls in (("daemon", DaemonConfig), ("creator", CreatorConfig),
-                      ("publish", PublishConfig)):
+                      ("publish", PublishConfig), ("budget", BudgetConfig)):
         start = (_header_lines(text, name) or [0])[0]
         sections[name] = _build_section(cls, data.pop(name, {}), name, text, start, errors,
                                         sources, environ)
@@ -821,7 +914,7 @@ def describe_config(config: Config) -> list[dict[str, Any]]:
             row["display"] = format_duration(value)
         rows.append(row)
 
-    for section_name in ("daemon", "creator", "publish"):
+    for section_name in ("daemon", "creator", "publish", "budget"):
         section = getattr(config, section_name)
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
@@ -834,6 +927,9 @@ def describe_config(config: Config) -> list[dict[str, Any]]:
                          for k, v in value.items()}
             elif f.name == "socket_mode":
                 value = f"{value:04o}"
+            elif f.name == "prices":
+                value = {model: {"input": price.input, "output": price.output}
+                         for model, price in value.items()}
             add(f"{section_name}.{f.name}", f, value)
     rows.append({"key": "accounts", "value": len(config.accounts), "source": "file"})
     rows.append({"key": "schedules", "value": len(config.schedules), "source": "file"})
@@ -1094,6 +1190,41 @@ class Article:
     quality: dict[str, Any] = field(default_factory=dict)
     external_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  #: kept in the task's result JSON
+
+
+@dataclass
+class Usage:
+    """What one attempt spent, as its creator reported it. `cost` is the creator's own figure
+    until the pool prices it from [budget.prices]; None when neither knows."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+    model: str | None = None
+    cost: float | None = None
+    currency: str = ""
+
+
+#: How many of the latest costed attempts the spend estimate of a task averages.
+ESTIMATE_SAMPLE = 200
+#: Budget comparisons forgive float rounding (0.005 * 4 is not exactly 0.02).
+BUDGET_EPSILON = 1e-9
+
+
+@dataclass
+class BudgetGate:
+    """What a claim transaction needs to keep spend within every budget that applies: the
+    limits (0 = none), where the current day and month began (UTC, as stored) and the
+    fallback estimate. The claim fills `holds`: each budget a further task would break,
+    "daemon" or "account:<id>", with the reason an operator reads."""
+
+    day_start: str
+    month_start: str
+    daily: float
+    monthly: float
+    accounts: dict[int, tuple[float, float]]  #: account id -> (daily, monthly), limited ones
+    estimate: float
+    currency: str
+    holds: dict[str, str] = field(default_factory=dict)
 
 
 class Store:
@@ -1416,30 +1547,45 @@ class Store:
         return await self._write(self.insert_tasks, tasks, now)
 
     async def claim_next_tasks(self, limit: int, now: datetime, timeout_s: float,
-                               per_account_limit: int = 0) -> list[dict[str, Any]]:
-        return await self._write(self._claim_due, limit, now, timeout_s, per_account_limit)
+                               per_account_limit: int = 0, budget: BudgetGate | None = None
+                               ) -> list[dict[str, Any]]:
+        return await self._write(self._claim_due, limit, now, timeout_s, per_account_limit,
+                                 budget)
 
-    @staticmethod
-    def _claim_due(conn: sqlite3.Connection, limit: int, now: datetime, timeout_s: float,
-                   per_account_limit: int) -> list[dict[str, Any]]:
-        """Move up to `limit` due pending tasks to running, best first (inside a write)."""
+    def _claim_due(self, conn: sqlite3.Connection, limit: int, now: datetime, timeout_s: float,
+                   per_account_limit: int, budget: BudgetGate | None = None
+                   ) -> list[dict[str, Any]]:
+        """Move up to `limit` due pending tasks to running, best first (inside a write),
+        within the budgets of `budget` when given."""
         stamp = to_db_time(now)
+        admit = self._budget_admission(conn, budget, now) if budget is not None else None
+        if budget is not None and "daemon" in budget.holds:
+            return []
+        held = [int(scope[8:]) for scope in budget.holds] if budget is not None else []
+        # The tasks of an account over its budget are not even read: they would crowd the
+        # candidates of the accounts that may still run.
+        skip_held = " AND account_id NOT IN (SELECT value FROM json_each(?))" if held else ""
         candidates = conn.execute(
             "SELECT task_id, account_id FROM content_generation_tasks"
-            " WHERE status = 'pending' AND next_attempt_at <= ?"
+            f" WHERE status = 'pending' AND next_attempt_at <= ?{skip_held}"
             " ORDER BY priority DESC, next_attempt_at, id LIMIT ?",
-            (stamp, limit if not per_account_limit else limit * 20)).fetchall()
+            (stamp, *([json_text(held)] if held else []),
+             limit if not (per_account_limit or admit) else limit * 20)).fetchall()
+        running: dict[int, int] = {}
         if per_account_limit:
             running = dict(conn.execute(
                 "SELECT account_id, COUNT(*) FROM content_generation_tasks"
                 " WHERE status = 'running' GROUP BY account_id").fetchall())
-            chosen: list[str] = []
-            for task_id, account_id in candidates:
-                if running.get(account_id, 0) < per_account_limit and len(chosen) < limit:
-                    running[account_id] = running.get(account_id, 0) + 1
-                    chosen.append(task_id)
-        else:
-            chosen = [task_id for task_id, _ in candidates]
+        chosen: list[str] = []
+        for task_id, account_id in candidates:
+            if len(chosen) == limit:
+                break
+            if per_account_limit and running.get(account_id, 0) >= per_account_limit:
+                continue
+            if admit is not None and not admit(account_id):
+                continue
+            running[account_id] = running.get(account_id, 0) + 1
+            chosen.append(task_id)
         if not chosen:
             return []
         deadline = to_db_time(now + timedelta(seconds=timeout_s))
@@ -1455,6 +1601,90 @@ class Store:
                          " VALUES (?, ?, 'pending', 'running')",
                          [(task_id, stamp) for task_id in chosen])
         return [claimed[task_id] for task_id in chosen]
+
+    def _budget_admission(self, conn: sqlite3.Connection, gate: BudgetGate, now: datetime
+                          ) -> Callable[[int], bool]:
+        """Fill `gate.holds` and return the test one more task of an account must pass: the
+        spend of the window so far, plus the estimates of the tasks running, plus its own
+        estimate, stays within every limit that applies. An admitted task's estimate counts
+        for the tasks after it in the same claim. A budget that holds tasks raises one
+        budget.exhausted notification per window, in this transaction."""
+        day_total, month_total = conn.execute(
+            "SELECT COALESCE(SUM(CASE WHEN at >= ? THEN cost END), 0), COALESCE(SUM(cost), 0)"
+            " FROM task_usage WHERE at >= ?", (gate.day_start, gate.month_start)).fetchone()
+        by_account = {account_id: (day or 0.0, month or 0.0) for account_id, day, month in
+                      conn.execute("SELECT account_id, SUM(CASE WHEN at >= ? THEN cost END),"
+                                   " SUM(cost) FROM task_usage WHERE at >= ?"
+                                   " GROUP BY account_id", (gate.day_start, gate.month_start))}
+        recent = conn.execute(
+            "SELECT account_id, cost FROM task_usage WHERE cost IS NOT NULL"
+            " ORDER BY id DESC LIMIT ?", (ESTIMATE_SAMPLE,)).fetchall()
+        overall = (sum(cost for _, cost in recent) / len(recent)) if recent else gate.estimate
+        costs: dict[int, list[float]] = {}
+        for account_id, cost in recent:
+            costs.setdefault(account_id, []).append(cost)
+        estimates = {account_id: sum(values) / len(values) for account_id, values in costs.items()}
+
+        def estimate(account_id: int) -> float:
+            return estimates.get(account_id, overall)
+
+        committed: dict[int, float] = {}  #: account id -> estimates of its running tasks
+        for account_id, count in conn.execute(
+                "SELECT account_id, COUNT(*) FROM content_generation_tasks"
+                " WHERE status IN ('running', 'submitted') GROUP BY account_id"):
+            committed[account_id] = count * estimate(account_id)
+        currency = gate.currency
+
+        def over(limit: float, spent: float, more: float) -> bool:
+            return bool(limit) and spent + more > limit + BUDGET_EPSILON
+
+        def reason(window: str, limit: float, spent: float, whose: str) -> str:
+            return (f"{window} budget{whose} reached: {spent:.4f} of {limit:g} {currency} spent"
+                    f" (running tasks and the next one's estimate would exceed it)")
+
+        def hold(scope: str, window: str, limit: float, spent: float) -> None:
+            account_id = int(scope[8:]) if scope != "daemon" else None
+            whose = f" of account {account_id}" if account_id is not None else ""
+            gate.holds[scope] = reason(window, limit, spent, whose)
+            began = gate.day_start if window == "daily" else gate.month_start
+            self.enqueue_event(conn, "budget.exhausted", {
+                "budget": window, "scope": "account" if account_id is not None else "daemon",
+                "account_id": account_id, "limit": limit, "spent": round(spent, 6),
+                "currency": currency, "message": f"{'每日' if window == 'daily' else '每月'}预算"
+                f"已用完{f'（账号 {account_id}）' if account_id is not None else ''}：已花费"
+                f" {spent:.4f} / {limit:g} {currency}，任务等待中"},
+                now, key=f"budget.exhausted:{scope}:{window}:{began}")
+
+        gate.holds = {}
+        running_total = sum(committed.values())
+        for window, limit, spent in (("daily", gate.daily, day_total),
+                                     ("monthly", gate.monthly, month_total)):
+            if over(limit, spent, running_total + overall) and "daemon" not in gate.holds:
+                hold("daemon", window, limit, spent)
+        for account_id, limits in gate.accounts.items():
+            spent_day, spent_month = by_account.get(account_id, (0.0, 0.0))
+            more = committed.get(account_id, 0.0) + estimate(account_id)
+            for window, limit, spent in (("daily", limits[0], spent_day),
+                                         ("monthly", limits[1], spent_month)):
+                scope = f"account:{account_id}"
+                if over(limit, spent, more) and scope not in gate.holds:
+                    hold(scope, window, limit, spent)
+
+        def admit(account_id: int) -> bool:
+            cost = estimate(account_id)
+            total = sum(committed.values())
+            if over(gate.daily, day_total, total + cost) or over(gate.monthly, month_total,
+                                                                  total + cost):
+                return False
+            daily, monthly = gate.accounts.get(account_id, (0.0, 0.0))
+            spent_day, spent_month = by_account.get(account_id, (0.0, 0.0))
+            mine = committed.get(account_id, 0.0) + cost
+            if over(daily, spent_day, mine) or over(monthly, spent_month, mine):
+                return False
+            committed[account_id] = mine
+            return True
+
+        return admit
 
     async def next_due_at(self) -> datetime | None:
         rows = await self.query("SELECT MIN(next_attempt_at) AS due FROM content_generation_tasks"
@@ -1486,9 +1716,23 @@ class Store:
         return conn.execute(f"SELECT {columns} FROM content_generation_tasks"
                             f" WHERE {OWNED_BY_ATTEMPT}", (task_id, attempt)).fetchone()
 
+    @staticmethod
+    def _record_usage(conn: sqlite3.Connection, task_id: str, attempt: int,
+                      usage: Usage | None, outcome: str, stamp: str) -> None:
+        """The attempt's spend, inside the transaction that records its outcome."""
+        if usage is None:
+            return
+        conn.execute(
+            "INSERT INTO task_usage (task_id, attempt, account_id, model, tokens_in, tokens_out,"
+            " cost, currency, outcome, at) SELECT task_id, ?, account_id, ?, ?, ?, ?, ?, ?, ?"
+            " FROM content_generation_tasks WHERE task_id = ? ON CONFLICT DO NOTHING",
+            (attempt, usage.model, usage.tokens_in, usage.tokens_out, usage.cost,
+             usage.currency, outcome, stamp, task_id))
+
     async def complete_task(self, task_id: str, attempt: int, article: dict[str, Any],
                             result: dict[str, Any], now: datetime,
-                            then_claim: dict[str, Any] | None = None
+                            then_claim: dict[str, Any] | None = None,
+                            usage: Usage | None = None
                             ) -> tuple[int | None, list[dict[str, Any]]]:
         """running -> completed and the contents row, in one transaction. Returns the content
         id (None when the attempt no longer owns the task: cancelled, or requeued) and, with
@@ -1532,17 +1776,26 @@ class Store:
                 " error_message = NULL, pid = NULL, pgid = NULL, updated_at = ?"
                 " WHERE task_id = ?", (content_id, stamp, result_text, stamp, task_id))
             self._task_finished_events(conn, task_id, "completed", now)
+            self._record_usage(conn, task_id, attempt, usage, "completed", stamp)
             return content_id
 
         return await self._write(complete_and_claim)
 
     async def fail_attempt(self, task_id: str, attempt: int, now: datetime, error_kind: str,
                            message: str, retry_delay_s: float | None,
-                           final_status: str = "failed") -> str | None:
+                           final_status: str = "failed", usage: Usage | None = None
+                           ) -> str | None:
         """running/submitted -> pending (retry after `retry_delay_s`) or -> final_status.
-        `retry_delay_s` None means permanent. Returns the new status, None if not owned."""
+        `retry_delay_s` None means permanent. Returns the new status, None if not owned.
+        A failed attempt's `usage` is recorded too: it cost money all the same."""
 
         def fail(conn: sqlite3.Connection) -> str | None:
+            outcome = fail_once(conn)
+            if outcome is not None:
+                self._record_usage(conn, task_id, attempt, usage, outcome, to_db_time(now))
+            return outcome
+
+        def fail_once(conn: sqlite3.Connection) -> str | None:
             stamp = to_db_time(now)
             row = self._owned(conn, task_id, attempt, "status, retry_count, max_retries")
             if row is None:
@@ -2117,6 +2370,44 @@ class Store:
                     "per_day": per_day, "per_account": per_account}
 
         return await self._read(collect)
+
+    async def usage_totals(self, task_id: str) -> dict[str, Any]:
+        """What a task's attempts spent: `task status` and `content show` show it."""
+        [row] = await self.query(
+            "SELECT COUNT(*) AS attempts, COALESCE(SUM(tokens_in), 0) AS tokens_in,"
+            " COALESCE(SUM(tokens_out), 0) AS tokens_out, SUM(cost) AS cost,"
+            " MAX(currency) AS currency, SUM(cost IS NULL) AS unpriced_attempts"
+            " FROM task_usage WHERE task_id = ?", (task_id,))
+        row["unpriced_attempts"] = row["unpriced_attempts"] or 0
+        return row
+
+    async def cost_report(self, since: str, offset: str, by: str) -> dict[str, Any]:
+        """Spend since `since` grouped by local day (`offset` from UTC), account or model."""
+        key, columns = {"day": ("date(u.at, :offset)", "date(u.at, :offset) AS day"),
+                        "account": ("u.account_id",
+                                    "u.account_id AS account_id, a.name AS account_name"),
+                        "model": ("u.model", "u.model AS model")}[by]
+        sums = ("COUNT(*) AS attempts, COALESCE(SUM(u.tokens_in), 0) AS tokens_in,"
+                " COALESCE(SUM(u.tokens_out), 0) AS tokens_out,"
+                " ROUND(COALESCE(SUM(u.cost), 0), 6) AS cost,"
+                " SUM(u.cost IS NULL) AS unpriced_attempts")
+        params = {"since": since, "offset": offset}
+        rows = await self.query(
+            f"SELECT {columns}, {sums} FROM task_usage u LEFT JOIN accounts a"
+            f" ON a.id = u.account_id WHERE u.at >= :since GROUP BY {key} ORDER BY {key}",
+            params)
+        [totals] = await self.query(f"SELECT {sums} FROM task_usage u WHERE u.at >= :since",
+                                    params)
+        return {**totals, "rows": rows}
+
+    async def spend_since(self, day_start: str, month_start: str) -> dict[str, Any]:
+        """Spend of the current day and month, in total and per account."""
+        rows = await self.query(
+            "SELECT account_id, COALESCE(SUM(CASE WHEN at >= ? THEN cost END), 0) AS day,"
+            " COALESCE(SUM(cost), 0) AS month FROM task_usage WHERE at >= ?"
+            " GROUP BY account_id", (day_start, month_start))
+        return {"day": sum(r["day"] for r in rows), "month": sum(r["month"] for r in rows),
+                "accounts": {r["account_id"]: (r["day"], r["month"]) for r in rows}}
 
     async def task_stats(self) -> dict[str, Any]:
         by_status = await self.status_counts()
@@ -3520,6 +3811,158 @@ def _finite_or_none(value: Any) -> float | None:
     return None
 
 
+# Spend #########################################################################################
+
+#: Where creators report tokens: OpenAI's snake_case, camelCase, and the input/output names.
+USAGE_INPUT_KEYS = ("prompt_tokens", "promptTokens", "input_tokens", "inputTokens")
+USAGE_OUTPUT_KEYS = ("completion_tokens", "completionTokens", "output_tokens", "outputTokens")
+#: content-creator logs one line with this message per LLM call, tokens and cost in its meta.
+CC_CHAT_COMPLETED = "Chat request completed"
+#: The variable content-creator reads its model from; its log lines do not name the model.
+CC_MODEL_ENV = "LLM_MODEL_NAME"
+
+
+def _token_count(values: dict[str, Any], keys: tuple[str, ...]) -> int:
+    for key in keys:
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            return int(value)
+    return 0
+
+
+def _reported_cost(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value) if value >= 0 else None
+    return None
+
+
+def json_usage(stdout: str) -> Usage | None:
+    """The json adapter's usage: `usage` of the last JSON object (flat, in the HTTP envelope's
+    `data`, or beside a structured error), with optional `model` and `cost` next to it."""
+    data = _last_json_object(stdout)
+    if data is None:
+        return None
+    if isinstance(data.get("data"), dict):
+        data = {**data, **data["data"]}
+    usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
+    cost = _reported_cost(data.get("cost", usage.get("cost")))
+    if not usage and cost is None:
+        return None
+    model = data.get("model") or usage.get("model")
+    return Usage(_token_count(usage, USAGE_INPUT_KEYS), _token_count(usage, USAGE_OUTPUT_KEYS),
+                 model if isinstance(model, str) else None, cost)
+
+
+def content_creator_usage(output: str) -> Usage | None:
+    """The sum of content-creator's `Chat request completed {...}` log lines, in its plain and
+    its JSON log format; cost is the sum of the costs it printed (None if it printed none)."""
+    calls = 0
+    usage = Usage()
+    for line in output.splitlines():
+        if CC_CHAT_COMPLETED not in line:
+            continue
+        record = _cc_log_record(strip_ansi(line).strip())
+        if record is None or CC_CHAT_COMPLETED not in record[1]:
+            continue
+        meta = record[2]
+        calls += 1
+        usage.tokens_in += _token_count(meta, USAGE_INPUT_KEYS)
+        usage.tokens_out += _token_count(meta, USAGE_OUTPUT_KEYS)
+        cost = _reported_cost(meta.get("cost"))
+        if cost is not None:
+            usage.cost = (usage.cost or 0.0) + cost
+        if isinstance(meta.get("model"), str):
+            usage.model = meta["model"]
+    return usage if calls else None
+
+
+def attempt_usage(result: ProcessResult, output: str, default_model: str | None
+                  ) -> Usage | None:
+    """What one finished creator process reported spending, whatever its outcome."""
+    if output == "content-creator-text":
+        usage = content_creator_usage(result.stdout + "\n" + result.stderr)
+    else:
+        usage = json_usage(result.stdout)
+    if usage is not None and usage.model is None:
+        usage.model = default_model
+    return usage
+
+
+def price_usage(usage: Usage, budget: BudgetConfig, local_now: datetime) -> bool:
+    """Give `usage` its cost and currency: the creator's own cost wins; else [budget.prices]
+    for its model. False when neither knows (the tokens still count; the cost stays None)."""
+    usage.currency = budget.currency
+    if usage.cost is not None:
+        return True
+    price = budget.prices.get(usage.model or "")
+    if price is None:
+        return False
+    usage.cost = price.cost(usage.tokens_in, usage.tokens_out, local_now)
+    return True
+
+
+def budget_windows(now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime, datetime]:
+    """The start of the current local day and month, and the start of the next day."""
+    day = now.astimezone(tz).replace(hour=0, minute=0, second=0, microsecond=0)
+    next_day = day + timedelta(days=1)
+    return day, day.replace(day=1), next_day
+
+
+def budget_gate(config: Config, now: datetime) -> BudgetGate | None:
+    """The limits a claim must respect now; None when no budget is configured."""
+    budget = config.budget
+    accounts = {a.id: (a.daily_budget, a.monthly_budget) for a in config.accounts
+                if a.daily_budget or a.monthly_budget}
+    if not (budget.daily or budget.monthly or accounts):
+        return None
+    day, month, _ = budget_windows(now, ZoneInfo(config.daemon.timezone))
+    return BudgetGate(to_db_time(day) or "", to_db_time(month) or "", budget.daily,
+                      budget.monthly, accounts, budget.estimate, budget.currency)
+
+
+class RateLimiter:
+    """A token bucket for creator starts, shared by the whole pool: `rate` starts per second,
+    evenly spaced (a bucket of one token), so a provider's per-second limit is never met in a
+    burst. Rate 0 lets everything through."""
+
+    def __init__(self, rate: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.rate = rate
+        self.tokens = 1.0
+        self.updated = clock()
+
+    def set_rate(self, rate: float) -> None:
+        self._refill()
+        self.rate = rate
+
+    def _refill(self) -> None:
+        now = self.clock()
+        if self.rate:
+            self.tokens = min(1.0, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def take(self, wanted: int) -> int:
+        """Up to `wanted` starts allowed now (each one spends a token)."""
+        if not self.rate:
+            return wanted
+        self._refill()
+        granted = min(wanted, int(self.tokens + BUDGET_EPSILON))
+        self.tokens -= granted
+        return granted
+
+    def give_back(self, count: int) -> None:
+        """Tokens taken for starts that found no task."""
+        if self.rate and count > 0:
+            self.tokens = min(1.0, self.tokens + count)
+
+    def wait_s(self) -> float:
+        """Seconds until the next start is allowed."""
+        if not self.rate:
+            return 0.0
+        self._refill()
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
 # Executors #####################################################################################
 
 #: Topic templates per category (seed 000): topic i of an account is
@@ -4751,6 +5194,11 @@ class WorkerPool:
         self._dispatcher: asyncio.Task | None = None
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self.on_finished: Callable[[str, str], None] | None = None  #: (task_id, status) hook
+        self.limiter = RateLimiter()
+        #: budgets that keep tasks waiting now ("daemon" or "account:<id>" -> why), from the
+        #: latest claim
+        self.budget_holds: dict[str, str] = {}
+        self.unpriced_models: set[str] = set()  #: models seen without a price, warned once
         self.apply_config(config)
 
     @property
@@ -4765,6 +5213,10 @@ class WorkerPool:
         self.creator_env = self._creator_environment(config)
         #: encoded once: Popen would encode every variable again for every child
         self.creator_env_bytes = _encoded(self.creator_env)
+        self.limiter.set_rate(config.creator.rate_limit)
+        #: the model an attempt used when its output does not say
+        self.default_model = (config.creator.llm.model if config.creator.kind == "builtin"
+                              else self.creator_env.get(CC_MODEL_ENV))
         self.wake()
 
     def _creator_environment(self, config: Config) -> dict[str, str]:
@@ -4821,18 +5273,46 @@ class WorkerPool:
         free = self.capacity - len(self.running)
         if free <= 0 or not self._claiming:
             return None
+        allowed = self.limiter.take(free)
+        if not allowed:
+            return self.limiter.wait_s()
         daemon = self.config.daemon
-        claimed = await self.store.claim_next_tasks(free, self.clock(), daemon.task_timeout,
-                                                    daemon.max_concurrent_per_account)
+        now = self.clock()
+        gate = budget_gate(self.config, now)
+        claimed = await self.store.claim_next_tasks(allowed, now, daemon.task_timeout,
+                                                    daemon.max_concurrent_per_account, gate)
+        self._note_budget(gate)
+        self.limiter.give_back(allowed - len(claimed))
         for task in claimed:
             self._start_worker(task)
-        if len(claimed) == free:
-            return 0.0
-        # A task that is due but was not claimed waits for a per-account slot: a finishing
-        # worker wakes us. Only a retry due in the future needs a timer.
+        if len(claimed) == allowed:
+            return 0.0 if allowed == free else self.limiter.wait_s()
+        # A task that is due but was not claimed waits for a per-account slot (a finishing
+        # worker wakes us) or for money: the next day (or a reload) may bring some. Only a
+        # retry due in the future, or a budget window ending, needs a timer.
         due = await self.store.next_due_at()
         remaining = (due - self.clock()).total_seconds() if due is not None else 0.0
+        if self.budget_holds:
+            _, _, next_day = budget_windows(now, ZoneInfo(self.config.daemon.timezone))
+            until_window = (next_day - now).total_seconds()
+            remaining = min(remaining, until_window) if remaining > 0 else until_window
         return remaining if remaining > 0 else None
+
+    def _note_budget(self, gate: BudgetGate | None) -> None:
+        """Keep the holds of the latest claim; log each budget once when it starts holding."""
+        holds = gate.holds if gate is not None else {}
+        for scope in holds.keys() - self.budget_holds.keys():
+            log.warning("budget_exhausted", budget=scope, reason=holds[scope])
+        for scope in self.budget_holds.keys() - holds.keys():
+            log.info("budget_released", budget=scope)
+        self.budget_holds = dict(holds)
+
+    def waiting_reason(self, task: dict[str, Any]) -> str | None:
+        """Why a pending task is not claimed although due: the budget holding it, if any."""
+        if task.get("status") != "pending":
+            return None
+        return (self.budget_holds.get("daemon")
+                or self.budget_holds.get(f"account:{task.get('account_id')}"))
 
     def _start_worker(self, task: dict[str, Any]) -> None:
         running = self._register(task)
@@ -4991,30 +5471,60 @@ class WorkerPool:
         """The one place an attempt's outcome becomes a transition: completed with its
         contents row, a retry, or a terminal failure."""
         task_id, attempt = task["task_id"], task["attempt"]
+        usage = self._priced_usage(result, task_log)
         if isinstance(outcome, Article):
             row = article_row(outcome, task["topic"])
             daemon = self.config.daemon
+            now = self.clock()
+            gate = budget_gate(self.config, now)
             then_claim = ({"limit": 1, "timeout_s": daemon.task_timeout,
-                           "per_account_limit": daemon.max_concurrent_per_account}
+                           "per_account_limit": daemon.max_concurrent_per_account,
+                           "budget": gate}
                           if running is not None and self._claiming
-                          and len(self.running) <= self.capacity else None)
+                          and len(self.running) <= self.capacity and self.limiter.take(1)
+                          else None)
             content_id, claimed = await self.store.complete_task(
-                task_id, attempt, row, self._result_json(outcome, result), self.clock(),
-                then_claim)
+                task_id, attempt, row, self._result_json(outcome, result), now,
+                then_claim, usage)
+            if then_claim is not None:
+                self._note_budget(gate)
+                self.limiter.give_back(1 - len(claimed))
             if claimed and running is not None:
                 running.next_task = claimed[0]
             task_log.info("task_completed", content_id=content_id, title=row["title"],
-                          words=row["word_count"], duration=round(result.duration, 3))
+                          words=row["word_count"], duration=round(result.duration, 3),
+                          **self._usage_fields(usage))
             return "completed" if content_id is not None else None
         final = "timeout" if outcome.kind == "timeout" else "failed"
         outcome.message = scrub_secrets(outcome.message, self.creator_env)
         status = await self.store.fail_attempt(
             task_id, attempt, self.clock(), outcome.kind, outcome.message,
-            self._retry_delay(task) if outcome.retryable else None, final)
+            self._retry_delay(task) if outcome.retryable else None, final, usage)
         task_log.warning("task_attempt_failed", error_kind=outcome.kind, status=status,
                          exit_code=result.exit_code, duration=round(result.duration, 3),
-                         error=outcome.message[:300])
+                         error=outcome.message[:300], **self._usage_fields(usage))
         return status
+
+    def _priced_usage(self, result: ProcessResult, task_log: Any) -> Usage | None:
+        """The attempt's usage with its cost; a model without a price is warned about once."""
+        usage = attempt_usage(result, self.config.creator.output, self.default_model)
+        if usage is None:
+            return None
+        tz = ZoneInfo(self.config.daemon.timezone)
+        if not price_usage(usage, self.config.budget, self.clock().astimezone(tz)):
+            model = usage.model or ""
+            if model not in self.unpriced_models:
+                self.unpriced_models.add(model)
+                task_log.warning("model_price_unknown", model=model or None,
+                                 hint="add it to [budget.prices]; its cost counts as unknown")
+        return usage
+
+    @staticmethod
+    def _usage_fields(usage: Usage | None) -> dict[str, Any]:
+        if usage is None:
+            return {}
+        return {"tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out,
+                "model": usage.model, "cost": usage.cost}
 
     @staticmethod
     def _result_json(article: Article, result: ProcessResult) -> dict[str, Any]:
@@ -6231,7 +6741,9 @@ class ControlServer:
             key = int(key)
         if isinstance(key, str):
             key = await self.task_id({"task_id": key})
-        return await self.store.get_content(key, with_history=True)
+        content = await self.store.get_content(key, with_history=True)
+        content["usage"] = await self.store.usage_totals(content["task_id"])
+        return content
 
     async def cmd_content_approve(self, args: dict[str, Any],
                                   peer: tuple[int, str]) -> dict[str, Any]:
@@ -6257,7 +6769,17 @@ class ControlServer:
     # -- commands: tasks -----------------------------------------------------------------------
 
     async def cmd_task_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self.store.get_task(await self.task_id(args), with_events=True)
+        task = self._with_waiting(await self.store.get_task(await self.task_id(args),
+                                                            with_events=True))
+        task["usage"] = await self.store.usage_totals(task["task_id"])
+        return task
+
+    def _with_waiting(self, task: dict[str, Any]) -> dict[str, Any]:
+        """A pending task a budget holds says so: `waiting: budget` and the budget's reason."""
+        reason = self.pool.waiting_reason(task)
+        if reason is not None:
+            task.update(waiting="budget", waiting_reason=reason)
+        return task
 
     async def cmd_task_list(self, args: dict[str, Any]) -> Any:
         status = arg(args, "status", (str, list))
@@ -6267,8 +6789,10 @@ class ControlServer:
                 raise InvalidRequest(f"unknown status {name!r}")
         filters = {"status": statuses, "account_id": arg(args, "account_id", int)}
         limit = arg(args, "limit", int, default=50, minimum=1, maximum=100_000)
-        return await self._with_total(args, await self.store.list_tasks(**filters, limit=limit),
-                                      limit, lambda: self.store.count_tasks(**filters))
+        tasks = [self._with_waiting(task)
+                 for task in await self.store.list_tasks(**filters, limit=limit)]
+        return await self._with_total(args, tasks, limit,
+                                      lambda: self.store.count_tasks(**filters))
 
     async def cmd_task_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         task_id = await self.task_id(args)
@@ -6307,6 +6831,44 @@ class ControlServer:
         return await self._with_total(args, rows, limit,
                                       lambda: self.store.count_tasks(status=statuses))
 
+
+    async def cmd_monitor_cost(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Spend of the last `days` days by day, account or model, and where every budget
+        stands now."""
+        days = arg(args, "days", int, default=7, minimum=1, maximum=3650)
+        by = arg(args, "by", str, default="day", choices=("day", "account", "model"))
+        now = self.pool.clock()
+        local = now.astimezone(self.tz)
+        offset = f"{int((local.utcoffset() or timedelta()).total_seconds())} seconds"
+        since = local.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=days - 1)
+        report = await self.store.cost_report(to_db_time(since) or "", offset, by)
+        budget = self.config.budget
+        return {"currency": budget.currency, "total_cost": report["cost"],
+                "tokens_in": report["tokens_in"], "tokens_out": report["tokens_out"],
+                "attempts": report["attempts"], "unpriced_attempts": report["unpriced_attempts"],
+                "days": days, "by": by, "rows": report["rows"],
+                "budget": await self.budget_status(now)}
+
+    async def budget_status(self, now: datetime) -> dict[str, Any]:
+        """Each configured budget: limit, spent in its current window, remaining."""
+        day, month, _ = budget_windows(now, self.tz)
+        spend = await self.store.spend_since(to_db_time(day) or "", to_db_time(month) or "")
+        budget = self.config.budget
+
+        def window(limit: float, spent: float) -> dict[str, Any]:
+            return {"limit": limit or None, "spent": round(spent, 6),
+                    "remaining": round(max(limit - spent, 0.0), 6) if limit else None}
+
+        accounts = []
+        for account in self.config.accounts:
+            if account.daily_budget or account.monthly_budget:
+                spent_day, spent_month = spend["accounts"].get(account.id, (0.0, 0.0))
+                accounts.append({"account_id": account.id, "account_name": account.name,
+                                 "daily": window(account.daily_budget, spent_day),
+                                 "monthly": window(account.monthly_budget, spent_month)})
+        return {"currency": budget.currency, "daily": window(budget.daily, spend["day"]),
+                "monthly": window(budget.monthly, spend["month"]), "accounts": accounts,
+                "waiting": sorted(self.pool.budget_holds.values())}
 
     async def cmd_monitor_stats(self, args: dict[str, Any]) -> dict[str, Any]:
         days = arg(args, "days", int, default=7, minimum=1, maximum=3650)
@@ -7529,6 +8091,7 @@ class App:
             {"name": "notify", "ok": self.notifier.last_error is None,
              "detail": self.notifier.last_error or f"{len(self.config.notify)} targets"},
         ]
+        checks.append(self._budget_health())
         checks.append(await self._creator_health())
         topics, warnings = await self._topics_health()
         checks.append(topics)
@@ -7593,6 +8156,24 @@ class App:
                               f" error(s): {'; '.join(exc.errors)}"}
         return {"name": "config", "ok": True,
                 "detail": f"{path} changed since it was loaded; contenthubctl reload applies it"}
+
+    def _budget_health(self) -> dict[str, Any]:
+        """Degraded while a budget keeps tasks waiting, naming it; a model without a price
+        is a warning (its tokens count, its cost cannot)."""
+        holds = self.pool.budget_holds
+        check: dict[str, Any] = {"name": "budget", "ok": not holds}
+        if holds:
+            check["detail"] = "; ".join(holds[scope] for scope in sorted(holds))
+        else:
+            budget = self.config.budget
+            limited = sum(1 for a in self.config.accounts if a.daily_budget or a.monthly_budget)
+            check["detail"] = (f"daily {budget.daily or 'none'}, monthly"
+                               f" {budget.monthly or 'none'} {budget.currency};"
+                               f" {limited} account budget(s)")
+        if self.pool.unpriced_models:
+            names = ", ".join(sorted(m or "(unnamed)" for m in self.pool.unpriced_models))
+            check["warning"] = f"no price in [budget.prices] for: {names}; their cost is unknown"
+        return check
 
     async def _creator_health(self) -> dict[str, Any]:
         creator = self.config.creator

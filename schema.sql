@@ -287,3 +287,23 @@ CREATE TABLE notify_outbox (
     UNIQUE (event_id, target)
 );
 CREATE INDEX idx_notify_outbox_due ON notify_outbox (status, next_attempt_at);
+
+-- migration 5: usage per attempt: tokens, model and cost, for spend reports and budgets
+-- One row per attempt that reported usage, written in the transaction that records the
+-- attempt's outcome. No foreign key to the task: spend stays counted after `task cleanup`.
+CREATE TABLE task_usage (
+    id          INTEGER PRIMARY KEY,
+    task_id     TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    account_id  INTEGER,
+    model       TEXT,
+    tokens_in   INTEGER NOT NULL DEFAULT 0,
+    tokens_out  INTEGER NOT NULL DEFAULT 0,
+    cost        REAL,                                 -- NULL: no price known for the model
+    currency    TEXT NOT NULL,
+    outcome     TEXT NOT NULL,                        -- the task's status after the attempt
+    at          TEXT NOT NULL,
+    UNIQUE (task_id, attempt)
+);
+CREATE INDEX idx_usage_at ON task_usage (at, account_id, cost);
+CREATE INDEX idx_usage_account ON task_usage (account_id, at);

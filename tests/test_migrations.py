@@ -100,6 +100,10 @@ def test_upgrade_from_0_1_0_keeps_every_row_review_and_pause(daemon_factory):
     assert schedules["paused-one"]["paused"] and not schedules["daily-articles"]["paused"]
     # The notification outbox exists, empty: 0.1.0's tasks raise no events after the fact.
     assert daemon.call("notify.list") == []
+    # Spend accounting reads the upgraded file: a 0.1.0 task simply has no usage yet.
+    old_task = daemon.task(before["content_generation_tasks"][0]["task_id"])
+    assert old_task["usage"]["attempts"] == 0 and old_task["usage"]["cost"] is None
+    assert daemon.call("monitor.cost", {"days": 30})["rows"] == []
 
     # The upgraded file is a working database: the interrupted and pending tasks now complete.
     for task in before["content_generation_tasks"]:
