@@ -18,8 +18,9 @@ The file reads top to bottom; each section uses only the ones above it:
     Scheduler               the cron loop: fire, misfire and overlap policies
     Worker pool             claims tasks, runs creators, retries, timeouts, cancel
     Poll loop               drives tasks whose creator works asynchronously
-    Notifications           [[notify]]: the outbox's delivery loop, formats, signatures
     Control server          the NDJSON Unix socket behind contenthubctl
+    Notifications           [[notify]] and [[hooks]]: the outbox's delivery loop, formats,
+                            signatures
     Built-in creator        `contenthubd create`: offline drafts or an OpenAI-compatible LLM;
                             `contenthubd research-topics`: topics from the same LLM
     App                     startup -> main_loop -> shutdown, reload, signals
@@ -523,6 +524,9 @@ NOTIFY_EVENTS = ("content.ready", "task.failed", "schedule.failed", "schedule.mi
                  "creator.tripped", "creator.recovered", "budget.exhausted", "topics.low",
                  "digest")
 NOTIFY_FORMATS = ("json", "wecom", "feishu", "dingtalk", "slack")
+#: What [[hooks]] entries receive: every terminal transition of a task, with the task and its
+#: content (not listed in NOTIFY_EVENTS: a hook is a command target the daemon makes).
+HOOK_EVENT = "task.finished"
 
 
 @dataclass(frozen=True)
@@ -2648,7 +2652,7 @@ class Store:
                               now: datetime) -> None:
         """task.failed, and content.ready once a task's run (or the manual task) is done."""
         wanted = self.notify_subscribed
-        if not ({"task.failed", "content.ready"} & wanted):
+        if not ({"task.failed", "content.ready", HOOK_EVENT} & wanted):
             return
         cursor = conn.execute(
             "SELECT t.task_id, t.account_id, a.name AS account_name, t.topic, t.status,"
@@ -2664,6 +2668,15 @@ class Store:
                                            "status", "error_kind", "error_message",
                                            "retry_count", "schedule")}
                 | {"run_id": task["schedule_run_id"]}, now)
+        if HOOK_EVENT in wanted:
+            content = None
+            if task["content_id"] is not None:
+                cursor = conn.execute(f"SELECT {CONTENT_LIST_COLUMNS}, c.body FROM"
+                                      f" {CONTENT_FROM} WHERE c.id = ?", (task["content_id"],))
+                content = _row_dict(cursor, cursor.fetchone())
+            self.enqueue_event(conn, HOOK_EVENT, {
+                "event": status, "task": self._get_task(conn, task_id), "content": content,
+                "account_id": task["account_id"], "schedule": task["schedule"]}, now)
         if "content.ready" not in wanted:
             return
         if task["schedule_run_id"] is not None:
@@ -2753,6 +2766,17 @@ class Store:
                                 " WHERE status = 'pending' AND id NOT IN"
                                 " (SELECT value FROM json_each(?))", (json_text(exclude),))
         return from_db_time(rows[0]["due"]) if rows else None
+
+    async def prune_notifications(self, cutoff: datetime) -> int:
+        """Delete events older than `cutoff` with their deliveries, unless one is pending."""
+
+        def prune(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM notify_events WHERE at < ? AND routed = 1 AND NOT EXISTS"
+                " (SELECT 1 FROM notify_outbox o WHERE o.event_id = notify_events.event_id"
+                " AND o.status = 'pending')", (to_db_time(cutoff),)).rowcount
+
+        return await self._write(prune)
 
     async def add_digest(self, target: str, instant: datetime, tz: ZoneInfo,
                          now: datetime) -> str | None:
@@ -5663,454 +5687,6 @@ class PollLoop(BackgroundLoop):
                                                          timeout=POLL_COMMAND_TIMEOUT_S)
         return classify_result(result, creator, self.pool.creator_cwd)
 
-# Notifications #################################################################################
-
-NOTIFY_CONCURRENCY = 8  #: deliveries in flight at once, all targets together
-NOTIFY_PER_TARGET = 2  #: in flight per target: a dead receiver cannot take every slot
-NOTIFY_RETRY_CAP_S = 3600.0  #: the longest wait between two attempts of one delivery
-NOTIFY_RESPONSE_MAX = 64 << 10  #: bytes of a receiver's answer that are read
-NOTIFY_ROUTE_BATCH = 500  #: events turned into outbox rows per transaction
-NOTIFY_MAX_TITLES = 10  #: article titles listed in one chat message
-NOTIFY_BRAND = "【ContentHub】"  #: starts every chat title; a DingTalk bot keyword can match it
-#: What a chat message calls an event that has no text of its own below.
-NOTIFY_TITLES = {"creator.tripped": "创作器已熔断", "creator.recovered": "创作器已恢复",
-                 "budget.exhausted": "预算已用尽", "topics.low": "选题库存不足",
-                 "test": "测试通知"}
-
-
-@dataclass
-class HttpResponse:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-async def http_post(url: str, body: bytes, headers: dict[str, str], timeout: float,
-                    ssl_context: ssl.SSLContext | None = None) -> HttpResponse:
-    """One HTTP/1.1 POST on asyncio streams, the whole exchange within `timeout`.
-
-    No thread is held while a receiver thinks: a thousand slow receivers cost sockets, not
-    the executor that aiosqlite and DNS share. Raises OSError, asyncio.TimeoutError, or
-    ValueError for an answer that is not HTTP.
-    """
-    parts = urllib.parse.urlsplit(url)
-    secure = parts.scheme == "https"
-    port = parts.port or (443 if secure else 80)
-    host = parts.hostname or ""
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-    async def exchange() -> HttpResponse:
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=(ssl_context or ssl.create_default_context()) if secure else None,
-            limit=NOTIFY_RESPONSE_MAX)
-        try:
-            head = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}",
-                    f"Content-Length: {len(body)}", "Connection: close",
-                    *(f"{name}: {value}" for name, value in headers.items())]
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            await writer.drain()
-            status_line = (await reader.readline()).decode("latin-1")
-            match = re.match(r"HTTP/1\.[01] (\d{3})", status_line)
-            if not match:
-                raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
-            answer: dict[str, str] = {}
-            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                answer[name.strip().lower()] = value.strip()
-            if answer.get("transfer-encoding", "").lower() == "chunked":
-                data = b""
-                while len(data) < NOTIFY_RESPONSE_MAX:
-                    size = int((await reader.readline()).split(b";")[0] or b"0", 16)
-                    if size == 0:
-                        break
-                    data += await reader.readexactly(size)
-                    await reader.readline()
-            elif "content-length" in answer:
-                length = min(int(answer["content-length"]), NOTIFY_RESPONSE_MAX)
-                data = await reader.readexactly(length)
-            else:
-                data = await reader.read(NOTIFY_RESPONSE_MAX)
-            return HttpResponse(int(match[1]), answer, data)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
-
-    return await asyncio.wait_for(exchange(), timeout)
-
-
-def signature_header(secret: str, timestamp: int, body: bytes) -> str:
-    """X-ContentHub-Signature, Stripe's scheme: t=<unix seconds>,v1=<hex HMAC-SHA256 of
-    "<t>." + body>. A receiver recomputes v1 and rejects an old t (replays)."""
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={digest.hexdigest()}"
-
-
-def feishu_sign(secret: str, timestamp: int) -> str:
-    """Feishu custom bot: HMAC-SHA256 keyed with "<seconds>\\n<secret>" over nothing, base64."""
-    key = f"{timestamp}\n{secret}".encode()
-    return base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode()
-
-
-def dingtalk_sign(secret: str, timestamp_ms: int) -> str:
-    """DingTalk robot: HMAC-SHA256 keyed with the secret over "<ms>\\n<secret>", base64
-    (the caller URL-encodes it into the webhook's query)."""
-    digest = hmac.new(secret.encode(), f"{timestamp_ms}\n{secret}".encode(), hashlib.sha256)
-    return base64.b64encode(digest.digest()).decode()
-
-
-def _local(text: str | None, tz: ZoneInfo) -> str:
-    moment = from_db_time(text)
-    return moment.astimezone(tz).strftime("%m-%d %H:%M") if moment else "?"
-
-
-def _clip(text: Any, limit: int) -> str:
-    text = " ".join(str(text or "").split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def event_text(event: str, data: dict[str, Any], tz: ZoneInfo) -> tuple[str, list[str]]:
-    """A chat message for an event: a title and a few short lines in Chinese, ending with
-    the command an editor runs next."""
-    if event == "content.ready":
-        articles, counts = data.get("articles") or [], data.get("counts") or {}
-        where = data.get("schedule") or "手动任务"
-        lines = [f"{i}. {_clip(a.get('title'), 60)}（{a.get('account_name') or a.get('account_id')}"
-                 f"，{a.get('word_count', 0)} 字）"
-                 for i, a in enumerate(articles[:NOTIFY_MAX_TITLES], start=1)]
-        if len(articles) > NOTIFY_MAX_TITLES:
-            lines.append(f"…另有 {len(articles) - NOTIFY_MAX_TITLES} 篇")
-        tally = f"任务 {counts.get('tasks', len(articles))} 个：完成 {counts.get('completed', 0)}"
-        tally += f"，失败 {counts.get('failed', 0)}"
-        if counts.get("cancelled"):
-            tally += f"，取消 {counts['cancelled']}"
-        lines.append(tally)
-        pending = any(a.get("review_status") == "pending_review" for a in articles)
-        lines.append("审核：contenthubctl content list --review-status pending_review" if pending
-                     else "查看：contenthubctl content list")
-        return f"{where}：{len(articles)} 篇新文章", lines
-    if event == "task.failed":
-        task_id = data.get("task_id")
-        lines = [f"账号：{data.get('account_name') or ''}（{data.get('account_id')}）",
-                 f"原因：{data.get('error_kind')}：{_clip(data.get('error_message'), 200)}"]
-        if data.get("schedule"):
-            lines.append(f"计划：{data['schedule']}")
-        lines += [f"查看：contenthubctl task status {task_id}",
-                  f"重试：contenthubctl task retry {task_id}"]
-        status = "超时" if data.get("status") == "timeout" else "失败"
-        return f"任务{status}：{_clip(data.get('topic'), 60)}", lines
-    if event == "schedule.failed":
-        reason = data.get("error") or data.get("message") or "没有创建任何任务"
-        return f"计划 {data.get('schedule')} 执行失败", [
-            f"计划时间：{_local(data.get('scheduled_for'), tz)}", f"原因：{_clip(reason, 200)}",
-            f"历史：contenthubctl scheduler history {data.get('schedule')}"]
-    if event == "schedule.missed":
-        return f"计划 {data.get('schedule')} 错过 {data.get('missed')} 次触发", [
-            f"最近一次：{_local(data.get('last_missed'), tz)}",
-            f"历史：contenthubctl scheduler history {data.get('schedule')}"]
-    if event == "digest":
-        lines = [f"新文章 {data.get('articles', 0)} 篇，待审核 {data.get('pending_review', 0)} 篇",
-                 f"任务：完成 {data.get('completed', 0)}，失败 {data.get('failed', 0)}"
-                 f"，排队 {data.get('pending', 0)}"]
-        if data.get("notify_dead"):
-            lines.append(f"通知投递失败 {data['notify_dead']} 条：contenthubctl notify list"
-                         " --status dead")
-        lines.append("审核：contenthubctl content list --review-status pending_review")
-        return f"每日摘要 {data.get('date', '')}", lines
-    lines = ([_clip(data["message"], 300)] if data.get("message") else
-             [f"{key}：{_clip(value, 80)}" for key, value in list(data.items())[:6]
-              if not isinstance(value, (dict, list))])
-    return NOTIFY_TITLES.get(event, event), lines
-
-
-def _utf8_clip(text: str, limit: int) -> str:
-    """At most `limit` UTF-8 bytes, cut on a character boundary (WeCom counts bytes)."""
-    raw = text.encode()
-    return text if len(raw) <= limit else raw[:limit - 3].decode(errors="ignore") + "…"
-
-
-def _slack_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def chat_body(fmt: str, title: str, lines: list[str], secret: str,
-              now: datetime) -> dict[str, Any]:
-    """The vendor's documented message shape for one chat format."""
-    title = NOTIFY_BRAND + title
-    if fmt == "wecom":  # group bot: markdown content up to 4096 bytes
-        return {"msgtype": "markdown",
-                "markdown": {"content": _utf8_clip(f"**{title}**\n" + "\n".join(lines), 4000)}}
-    if fmt == "dingtalk":  # paragraphs need blank lines in DingTalk's markdown
-        return {"msgtype": "markdown", "markdown": {
-            "title": title, "text": _utf8_clip(f"#### {title}\n\n" + "\n\n".join(lines), 18000)}}
-    if fmt == "feishu":
-        body: dict[str, Any] = {"msg_type": "post", "content": {"post": {"zh_cn": {
-            "title": title, "content": [[{"tag": "text", "text": line}] for line in lines]}}}}
-        if secret:
-            stamp = int(now.timestamp())
-            body = {"timestamp": str(stamp), "sign": feishu_sign(secret, stamp), **body}
-        return body
-    text = f"*{_slack_escape(title)}*\n" + "\n".join(_slack_escape(line) for line in lines)
-    return {"text": title + "\n" + "\n".join(lines),
-            "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}}]}
-
-
-def chat_error(fmt: str, response: HttpResponse) -> str | None:
-    """WeCom, DingTalk and Feishu answer 200 with an error code in the body."""
-    if fmt not in ("wecom", "dingtalk", "feishu"):
-        return None
-    try:
-        answer = json.loads(response.body)
-    except ValueError:
-        return None
-    if not isinstance(answer, dict):
-        return None
-    code = answer.get("errcode", answer.get("code", answer.get("StatusCode", 0)))
-    if code in (0, None):
-        return None
-    return f"{fmt} error {code}: {answer.get('errmsg') or answer.get('msg') or ''}"[:300]
-
-
-def target_matches(target: NotifyConfig, data: dict[str, Any]) -> bool:
-    """A target's `accounts` and `schedules` filters; an event that names no account (or no
-    schedule) passes that filter."""
-    accounts = data.get("account_ids") or ([data["account_id"]] if data.get("account_id")
-                                           is not None else [])
-    if target.accounts and accounts and not set(accounts) & set(target.accounts):
-        return False
-    return not (target.schedules and "schedule" in data
-                and data["schedule"] not in target.schedules)
-
-
-@dataclass
-class SendOutcome:
-    response: str  #: "HTTP 200", "exit 1", "timed out", ""
-    error: str | None = None  #: None: delivered
-    retry_after: float | None = None  #: the receiver's Retry-After, in seconds
-
-
-class Notifier(BackgroundLoop):
-    """The delivery loop behind [[notify]]: at least once, from the outbox.
-
-    Events are rows written in the transaction of the change they report
-    (Store.enqueue_event). Each round: new events become one notify_outbox row per target
-    that wants them; due rows are sent, at most NOTIFY_CONCURRENCY at once and
-    NOTIFY_PER_TARGET per target, each within the target's timeout; digests fall due at
-    their targets' digest_cron. A failure waits `retry_backoff`, doubling with jitter up to
-    an hour (or the receiver's Retry-After); after `max_attempts` the row is dead with its
-    last error. A row stays pending while it is sent, so a crash resends it after restart;
-    every attempt carries the same event id for receivers to deduplicate. Secrets and URLs
-    (a WeCom key is in its URL) are never logged or stored.
-    """
-
-    loop_name = "notify-loop"
-
-    def __init__(self, store: Store, config: Config, environ: dict[str, str],
-                 clock: Callable[[], datetime] = utc_now):
-        super().__init__()
-        self.store = store
-        self.environ = environ
-        self.clock = clock
-        self._in_flight: dict[int, asyncio.Task] = {}
-        self._busy: dict[str, int] = {}
-        self._ssl: ssl.SSLContext | None = None
-        self._digests: dict[str, tuple[Trigger, datetime]] = {}
-        self.last_error: str | None = None  #: the latest dead delivery, for `monitor health`
-        store.on_events_written = self.wake
-        self.apply_config(config)
-
-    def apply_config(self, config: Config) -> None:
-        """Start and reload: new targets and filters route from the next event on."""
-        self.config = config
-        self.targets = {target.name: target for target in config.notify}
-        self.store.notify_subscribed = frozenset(
-            event for target in config.notify for event in target.events)
-        now = self.clock()
-        digests = {}
-        for target in config.notify:
-            if "digest" in target.events:
-                trigger = parse_trigger(target.digest_cron, None, config.daemon.timezone)
-                kept = self._digests.get(target.name)
-                digests[target.name] = (kept if kept and kept[0] == trigger
-                                        else (trigger, trigger.next_after(now)))
-        self._digests = digests
-        self.wake()
-
-    def route(self, event: str, only: str | None, data: dict[str, Any]) -> list[str]:
-        """The targets an event goes to (runs on the store's writer thread: pure)."""
-        targets = self.targets
-        if only is not None:
-            return [only] if only in targets else []
-        return [t.name for t in targets.values()
-                if event in t.events and target_matches(t, data)]
-
-    async def stop(self) -> None:
-        """In-flight deliveries are abandoned, still pending: the next start resends them."""
-        await super().stop()
-        for task in list(self._in_flight.values()):
-            task.cancel()
-        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-
-    async def _loop(self) -> None:
-        while self._running:
-            self._wake.clear()
-            delay = MAX_SLEEP_S
-            try:
-                now = self.clock()
-                await self._emit_due_digests(now)
-                while await self.store.route_events(self.route, now) == NOTIFY_ROUTE_BATCH:
-                    pass
-                if not await self._start_due(now):
-                    due = await self.store.next_delivery_at(exclude=list(self._in_flight))
-                    if due is not None:
-                        delay = min(delay, (due - self.clock()).total_seconds())
-                for _trigger, instant in self._digests.values():
-                    delay = min(delay, (instant - self.clock()).total_seconds())
-            except Exception:
-                log.exception("notify_round_failed")
-                delay = 5.0
-            if delay > 0:
-                await self._sleep(delay)
-
-    async def _start_due(self, now: datetime) -> bool:
-        """Start deliveries for due rows; True when some wait for a free slot (a finishing
-        delivery wakes the loop)."""
-        free = NOTIFY_CONCURRENCY - len(self._in_flight)
-        if free <= 0:
-            return True
-        rows = await self.store.due_deliveries(now, free + len(self._in_flight)
-                                               + NOTIFY_CONCURRENCY * NOTIFY_PER_TARGET)
-        waiting = False
-        for row in rows:
-            if row["id"] in self._in_flight:
-                continue
-            if free <= 0 or self._busy.get(row["target"], 0) >= NOTIFY_PER_TARGET:
-                waiting = True
-                continue
-            free -= 1
-            self._busy[row["target"]] = self._busy.get(row["target"], 0) + 1
-            self._in_flight[row["id"]] = asyncio.create_task(self._deliver(row),
-                                                             name=f"notify-{row['id']}")
-        return waiting
-
-    async def _deliver(self, row: dict[str, Any]) -> None:
-        name = row["target"]
-        try:
-            target = self.targets.get(name)
-            if target is None:
-                await self.store.record_delivery(row["id"], self.clock(), "", "no [[notify]]"
-                                                 f" target named {name!r} any more", None)
-                return
-            attempts = row["attempts"] + 1
-            outcome = await self.send(target, row["event_id"], row["event"], row["at"],
-                                      json.loads(row["data"]))
-            retry_at = None
-            if outcome.error is not None and attempts < target.max_attempts:
-                delay = retry_delay(target.retry_backoff, NOTIFY_RETRY_CAP_S, attempts - 1)
-                if outcome.retry_after:
-                    delay = max(delay, min(outcome.retry_after, NOTIFY_RETRY_CAP_S))
-                retry_at = self.clock() + timedelta(seconds=delay)
-            status = await self.store.record_delivery(row["id"], self.clock(), outcome.response,
-                                                      outcome.error, retry_at)
-            fields = {"delivery": row["id"], "event_id": row["event_id"], "event": row["event"],
-                      "target": name, "attempt": attempts, "response": outcome.response}
-            if status == "sent":
-                log.info("notify_sent", **fields)
-            elif status == "dead":
-                self.last_error = f"{name}: {row['event']} dead after {attempts} attempts:" \
-                                  f" {outcome.error}"
-                log.warning("notify_dead", error=outcome.error, **fields)
-            else:
-                log.info("notify_retry", error=outcome.error, retry_at=to_db_time(retry_at),
-                         **fields)
-        except Exception:
-            log.exception("notify_delivery_failed", delivery=row["id"], target=name)
-        finally:
-            self._in_flight.pop(row["id"], None)
-            self._busy[name] = self._busy.get(name, 1) - 1
-            self.wake()
-
-    def render(self, target: NotifyConfig, event_id: str, event: str, at: str,
-               data: dict[str, Any], now: datetime) -> tuple[str, dict[str, str], bytes]:
-        """The URL, headers and body of one attempt, signed at `now`."""
-        secret = ENV_REF_RE.sub(lambda m: self.environ.get(m.group(1), ""), target.secret)
-        url = ENV_REF_RE.sub(lambda m: self.environ.get(m.group(1), ""), target.url)
-        if target.format == "json":
-            payload: dict[str, Any] = {"id": event_id, "event": event, "at": at, "data": data}
-        else:
-            title, lines = event_text(event, data, ZoneInfo(self.config.daemon.timezone))
-            payload = chat_body(target.format, title, lines, secret, now)
-        body = json.dumps(payload, ensure_ascii=False, default=str).encode()
-        headers = {"Content-Type": "application/json; charset=utf-8",
-                   "User-Agent": f"contenthubd/{__version__}", "X-ContentHub-Event": event,
-                   "X-ContentHub-Delivery": event_id}
-        if secret:
-            headers["X-ContentHub-Signature"] = signature_header(secret, int(now.timestamp()),
-                                                                 body)
-            if target.format == "dingtalk":
-                stamp = int(now.timestamp() * 1000)
-                url += ("&" if "?" in url else "?") + urllib.parse.urlencode(
-                    {"timestamp": stamp, "sign": dingtalk_sign(secret, stamp)})
-        return url, headers, body
-
-    async def send(self, target: NotifyConfig, event_id: str, event: str, at: str,
-                   data: dict[str, Any]) -> SendOutcome:
-        """One attempt to one target; never raises for the receiver's faults."""
-        url, headers, body = self.render(target, event_id, event, at, data, self.clock())
-        if target.command:
-            env = child_environment(self.environ, {
-                "CONTENTHUB_EVENT": event, "CONTENTHUB_DELIVERY": event_id,
-                "CONTENTHUB_SIGNATURE": headers.get("X-ContentHub-Signature", "")})
-            try:
-                result = await run_process(target.command, stdin=body, env=env,
-                                           timeout=target.timeout, max_output=1 << 16)
-            except OSError as exc:
-                return SendOutcome("", f"cannot run {target.command[0]}: {exc}")
-            if result.timed_out:
-                return SendOutcome("timed out", f"no exit within {target.timeout:g}s")
-            if result.exit_code != 0:
-                return SendOutcome(f"exit {result.exit_code}",
-                                   result.stderr_tail(300) or "(stderr empty)")
-            return SendOutcome("exit 0")
-        if url.startswith("https://") and self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        try:
-            response = await http_post(url, body, headers, target.timeout, self._ssl)
-        except TimeoutError:
-            return SendOutcome("timed out", f"no answer within {target.timeout:g}s")
-        except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
-            return SendOutcome("", f"{type(exc).__name__}: {exc}"[:300])
-        shown = f"HTTP {response.status}"
-        retry_after = response.headers.get("retry-after", "")
-        wait = float(retry_after) if re.fullmatch(r"\d+(\.\d+)?", retry_after) else None
-        if not 200 <= response.status < 300:
-            detail = response.body[:200].decode(errors="replace").strip()
-            return SendOutcome(shown, f"{shown}" + (f": {detail}" if detail else ""), wait)
-        return SendOutcome(shown, chat_error(target.format, response))
-
-    async def _emit_due_digests(self, now: datetime) -> None:
-        for name, (trigger, instant) in list(self._digests.items()):
-            if instant > now:
-                continue
-            await self.store.add_digest(name, instant, ZoneInfo(self.config.daemon.timezone),
-                                        now)
-            self._digests[name] = (trigger, trigger.next_after(now))
-
-    # -- operator actions ----------------------------------------------------------------------
-
-    async def test(self, name: str) -> dict[str, Any]:
-        """`notify test NAME`: a test event now, straight to the target, not via the outbox."""
-        target = self.targets.get(name)
-        if target is None:
-            raise NotFound(f"no [[notify]] target named {name!r}; configured: "
-                           + (", ".join(self.targets) or "none"))
-        now = self.clock()
-        event_id = new_event_id(now)
-        outcome = await self.send(target, event_id, "test", to_db_time(now), {
-            "message": f"来自 contenthubd {__version__} 的测试消息：收到即表示 {name} 配置正确。"})
-        return {"target": name, "event_id": event_id, "ok": outcome.error is None,
-                "response": outcome.response, "error": outcome.error}
-
 # Control server ################################################################################
 
 TIME_FIELDS = {"submitted_at", "started_at", "completed_at", "timeout_at", "next_attempt_at",
@@ -7025,6 +6601,483 @@ class ControlServer:
     async def cmd_executors(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return [executor.describe() for executor in EXECUTORS.values()]
 
+# Notifications #################################################################################
+
+NOTIFY_CONCURRENCY = 8  #: deliveries in flight at once, all targets together
+NOTIFY_PER_TARGET = 2  #: in flight per target: a dead receiver cannot take every slot
+NOTIFY_RETRY_CAP_S = 3600.0  #: the longest wait between two attempts of one delivery
+NOTIFY_RESPONSE_MAX = 64 << 10  #: bytes of a receiver's answer that are read
+NOTIFY_ROUTE_BATCH = 500  #: events turned into outbox rows per transaction
+NOTIFY_MAX_TITLES = 10  #: article titles listed in one chat message
+NOTIFY_PRUNE_EVERY = timedelta(hours=1)  #: how often events past retention_days are deleted
+NOTIFY_BRAND = "【ContentHub】"  #: starts every chat title; a DingTalk bot keyword can match it
+#: What a chat message calls an event that has no text of its own below.
+NOTIFY_TITLES = {"creator.tripped": "创作器已熔断", "creator.recovered": "创作器已恢复",
+                 "budget.exhausted": "预算已用尽", "topics.low": "选题库存不足",
+                 "test": "测试通知"}
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def http_post(url: str, body: bytes, headers: dict[str, str], timeout: float,
+                    ssl_context: ssl.SSLContext | None = None) -> HttpResponse:
+    """One HTTP/1.1 POST on asyncio streams, the whole exchange within `timeout`.
+
+    No thread is held while a receiver thinks: a thousand slow receivers cost sockets, not
+    the executor that aiosqlite and DNS share. Raises OSError, asyncio.TimeoutError, or
+    ValueError for an answer that is not HTTP.
+    """
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "https"
+    port = parts.port or (443 if secure else 80)
+    host = parts.hostname or ""
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+    async def exchange() -> HttpResponse:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=(ssl_context or ssl.create_default_context()) if secure else None,
+            limit=NOTIFY_RESPONSE_MAX)
+        try:
+            head = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}",
+                    f"Content-Length: {len(body)}", "Connection: close",
+                    *(f"{name}: {value}" for name, value in headers.items())]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            await writer.drain()
+            status_line = (await reader.readline()).decode("latin-1")
+            match = re.match(r"HTTP/1\.[01] (\d{3})", status_line)
+            if not match:
+                raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
+            answer: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                answer[name.strip().lower()] = value.strip()
+            if answer.get("transfer-encoding", "").lower() == "chunked":
+                data = b""
+                while len(data) < NOTIFY_RESPONSE_MAX:
+                    size = int((await reader.readline()).split(b";")[0] or b"0", 16)
+                    if size == 0:
+                        break
+                    data += await reader.readexactly(size)
+                    await reader.readline()
+            elif "content-length" in answer:
+                length = min(int(answer["content-length"]), NOTIFY_RESPONSE_MAX)
+                data = await reader.readexactly(length)
+            else:
+                data = await reader.read(NOTIFY_RESPONSE_MAX)
+            return HttpResponse(int(match[1]), answer, data)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+    return await asyncio.wait_for(exchange(), timeout)
+
+
+def signature_header(secret: str, timestamp: int, body: bytes) -> str:
+    """X-ContentHub-Signature, Stripe's scheme: t=<unix seconds>,v1=<hex HMAC-SHA256 of
+    "<t>." + body>. A receiver recomputes v1 and rejects an old t (replays)."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+def feishu_sign(secret: str, timestamp: int) -> str:
+    """Feishu custom bot: HMAC-SHA256 keyed with "<seconds>\\n<secret>" over nothing, base64."""
+    key = f"{timestamp}\n{secret}".encode()
+    return base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode()
+
+
+def dingtalk_sign(secret: str, timestamp_ms: int) -> str:
+    """DingTalk robot: HMAC-SHA256 keyed with the secret over "<ms>\\n<secret>", base64
+    (the caller URL-encodes it into the webhook's query)."""
+    digest = hmac.new(secret.encode(), f"{timestamp_ms}\n{secret}".encode(), hashlib.sha256)
+    return base64.b64encode(digest.digest()).decode()
+
+
+def _local(text: str | None, tz: ZoneInfo) -> str:
+    moment = from_db_time(text)
+    return moment.astimezone(tz).strftime("%m-%d %H:%M") if moment else "?"
+
+
+def _clip(text: Any, limit: int) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def event_text(event: str, data: dict[str, Any], tz: ZoneInfo) -> tuple[str, list[str]]:
+    """A chat message for an event: a title and a few short lines in Chinese, ending with
+    the command an editor runs next."""
+    if event == "content.ready":
+        articles, counts = data.get("articles") or [], data.get("counts") or {}
+        where = data.get("schedule") or "手动任务"
+        lines = [f"{i}. {_clip(a.get('title'), 60)}（{a.get('account_name') or a.get('account_id')}"
+                 f"，{a.get('word_count', 0)} 字）"
+                 for i, a in enumerate(articles[:NOTIFY_MAX_TITLES], start=1)]
+        if len(articles) > NOTIFY_MAX_TITLES:
+            lines.append(f"…另有 {len(articles) - NOTIFY_MAX_TITLES} 篇")
+        tally = f"任务 {counts.get('tasks', len(articles))} 个：完成 {counts.get('completed', 0)}"
+        tally += f"，失败 {counts.get('failed', 0)}"
+        if counts.get("cancelled"):
+            tally += f"，取消 {counts['cancelled']}"
+        lines.append(tally)
+        pending = any(a.get("review_status") == "pending_review" for a in articles)
+        lines.append("审核：contenthubctl content list --review-status pending_review" if pending
+                     else "查看：contenthubctl content list")
+        return f"{where}：{len(articles)} 篇新文章", lines
+    if event == "task.failed":
+        task_id = data.get("task_id")
+        lines = [f"账号：{data.get('account_name') or ''}（{data.get('account_id')}）",
+                 f"原因：{data.get('error_kind')}：{_clip(data.get('error_message'), 200)}"]
+        if data.get("schedule"):
+            lines.append(f"计划：{data['schedule']}")
+        lines += [f"查看：contenthubctl task status {task_id}",
+                  f"重试：contenthubctl task retry {task_id}"]
+        status = "超时" if data.get("status") == "timeout" else "失败"
+        return f"任务{status}：{_clip(data.get('topic'), 60)}", lines
+    if event == "schedule.failed":
+        reason = data.get("error") or data.get("message") or "没有创建任何任务"
+        return f"计划 {data.get('schedule')} 执行失败", [
+            f"计划时间：{_local(data.get('scheduled_for'), tz)}", f"原因：{_clip(reason, 200)}",
+            f"历史：contenthubctl scheduler history {data.get('schedule')}"]
+    if event == "schedule.missed":
+        return f"计划 {data.get('schedule')} 错过 {data.get('missed')} 次触发", [
+            f"最近一次：{_local(data.get('last_missed'), tz)}",
+            f"历史：contenthubctl scheduler history {data.get('schedule')}"]
+    if event == "digest":
+        lines = [f"新文章 {data.get('articles', 0)} 篇，待审核 {data.get('pending_review', 0)} 篇",
+                 f"任务：完成 {data.get('completed', 0)}，失败 {data.get('failed', 0)}"
+                 f"，排队 {data.get('pending', 0)}"]
+        if data.get("notify_dead"):
+            lines.append(f"通知投递失败 {data['notify_dead']} 条：contenthubctl notify list"
+                         " --status dead")
+        lines.append("审核：contenthubctl content list --review-status pending_review")
+        return f"每日摘要 {data.get('date', '')}", lines
+    lines = ([_clip(data["message"], 300)] if data.get("message") else
+             [f"{key}：{_clip(value, 80)}" for key, value in list(data.items())[:6]
+              if not isinstance(value, (dict, list))])
+    return NOTIFY_TITLES.get(event, event), lines
+
+
+def _utf8_clip(text: str, limit: int) -> str:
+    """At most `limit` UTF-8 bytes, cut on a character boundary (WeCom counts bytes)."""
+    raw = text.encode()
+    return text if len(raw) <= limit else raw[:limit - 3].decode(errors="ignore") + "…"
+
+
+def _slack_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def chat_body(fmt: str, title: str, lines: list[str], secret: str,
+              now: datetime) -> dict[str, Any]:
+    """The vendor's documented message shape for one chat format."""
+    title = NOTIFY_BRAND + title
+    if fmt == "wecom":  # group bot: markdown content up to 4096 bytes
+        return {"msgtype": "markdown",
+                "markdown": {"content": _utf8_clip(f"**{title}**\n" + "\n".join(lines), 4000)}}
+    if fmt == "dingtalk":  # paragraphs need blank lines in DingTalk's markdown
+        return {"msgtype": "markdown", "markdown": {
+            "title": title, "text": _utf8_clip(f"#### {title}\n\n" + "\n\n".join(lines), 18000)}}
+    if fmt == "feishu":
+        body: dict[str, Any] = {"msg_type": "post", "content": {"post": {"zh_cn": {
+            "title": title, "content": [[{"tag": "text", "text": line}] for line in lines]}}}}
+        if secret:
+            stamp = int(now.timestamp())
+            body = {"timestamp": str(stamp), "sign": feishu_sign(secret, stamp), **body}
+        return body
+    text = f"*{_slack_escape(title)}*\n" + "\n".join(_slack_escape(line) for line in lines)
+    return {"text": title + "\n" + "\n".join(lines),
+            "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}}]}
+
+
+def chat_error(fmt: str, response: HttpResponse) -> str | None:
+    """WeCom, DingTalk and Feishu answer 200 with an error code in the body."""
+    if fmt not in ("wecom", "dingtalk", "feishu"):
+        return None
+    try:
+        answer = json.loads(response.body)
+    except ValueError:
+        return None
+    if not isinstance(answer, dict):
+        return None
+    code = answer.get("errcode", answer.get("code", answer.get("StatusCode", 0)))
+    if code in (0, None):
+        return None
+    return f"{fmt} error {code}: {answer.get('errmsg') or answer.get('msg') or ''}"[:300]
+
+
+def target_matches(target: NotifyConfig, data: dict[str, Any]) -> bool:
+    """A target's `accounts` and `schedules` filters; an event that names no account (or no
+    schedule) passes that filter."""
+    accounts = data.get("account_ids") or ([data["account_id"]] if data.get("account_id")
+                                           is not None else [])
+    if target.accounts and accounts and not set(accounts) & set(target.accounts):
+        return False
+    return not (target.schedules and "schedule" in data
+                and data["schedule"] not in target.schedules)
+
+
+@dataclass
+class SendOutcome:
+    response: str  #: "HTTP 200", "exit 1", "timed out", ""
+    error: str | None = None  #: None: delivered
+    retry_after: float | None = None  #: the receiver's Retry-After, in seconds
+
+
+class Notifier(BackgroundLoop):
+    """The delivery loop behind [[notify]]: at least once, from the outbox.
+
+    Events are rows written in the transaction of the change they report
+    (Store.enqueue_event). Each round: new events become one notify_outbox row per target
+    that wants them; due rows are sent, at most NOTIFY_CONCURRENCY at once and
+    NOTIFY_PER_TARGET per target, each within the target's timeout; digests fall due at
+    their targets' digest_cron. A failure waits `retry_backoff`, doubling with jitter up to
+    an hour (or the receiver's Retry-After); after `max_attempts` the row is dead with its
+    last error. A row stays pending while it is sent, so a crash resends it after restart;
+    every attempt carries the same event id for receivers to deduplicate. Secrets and URLs
+    (a WeCom key is in its URL) are never logged or stored. [[hooks]] entries are command
+    targets named hooks[N] that get HOOK_EVENT with their old payload. Events older than
+    retention_days go, with their deliveries, once none of those is pending.
+    """
+
+    loop_name = "notify-loop"
+
+    def __init__(self, store: Store, config: Config, environ: dict[str, str],
+                 clock: Callable[[], datetime] = utc_now):
+        super().__init__()
+        self.store = store
+        self.environ = environ
+        self.clock = clock
+        self._in_flight: dict[int, asyncio.Task] = {}
+        self._busy: dict[str, int] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._digests: dict[str, tuple[Trigger, datetime]] = {}
+        self._next_prune = clock()
+        self.last_error: str | None = None  #: the latest dead delivery, for `monitor health`
+        #: the latest failed [[hooks]] attempt, until one succeeds
+        self.last_hook_error: str | None = None
+        self._hook_statuses: dict[str, frozenset[str]] = {}
+        store.on_events_written = self.wake
+        self.apply_config(config)
+
+    def apply_config(self, config: Config) -> None:
+        """Start and reload: new targets and filters route from the next event on."""
+        self.config = config
+        # [[hooks]] are command targets named hooks[N] (a name [[notify]] cannot take).
+        hooks = [NotifyConfig(name=f"hooks[{i}]", command=hook.command, events=[HOOK_EVENT],
+                              timeout=hook.timeout) for i, hook in enumerate(config.hooks)]
+        self._hook_statuses = {f"hooks[{i}]": frozenset(hook.on)
+                               for i, hook in enumerate(config.hooks)}
+        self.targets = {target.name: target for target in (*config.notify, *hooks)}
+        self.store.notify_subscribed = frozenset(
+            event for target in self.targets.values() for event in target.events)
+        now = self.clock()
+        digests = {}
+        for target in config.notify:
+            if "digest" in target.events:
+                trigger = parse_trigger(target.digest_cron, None, config.daemon.timezone)
+                kept = self._digests.get(target.name)
+                digests[target.name] = (kept if kept and kept[0] == trigger
+                                        else (trigger, trigger.next_after(now)))
+        self._digests = digests
+        self.wake()
+
+    def route(self, event: str, only: str | None, data: dict[str, Any]) -> list[str]:
+        """The targets an event goes to (runs on the store's writer thread: pure)."""
+        targets, hooks = self.targets, self._hook_statuses
+        if only is not None:
+            return [only] if only in targets else []
+        return [t.name for t in targets.values()
+                if event in t.events and target_matches(t, data)
+                and (t.name not in hooks or data.get("event") in hooks[t.name])]
+
+    async def stop(self) -> None:
+        """In-flight deliveries are abandoned, still pending: the next start resends them."""
+        await super().stop()
+        for task in list(self._in_flight.values()):
+            task.cancel()
+        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while self._running:
+            self._wake.clear()
+            delay = MAX_SLEEP_S
+            try:
+                now = self.clock()
+                await self._emit_due_digests(now)
+                if now >= self._next_prune and self.config.daemon.retention_days:
+                    self._next_prune = now + NOTIFY_PRUNE_EVERY
+                    pruned = await self.store.prune_notifications(
+                        now - timedelta(days=self.config.daemon.retention_days))
+                    if pruned:
+                        log.info("notify_events_pruned", count=pruned)
+                while await self.store.route_events(self.route, now) == NOTIFY_ROUTE_BATCH:
+                    pass
+                if not await self._start_due(now):
+                    due = await self.store.next_delivery_at(exclude=list(self._in_flight))
+                    if due is not None:
+                        delay = min(delay, (due - self.clock()).total_seconds())
+                for _trigger, instant in self._digests.values():
+                    delay = min(delay, (instant - self.clock()).total_seconds())
+            except Exception:
+                log.exception("notify_round_failed")
+                delay = 5.0
+            if delay > 0:
+                await self._sleep(delay)
+
+    async def _start_due(self, now: datetime) -> bool:
+        """Start deliveries for due rows; True when some wait for a free slot (a finishing
+        delivery wakes the loop)."""
+        free = NOTIFY_CONCURRENCY - len(self._in_flight)
+        if free <= 0:
+            return True
+        rows = await self.store.due_deliveries(now, free + len(self._in_flight)
+                                               + NOTIFY_CONCURRENCY * NOTIFY_PER_TARGET)
+        waiting = False
+        for row in rows:
+            if row["id"] in self._in_flight:
+                continue
+            if free <= 0 or self._busy.get(row["target"], 0) >= NOTIFY_PER_TARGET:
+                waiting = True
+                continue
+            free -= 1
+            self._busy[row["target"]] = self._busy.get(row["target"], 0) + 1
+            self._in_flight[row["id"]] = asyncio.create_task(self._deliver(row),
+                                                             name=f"notify-{row['id']}")
+        return waiting
+
+    async def _deliver(self, row: dict[str, Any]) -> None:
+        name = row["target"]
+        try:
+            target = self.targets.get(name)
+            if target is None:
+                await self.store.record_delivery(row["id"], self.clock(), "", "no [[notify]]"
+                                                 f" target named {name!r} any more", None)
+                return
+            attempts = row["attempts"] + 1
+            outcome = await self.send(target, row["event_id"], row["event"], row["at"],
+                                      json.loads(row["data"]))
+            retry_at = None
+            if outcome.error is not None and attempts < target.max_attempts:
+                delay = retry_delay(target.retry_backoff, NOTIFY_RETRY_CAP_S, attempts - 1)
+                if outcome.retry_after:
+                    delay = max(delay, min(outcome.retry_after, NOTIFY_RETRY_CAP_S))
+                retry_at = self.clock() + timedelta(seconds=delay)
+            status = await self.store.record_delivery(row["id"], self.clock(), outcome.response,
+                                                      outcome.error, retry_at)
+            fields = {"delivery": row["id"], "event_id": row["event_id"], "event": row["event"],
+                      "target": name, "attempt": attempts, "response": outcome.response}
+            if name in self._hook_statuses:
+                self.last_hook_error = None if status == "sent" else (
+                    f"{target.command[0]}: {outcome.error}")
+            if status == "sent":
+                log.info("notify_sent", **fields)
+            elif status == "dead":
+                if name not in self._hook_statuses:
+                    self.last_error = (f"{name}: {row['event']} dead after {attempts}"
+                                       f" attempts: {outcome.error}")
+                log.warning("notify_dead", error=outcome.error, **fields)
+            else:
+                log.info("notify_retry", error=outcome.error, retry_at=to_db_time(retry_at),
+                         **fields)
+        except Exception:
+            log.exception("notify_delivery_failed", delivery=row["id"], target=name)
+        finally:
+            self._in_flight.pop(row["id"], None)
+            self._busy[name] = self._busy.get(name, 1) - 1
+            self.wake()
+
+    def render(self, target: NotifyConfig, event_id: str, event: str, at: str,
+               data: dict[str, Any], now: datetime) -> tuple[str, dict[str, str], bytes]:
+        """The URL, headers and body of one attempt, signed at `now`."""
+        secret = ENV_REF_RE.sub(lambda m: self.environ.get(m.group(1), ""), target.secret)
+        url = ENV_REF_RE.sub(lambda m: self.environ.get(m.group(1), ""), target.url)
+        tz = ZoneInfo(self.config.daemon.timezone)
+        if target.name in self._hook_statuses:  # the payload [[hooks]] always had
+            payload: dict[str, Any] = {"event": data["event"], "task": present(data["task"], tz),
+                                       "content": present(data["content"], tz)}
+        elif target.format == "json":
+            payload = {"id": event_id, "event": event, "at": at, "data": data}
+        else:
+            title, lines = event_text(event, data, tz)
+            payload = chat_body(target.format, title, lines, secret, now)
+        body = json.dumps(payload, ensure_ascii=False, default=str).encode()
+        headers = {"Content-Type": "application/json; charset=utf-8",
+                   "User-Agent": f"contenthubd/{__version__}", "X-ContentHub-Event": event,
+                   "X-ContentHub-Delivery": event_id}
+        if secret:
+            headers["X-ContentHub-Signature"] = signature_header(secret, int(now.timestamp()),
+                                                                 body)
+            if target.format == "dingtalk":
+                stamp = int(now.timestamp() * 1000)
+                url += ("&" if "?" in url else "?") + urllib.parse.urlencode(
+                    {"timestamp": stamp, "sign": dingtalk_sign(secret, stamp)})
+        return url, headers, body
+
+    async def send(self, target: NotifyConfig, event_id: str, event: str, at: str,
+                   data: dict[str, Any]) -> SendOutcome:
+        """One attempt to one target; never raises for the receiver's faults."""
+        url, headers, body = self.render(target, event_id, event, at, data, self.clock())
+        if target.command:
+            env = child_environment(self.environ, {
+                "CONTENTHUB_EVENT": event, "CONTENTHUB_DELIVERY": event_id,
+                "CONTENTHUB_SIGNATURE": headers.get("X-ContentHub-Signature", "")})
+            try:
+                argv = (render_argv(target.command, task_values(data["task"]))
+                        if target.name in self._hook_statuses else target.command)
+                result = await run_process(argv, stdin=body, env=env,
+                                           timeout=target.timeout, max_output=1 << 16)
+            except (OSError, ValueError) as exc:
+                return SendOutcome("", f"cannot run {target.command[0]}: {exc}")
+            if result.timed_out:
+                return SendOutcome("timed out", f"no exit within {target.timeout:g}s")
+            if result.exit_code != 0:
+                return SendOutcome(f"exit {result.exit_code}",
+                                   result.stderr_tail(300) or "(stderr empty)")
+            return SendOutcome("exit 0")
+        if url.startswith("https://") and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        try:
+            response = await http_post(url, body, headers, target.timeout, self._ssl)
+        except TimeoutError:
+            return SendOutcome("timed out", f"no answer within {target.timeout:g}s")
+        except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            return SendOutcome("", f"{type(exc).__name__}: {exc}"[:300])
+        shown = f"HTTP {response.status}"
+        retry_after = response.headers.get("retry-after", "")
+        wait = float(retry_after) if re.fullmatch(r"\d+(\.\d+)?", retry_after) else None
+        if not 200 <= response.status < 300:
+            detail = response.body[:200].decode(errors="replace").strip()
+            return SendOutcome(shown, f"{shown}" + (f": {detail}" if detail else ""), wait)
+        return SendOutcome(shown, chat_error(target.format, response))
+
+    async def _emit_due_digests(self, now: datetime) -> None:
+        for name, (trigger, instant) in list(self._digests.items()):
+            if instant > now:
+                continue
+            await self.store.add_digest(name, instant, ZoneInfo(self.config.daemon.timezone),
+                                        now)
+            self._digests[name] = (trigger, trigger.next_after(now))
+
+    # -- operator actions ----------------------------------------------------------------------
+
+    async def test(self, name: str) -> dict[str, Any]:
+        """`notify test NAME`: a test event now, straight to the target, not via the outbox."""
+        target = self.targets.get(name)
+        if target is None:
+            raise NotFound(f"no [[notify]] target named {name!r}; configured: "
+                           + (", ".join(self.targets) or "none"))
+        now = self.clock()
+        event_id = new_event_id(now)
+        outcome = await self.send(target, event_id, "test", to_db_time(now), {
+            "message": f"来自 contenthubd {__version__} 的测试消息：收到即表示 {name} 配置正确。"})
+        return {"target": name, "event_id": event_id, "ok": outcome.error is None,
+                "response": outcome.response, "error": outcome.error}
+
 # Built-in creator ##############################################################################
 
 CREATOR_EXIT_RETRYABLE = 1  #: the daemon retries the task with backoff
@@ -7720,7 +7773,6 @@ def run_builtin_research(argv: list[str]) -> int:
 # App ###########################################################################################
 
 
-HOOK_CONCURRENCY = 4
 #: `monitor health` warns when an account's pool holds fewer topics than this many firings take
 TOPICS_LOW_FIRINGS = 3
 
@@ -7797,9 +7849,6 @@ class App:
         self.status_dirty = asyncio.Event()
         self.started_at: datetime | None = None
         self.last_reload_error: str | None = None
-        self.last_hook_error: str | None = None
-        self._hook_slots = asyncio.Semaphore(HOOK_CONCURRENCY)
-        self._hooks_running: set[asyncio.Task] = set()
         self._lock_fd: int | None = None
         self._background: list[asyncio.Task] = []
 
@@ -7854,6 +7903,10 @@ class App:
         await self.pool.start()
         await self.poll_loop.start()
         await self.notifier.start()
+        if self.config.hooks:
+            log.info("hooks_delivered_by_notify", hooks=len(self.config.hooks),
+                     hint="[[hooks]] run as [[notify]] command targets hooks[0], hooks[1], ...:"
+                     " kept across crashes and retried; see contenthubctl notify list")
         await self.scheduler.start()
         if self.environ.get("NOTIFY_SOCKET"):
             self._background.append(asyncio.create_task(self._status_loop(), name="sd-status"))
@@ -7894,8 +7947,6 @@ class App:
         await self.poll_loop.stop()
         await self.pool.stop(self.config.daemon.shutdown_grace)
         await self.notifier.stop()
-        if self._hooks_running:
-            await asyncio.wait(self._hooks_running, timeout=self.config.daemon.shutdown_grace)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -7992,36 +8043,6 @@ class App:
 
     def _task_finished(self, task_id: str, status: str) -> None:
         self.status_dirty.set()
-        for hook in self.config.hooks:
-            if status in hook.on:
-                task = asyncio.create_task(self._run_hook(hook, task_id, status))
-                self._hooks_running.add(task)
-                task.add_done_callback(self._hooks_running.discard)
-
-    async def _run_hook(self, hook: HookConfig, task_id: str, status: str) -> None:
-        """Completion hooks (the seed's webhook, the Unix way): the task and its content as
-        JSON on stdin; bounded in time and concurrency; never in the worker pool's way."""
-        async with self._hook_slots:
-            task = await self.store.get_task(task_id)
-            content = None
-            if task["content_id"]:
-                content = await self.store.get_content(task["content_id"])
-            tz = ZoneInfo(self.config.daemon.timezone)
-            payload = json.dumps({"event": status, "task": present(task, tz),
-                                  "content": present(content, tz)}, ensure_ascii=False)
-            argv = render_argv(hook.command, task_values(task))
-            try:
-                result = await run_process(argv, stdin=payload.encode(), timeout=hook.timeout,
-                                           env=child_environment(self.environ, {}),
-                                           max_output=1 << 20)
-                error = None if result.exit_code == 0 else (
-                    "timed out" if result.timed_out else
-                    f"exit {result.exit_code}: {result.stderr_tail(300)}")
-            except OSError as exc:
-                error = f"cannot run {argv[0]}: {exc}"
-            if error:
-                self.last_hook_error = f"{argv[0]} for {task_id}: {error}"
-                log.warning("hook_failed", task_id=task_id, hook=argv[0], error=error)
 
     async def _status_line(self) -> str:
         rows = await self.store.query("SELECT COUNT(*) AS n FROM content_generation_tasks"
@@ -8084,8 +8105,8 @@ class App:
             self._config_health(),
             {"name": "workers", "ok": True,
              "detail": f"{len(self.pool.running)}/{self.pool.capacity} busy"},
-            {"name": "hooks", "ok": self.last_hook_error is None,
-             "detail": self.last_hook_error or f"{len(self.config.hooks)} configured"},
+            {"name": "hooks", "ok": self.notifier.last_hook_error is None,
+             "detail": self.notifier.last_hook_error or f"{len(self.config.hooks)} configured"},
             {"name": "scheduler", "ok": self.scheduler.is_running,
              "detail": f"{len(self.scheduler.schedules)} schedules"},
             {"name": "notify", "ok": self.notifier.last_error is None,

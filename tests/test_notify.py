@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import DAEMON, command_creator, wait_until
+from conftest import CREATORS, DAEMON, command_creator, wait_until
 
 SECRET = "s3cret-值"
 
@@ -304,3 +305,94 @@ name = "a"
     assert "${NOT_SET_ANYWHERE} is not set" in errors
     assert "duplicate target name 'a'" in errors
     assert "notify[1].url" in errors and "exactly one of url or command" in errors
+
+
+def test_schedule_failed_and_missed_reach_a_chat_target(daemon_factory, receivers):
+    receiver = receivers(answer={"code": 0, "msg": "success"})
+    daemon = daemon_factory(creator=command_creator("instant_article.sh"),
+                            env={"PUBLISH_FAIL": "1"}, extra=notify_block(
+        receiver.url, name="ops", format="feishu",
+        events=["schedule.failed", "schedule.missed"]) + f"""
+[publish]
+command = ["{CREATORS / 'publisher.py'}"]
+
+[[schedules]]
+name = "publisher"
+executor = "publish"
+cron = "0 3 * * *"
+
+[[schedules]]
+name = "hourly"
+cron = "0 * * * *"
+misfire = "skip"
+params = {{ account_ids = [49] }}
+""").start()
+    daemon.wait_status(daemon.submit("待发布", auto_approve=True), "completed")
+    assert daemon.call("scheduler.trigger", {"name": "publisher"})["status"] == "failed"
+    wait_until(lambda: len(receiver.requests) == 1, message="schedule.failed")
+    failed = json.loads(receiver.requests[0]["body"])["content"]["post"]["zh_cn"]
+    assert failed["title"] == "【ContentHub】计划 publisher 执行失败"
+    assert any("contenthubctl scheduler history publisher" in line[0]["text"]
+               for line in failed["content"])
+    # Down for five hours: the restart records the missed hours and says so once.
+    daemon.stop()
+    with daemon.db() as conn:
+        conn.execute("UPDATE schedule_state SET last_scheduled_for ="
+                     " strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-5 hours') WHERE name = 'hourly'")
+    daemon.start()
+    wait_until(lambda: len(receiver.requests) == 2, message="schedule.missed")
+    assert receiver.requests[1]["headers"]["X-ContentHub-Event"] == "schedule.missed"
+    missed = json.loads(receiver.requests[1]["body"])["content"]["post"]["zh_cn"]["title"]
+    assert re.fullmatch(r"【ContentHub】计划 hourly 错过 [45] 次触发", missed)
+    assert outbox(daemon, "SELECT COUNT(*) FROM notify_events WHERE event = 'schedule.missed'"
+                  ) == [(1,)]
+
+
+def test_digest_goes_to_its_target_at_digest_cron(daemon_factory, receivers):
+    digest, other = receivers(), receivers()
+    daemon = daemon_factory(creator=command_creator("instant_article.sh"), extra=notify_block(
+        digest.url, name="daily", events=["digest"], digest_cron="* * * * *") + notify_block(
+        other.url, name="alerts", events=["task.failed"])).start()
+    daemon.wait_status(daemon.submit("今天的文章"), "completed")
+    wait_until(lambda: digest.bodies("digest"), 75, message="a digest within a minute")
+    data = digest.bodies("digest")[0]["data"]
+    assert data["articles"] == 1 and data["completed"] == 1 and data["pending_review"] == 1
+    assert other.requests == []
+
+
+def test_hooks_are_command_targets_retried_with_their_old_payload(daemon_factory, tmp_path):
+    daemon = daemon_factory(creator=command_creator("instant_article.sh"), extra=f"""
+[[hooks]]
+on = ["completed"]
+command = ["{CREATORS / 'hook_fails_once.sh'}", "{{task_id}}"]
+""").start()
+    task_id = daemon.submit("钩子重试")
+    daemon.wait_status(task_id, "completed")
+    record = tmp_path / "hooks.jsonl"
+    wait_until(lambda: record.exists() and record.read_text().strip(), message="the retry")
+    [payload] = [json.loads(line) for line in record.read_text().splitlines() if line]
+    assert payload["event"] == "completed" and payload["task"]["task_id"] == task_id
+    assert payload["content"]["title"] == "instant article"
+    assert payload["task"]["created_at"].endswith("+08:00")  # local times, as hooks had
+    wait_until(lambda: outbox(daemon, "SELECT target, status, attempts FROM notify_outbox")
+               == [("hooks[0]", "sent", 2)])
+    assert "hooks_delivered_by_notify" in daemon.log()
+
+
+def test_events_past_retention_are_pruned_unless_pending(daemon_factory, receivers):
+    receiver = receivers()
+    daemon = daemon_factory(extra=notify_block(receiver.url)).start()
+    daemon.stop()
+    with daemon.db() as conn:
+        for event_id, status in (("evt-old-sent", "sent"), ("evt-old-pending", "pending")):
+            conn.execute("INSERT INTO notify_events (event_id, event, at, data, routed) VALUES"
+                         " (?, 'topics.low', '2020-01-01T00:00:00.000Z', '{}', 1)", (event_id,))
+            conn.execute("INSERT INTO notify_outbox (event_id, target, status, next_attempt_at,"
+                         " created_at, updated_at) VALUES (?, 'hook', ?, '2020-01-01T00:00:00Z',"
+                         " '2020-01-01T00:00:00Z', '2020-01-01T00:00:00Z')", (event_id, status))
+    daemon.start()
+    wait_until(lambda: outbox(daemon, "SELECT event_id FROM notify_events") == [
+        ("evt-old-pending",)], message="the sent event pruned")
+    wait_until(lambda: receiver.requests, message="the pending one still delivered")
+    assert receiver.bodies()[0]["id"] == "evt-old-pending"
+    assert outbox(daemon, "SELECT COUNT(*) FROM notify_outbox") == [(1,)]
