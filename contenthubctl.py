@@ -50,6 +50,7 @@ DEFAULT_SOCKET = "/run/contenthubd/contenthubd.sock"
 EMBEDDED_DEFAULT_SOCKET = os.path.join("state", "contenthubd.sock")
 DEFAULT_CONFIG_NAME = "contenthubd.toml"
 REPLY_TIMEOUT_S = 120.0  #: for ordinary commands; `task.watch` waits as long as the task runs
+DB_COMMAND_TIMEOUT_S = 3600.0  #: a backup or check of a large file reads all of it
 MAX_REQUEST_BYTES = 1 << 20  #: the daemon rejects longer request lines
 
 TASK_STATUSES = ("pending", "submitted", "running", "completed", "failed", "timeout",
@@ -1269,6 +1270,27 @@ def reload_lines(changes: dict) -> list[str]:
     return lines
 
 
+
+
+def cmd_db_backup(session: Session, options) -> int:
+    # The daemon writes the file, from its own working directory: send an absolute path.
+    path = os.path.abspath(options.path)
+    session.show(session.call("db.backup", {"path": path}, timeout=options.timeout),
+                 order=("path", "bytes", "duration_s", "integrity", "schema_version"))
+    return EXIT_OK
+
+
+def cmd_db_check(session: Session, options) -> int:
+    result = session.call("db.check", timeout=options.timeout)
+    session.show(result, order=("ok", "integrity", "foreign_keys", "database", "duration_s"))
+    return EXIT_OK if result.get("ok") else EXIT_FAILED
+
+
+def cmd_db_stats(session: Session, options) -> int:
+    session.show(session.call("db.stats"))
+    return EXIT_OK
+
+
 def cmd_reload(session: Session, options) -> int:
     result = session.call("reload")
     if session.format == "table":
@@ -1504,6 +1526,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                           " [,requirements,tone,category]")
     sub.add_argument("--async", dest="async_mode", action="store_true",
                      help="accepted for compatibility: generation is always asynchronous")
+    db = group("db", "back up, check and measure the database file")
+    if wanted("db"):
+        sub = command(db, "backup", cmd_db_backup,
+                      "consistent online copy to PATH (written by the daemon), then checked")
+        sub.add_argument("path", metavar="PATH", help="new file; never overwritten")
+        sub.add_argument("--timeout", type=float, default=DB_COMMAND_TIMEOUT_S,
+                         help=f"seconds to wait (default {DB_COMMAND_TIMEOUT_S:.0f})")
+        sub = command(db, "check", cmd_db_check, "integrity_check and foreign_key_check")
+        sub.add_argument("--timeout", type=float, default=DB_COMMAND_TIMEOUT_S,
+                         help=f"seconds to wait (default {DB_COMMAND_TIMEOUT_S:.0f})")
+        command(db, "stats", cmd_db_stats, "file and WAL size, pages, rows per table")
     command(commands, "reload", cmd_reload, "re-read the config file (like SIGHUP)")
     command(commands, "config", cmd_config, "effective settings and where each came from")
     return parser

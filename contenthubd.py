@@ -1102,6 +1102,20 @@ CONTENT_FROM = ("contents c LEFT JOIN content_generation_tasks t ON t.task_id = 
 #: (kill -9); only an OS crash or power loss can lose the last commits, never corrupt the
 #: file. README says more.
 DB_PRAGMAS = ("synchronous = NORMAL", "foreign_keys = ON", "busy_timeout = 5000")
+#: A reader that holds one snapshot (a long report, a backup, an open sqlite3 transaction)
+#: keeps SQLite's automatic checkpoints from reusing the WAL, which then grows with every
+#: write. Past this size the writer tries a TRUNCATE checkpoint whenever its queue is empty,
+#: waiting at most WAL_TRUNCATE_WAIT_MS for readers (writes wait meanwhile), and again
+#: WAL_TRUNCATE_RETRY_S later if one still holds on; `monitor health` says so until it
+#: succeeds. journal_size_limit trims the file after SQLite's own resets too. A reader that
+#: opens each snapshot the instant it closes the last can still hold the WAL: no checkpoint
+#: mode can reset a WAL that some snapshot always needs.
+WAL_TRUNCATE_BYTES = 64 << 20
+WAL_TRUNCATE_WAIT_MS = 500
+WAL_TRUNCATE_RETRY_S = 5.0
+WRITER_PRAGMAS = ("journal_mode = WAL", f"journal_size_limit = {WAL_TRUNCATE_BYTES}")
+#: The copies the backup executor writes and rotates: contenthub-20261201T080000.000Z.db
+BACKUP_NAME_RE = re.compile(r"^contenthub-\d{8}T\d{6}\.\d{3}Z\.db$")
 CLOSE_WAIT_S = 10.0  #: how long close() lets the writer retry before failing what is queued
 #: The fence on a task's row (task_id, attempt): a cancelled or requeued task is no longer
 #: this attempt's to change.
@@ -1125,6 +1139,15 @@ def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
 def _settle_all(batch: list[tuple], outcomes: list[tuple[bool, Any]]) -> None:
     for (_work, _args, done), (ok, value) in zip(batch, outcomes):
         _settle(done, ok, value)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename or link in `path` survive a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
@@ -1261,6 +1284,7 @@ class Store:
         #: Called on the event loop after a commit that wrote notification events.
         self.on_events_written: Callable[[], None] = lambda: None
         self._events_written = False  #: set on the writer thread by enqueue_event
+        self.wal_warning: str | None = None  #: set while readers keep the WAL from shrinking
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -1304,8 +1328,7 @@ class Store:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None)
             conn.create_function("topic_key", 1, topic_key, deterministic=True)
-            conn.execute("PRAGMA journal_mode = WAL")
-            for pragma in DB_PRAGMAS:
+            for pragma in WRITER_PRAGMAS + DB_PRAGMAS:
                 conn.execute(f"PRAGMA {pragma}")
             self._apply_schema(conn)
         except Exception as exc:
@@ -1316,23 +1339,56 @@ class Store:
         loop.call_soon_threadsafe(_settle, opened, True, None)
         try:
             stopping = False
+            next_truncate = 0.0
             while not stopping:
-                batch, stopping = self._next_batch(block=True)
+                # A held WAL is retried even when no write comes to trigger it.
+                wait = (None if self.wal_warning is None
+                        else max(0.0, next_truncate - time.monotonic()))
+                batch, stopping = self._next_batch(block=True, timeout=wait)
                 if batch:
                     outcomes = self._commit_retrying(conn, batch)
                     loop.call_soon_threadsafe(_settle_all, batch, outcomes)
                     if self._events_written:
                         self._events_written = False
                         loop.call_soon_threadsafe(self.on_events_written)
+                if (self._writes.empty() and time.monotonic() >= next_truncate
+                        and not self._truncate_wal(conn)):
+                    next_truncate = time.monotonic() + WAL_TRUNCATE_RETRY_S
         finally:
             conn.close()
 
-    def _next_batch(self, block: bool) -> tuple[list[tuple], bool]:
-        """Every write queued now (waiting for the first one if `block`), and whether the
-        stop marker came among them."""
+    def _truncate_wal(self, conn: sqlite3.Connection) -> bool:
+        """Checkpoint and truncate a WAL over WAL_TRUNCATE_BYTES; False if a reader held it."""
+        try:
+            small = os.stat(f"{self.path}-wal").st_size <= WAL_TRUNCATE_BYTES
+        except FileNotFoundError:
+            small = True
+        if small:
+            self.wal_warning = None
+            return True
+        conn.execute(f"PRAGMA busy_timeout = {WAL_TRUNCATE_WAIT_MS}")
+        try:
+            busy, wal_pages, done_pages = conn.execute(
+                "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as exc:
+            busy, wal_pages, done_pages = 1, -1, -1
+            self.log.debug("wal_truncate_failed", error=str(exc))
+        finally:
+            conn.execute(f"PRAGMA {DB_PRAGMAS[-1]}")
+        self.log.info("wal_checkpoint", truncated=not busy, wal_pages=wal_pages,
+                      checkpointed_pages=done_pages)
+        self.wal_warning = None if not busy else (
+            f"WAL is {wal_pages * 4096 >> 20} MiB or more and a reader keeps it from being"
+            " truncated: end long read transactions (sqlite3 sessions, reports)")
+        return not busy
+
+    def _next_batch(self, block: bool, timeout: float | None = None
+                    ) -> tuple[list[tuple], bool]:
+        """Every write queued now (waiting up to `timeout` for the first one if `block`), and
+        whether the stop marker came among them."""
         batch: list[tuple] = []
         try:
-            item = self._writes.get() if block else self._writes.get_nowait()
+            item = self._writes.get(timeout=timeout) if block else self._writes.get_nowait()
             while item is not None:
                 batch.append(item)
                 item = self._writes.get_nowait()
@@ -2421,6 +2477,96 @@ class Store:
             f" SUM(t.status IN ('failed', 'timeout')) AS failed FROM {TASK_FROM}"
             " GROUP BY t.account_id ORDER BY t.account_id")
         return {"by_status": by_status, "by_account": by_account}
+
+    # -- database operations: db backup | check | stats ---------------------------------------
+
+    async def backup_to(self, destination: Path) -> dict[str, Any]:
+        """A consistent copy of the live database at `destination`, checked, never replacing a
+        file. VACUUM INTO reads one snapshot on a connection of its own, so writers go on."""
+        return await asyncio.to_thread(self._backup_to, destination)
+
+    def _backup_to(self, destination: Path) -> dict[str, Any]:
+        started = time.monotonic()
+        if not destination.is_absolute():
+            raise InvalidRequest(f"backup path {destination} must be absolute")
+        if destination.exists():
+            raise Conflict(f"{destination} exists; a backup never overwrites a file")
+        if not destination.parent.is_dir():
+            raise InvalidRequest(f"directory {destination.parent} does not exist")
+        partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+        try:
+            # An empty file of the daemon's own, mode 0600: VACUUM INTO fills it.
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600))
+        except OSError as exc:
+            raise InvalidRequest(f"cannot write {destination}: {exc.strerror}") from None
+        try:
+            source = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                source.execute(f"PRAGMA {DB_PRAGMAS[-1]}")
+                source.execute("VACUUM INTO ?", (str(partial),))
+            finally:
+                source.close()
+            copy = sqlite3.connect(partial, isolation_level=None)
+            try:
+                integrity = [row[0] for row in copy.execute("PRAGMA integrity_check")]
+                version = copy.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+            finally:
+                copy.close()
+            if integrity != ["ok"]:
+                raise ContentHubError(f"the copy failed integrity_check: {integrity[:5]}")
+            with open(partial, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.link(partial, destination)  # fails, rather than replaces, if it appeared
+        except sqlite3.Error as exc:
+            raise ContentHubError(f"backup failed: {exc}") from None
+        except FileExistsError:
+            raise Conflict(f"{destination} exists; a backup never overwrites a file") from None
+        finally:
+            partial.unlink(missing_ok=True)
+        _fsync_directory(destination.parent)
+        return {"path": str(destination), "bytes": destination.stat().st_size,
+                "duration_s": round(time.monotonic() - started, 3), "integrity": "ok",
+                "schema_version": version}
+
+    async def check(self) -> dict[str, Any]:
+        """integrity_check and foreign_key_check of the live file, on a read-only connection."""
+        return await asyncio.to_thread(self._check)
+
+    def _check(self) -> dict[str, Any]:
+        started = time.monotonic()
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA {DB_PRAGMAS[-1]}")
+            integrity = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+            foreign_keys = [{"table": table, "rowid": rowid, "parent": parent}
+                            for table, rowid, parent, _fkid
+                            in conn.execute("PRAGMA foreign_key_check")]
+        finally:
+            conn.close()
+        return {"ok": integrity == ["ok"] and not foreign_keys, "integrity": integrity,
+                "foreign_keys": foreign_keys, "database": str(self.path),
+                "duration_s": round(time.monotonic() - started, 3)}
+
+    async def database_stats(self) -> dict[str, Any]:
+        """Sizes and page counts of the file and its WAL, and the rows of every table."""
+        def work(conn: sqlite3.Connection) -> dict[str, Any]:
+            pragmas = {name: conn.execute(f"PRAGMA {name}").fetchone()[0]
+                       for name in ("page_size", "page_count", "freelist_count",
+                                    "journal_mode")}
+            tables = [row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+                " AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            quoted = {name: '"' + name.replace('"', '""') + '"' for name in tables}
+            rows = {name: conn.execute(f"SELECT COUNT(*) FROM {quoted[name]}").fetchone()[0]
+                    for name in tables}
+            return {**pragmas, "rows": rows}
+
+        stats = await self._read(work)
+        wal = Path(f"{self.path}-wal")
+        return {"database": str(self.path), "file_bytes": self.path.stat().st_size,
+                "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+                "schema_version": self.schema_version, **stats}
 
     async def cleanup_tasks(self, cutoff: datetime, statuses: list[str],
                             dry_run: bool) -> int:
@@ -4460,9 +4606,43 @@ class TopicResearchExecutor(Executor):
             raise ContentHubError(f"{argv[0]} printed no usable topics: {exc}") from None
 
 
+class BackupExecutor(Executor):
+    """A checked copy of the database into a folder, keeping the newest `keep` copies."""
+
+    executor_type = "backup"
+    description = "Copy the database (VACUUM INTO, checked) into dir; keep the newest N."
+    params = (ParamDoc("dir", "str", True, "folder for the copies (created if missing)"),
+              ParamDoc("keep", "int", False, "copies to keep, default 7"))
+
+    def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
+        problems = super().validate_params(params, config)
+        if "dir" not in params:
+            problems.append("'dir' is required")
+        _check_type(problems, params, "dir", str, "a folder path")
+        keep = _check_type(problems, params, "keep", int, "a positive integer")
+        if keep is not None and keep < 1:
+            problems.append("'keep' must be at least 1")
+        return problems
+
+    async def execute(self, ctx: ExecutionContext, params: dict[str, Any]) -> ExecutionResult:
+        folder = Path(params["dir"])
+        if not folder.is_absolute():
+            folder = ctx.config.state_dir(ctx.environ) / folder
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = ctx.now.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"
+        copy = await ctx.store.backup_to(folder / f"contenthub-{stamp}.db")
+        copies = sorted(p for p in folder.iterdir() if BACKUP_NAME_RE.match(p.name))
+        removed = copies[:-params.get("keep", 7)]
+        for old in removed:
+            old.unlink(missing_ok=True)
+        return ExecutionResult(True, f"backed up to {copy['path']} ({copy['bytes']} bytes);"
+                                     f" removed {len(removed)} old copies",
+                               {**copy, "removed": [str(p) for p in removed]})
+
+
 EXECUTORS: dict[str, Executor] = {executor.executor_type: executor for executor in (
     ContentGenerationExecutor(), PublishExecutor(), CleanupExecutor(),
-    TopicResearchExecutor())}
+    TopicResearchExecutor(), BackupExecutor())}
 
 
 def get_executor(executor_type: str) -> Executor:
@@ -5695,7 +5875,7 @@ TIME_FIELDS = {"submitted_at", "started_at", "completed_at", "timeout_at", "next
                "added_at", "used_at"}
 JSON_FIELDS = {"images", "quality", "result", "params"}
 BOOL_FIELDS = {"auto_approve", "paused", "enabled"}
-COMMAND_GROUPS = ("content", "task", "monitor", "scheduler", "topics")
+COMMAND_GROUPS = ("content", "task", "monitor", "scheduler", "topics", "db")
 #: Commands whose handler also gets the caller (uid, user name): they record who acted.
 PEER_COMMANDS = frozenset({"content.approve", "content.reject"})
 
@@ -6452,6 +6632,15 @@ class ControlServer:
 
     async def cmd_task_stats(self, args: dict[str, Any]) -> dict[str, Any]:
         return await self.store.task_stats()
+
+    async def cmd_db_backup(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.store.backup_to(Path(arg(args, "path", str, required=True)))
+
+    async def cmd_db_check(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.store.check()
+
+    async def cmd_db_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.store.database_stats()
 
     async def cmd_task_cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
         params = {"days": arg(args, "days", int, required=True, minimum=0, maximum=36_500),
@@ -8100,8 +8289,10 @@ class App:
 
     async def cmd_health(self, args: dict[str, Any]) -> dict[str, Any]:
         checks = [
-            {"name": "database", "ok": self.store.last_write_error is None,
-             "detail": self.store.last_write_error or str(self.store.path)},
+            {"name": "database",
+             "ok": self.store.last_write_error is None and self.store.wal_warning is None,
+             "detail": (self.store.last_write_error or self.store.wal_warning
+                        or str(self.store.path))},
             self._config_health(),
             {"name": "workers", "ok": True,
              "detail": f"{len(self.pool.running)}/{self.pool.capacity} busy"},
