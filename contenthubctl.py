@@ -507,6 +507,34 @@ def prometheus_up_text(up: bool) -> str:
             f"# TYPE contenthub_up gauge\ncontenthub_up {int(up)}\n")
 
 
+def _label(value) -> str:
+    """A label value as the exposition format quotes it."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def spend_lines(spend: dict) -> list[str]:
+    """contenthub_tokens_total, contenthub_cost_total and contenthub_budget_remaining."""
+    lines = ["# HELP contenthub_tokens_total LLM tokens the creators reported, every attempt.",
+             "# TYPE contenthub_tokens_total counter"]
+    for row in spend.get("tokens", []):
+        for direction in ("in", "out"):
+            lines.append(f'contenthub_tokens_total{{account="{_label(row["account_id"])}",'
+                         f'model="{_label(row["model"])}",direction="{direction}"}}'
+                         f' {_prometheus_number(row[f"tokens_{direction}"])}')
+    lines += ["# HELP contenthub_cost_total LLM spend of every attempt with a known cost.",
+              "# TYPE contenthub_cost_total counter"]
+    lines += [f'contenthub_cost_total{{account="{_label(row["account_id"])}",'
+              f'currency="{_label(row["currency"])}"}} {_prometheus_number(row["cost"])}'
+              for row in spend.get("cost", [])]
+    lines += ["# HELP contenthub_budget_remaining What a budget has left in its current day or"
+              " month (account empty: the daemon's budget).",
+              "# TYPE contenthub_budget_remaining gauge"]
+    lines += [f'contenthub_budget_remaining{{account="{_label(row["account"])}",'
+              f'window="{row["window"]}",currency="{_label(spend.get("currency", ""))}"}}'
+              f' {_prometheus_number(row["value"])}' for row in spend.get("budget_remaining", [])]
+    return lines
+
+
 def prometheus_text(metrics: dict) -> str:
     """`monitor.metrics` in the text exposition format, for node_exporter's textfile
     collector. Keys the daemon does not send are left out; null is NaN."""
@@ -517,6 +545,8 @@ def prometheus_text(metrics: dict) -> str:
         if key in metrics:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
                       f"{name} {_prometheus_number(metrics[key])}"]
+    if "spend" in metrics:
+        lines += spend_lines(metrics["spend"])
     return prometheus_up_text(True) + "\n".join(lines) + "\n"
 
 
@@ -977,7 +1007,8 @@ def cmd_task_stats(session: Session, options) -> int:
 
 def cmd_monitor_metrics(session: Session, options) -> int:
     try:
-        metrics = session.call("monitor.metrics")
+        metrics = session.call("monitor.metrics",
+                               {"spend": True} if session.format == "prometheus" else {})
     except DaemonUnreachable:
         if session.format == "prometheus":
             session.write(prometheus_up_text(False))

@@ -2460,6 +2460,18 @@ class Store:
                                     params)
         return {**totals, "rows": rows}
 
+    async def spend_totals(self) -> dict[str, list[dict[str, Any]]]:
+        """Tokens per account, model and direction, and cost per account and currency, over
+        every attempt ever recorded."""
+        tokens = await self.query(
+            "SELECT account_id, COALESCE(model, '') AS model, SUM(tokens_in) AS tokens_in,"
+            " SUM(tokens_out) AS tokens_out FROM task_usage GROUP BY account_id, model"
+            " ORDER BY account_id, model")
+        cost = await self.query(
+            "SELECT account_id, currency, ROUND(SUM(cost), 6) AS cost FROM task_usage"
+            " WHERE cost IS NOT NULL GROUP BY account_id, currency ORDER BY account_id, currency")
+        return {"tokens": tokens, "cost": cost}
+
     async def spend_since(self, day_start: str, month_start: str) -> dict[str, Any]:
         """Spend of the current day and month, in total and per account."""
         rows = await self.query(
@@ -6568,7 +6580,22 @@ class ControlServer:
         metrics = await self.store.metrics()
         metrics.update(workers_busy=len(self.pool.running), workers_max=self.pool.capacity,
                        uptime_seconds=round(time.monotonic() - self.started_monotonic, 1))
+        if arg(args, "spend", bool, default=False):
+            metrics["spend"] = await self.spend_series()
         return metrics
+
+    async def spend_series(self) -> dict[str, Any]:
+        """The Prometheus spend series: tokens and cost since the database began (counters:
+        usage rows are never deleted), and what every budget has left in its window."""
+        totals = await self.store.spend_totals()
+        status = await self.budget_status(self.pool.clock())
+        remaining = [{"account": "", "window": name, "value": status[name]["remaining"]}
+                     for name in ("daily", "monthly") if status[name]["limit"]]
+        remaining += [{"account": str(a["account_id"]), "window": name,
+                       "value": a[name]["remaining"]}
+                      for a in status["accounts"] for name in ("daily", "monthly")
+                      if a[name]["limit"]]
+        return {**totals, "currency": status["currency"], "budget_remaining": remaining}
 
     async def cmd_monitor_recent(self, args: dict[str, Any]) -> Any:
         return await self._task_listing(args, None, "t.updated_at DESC")

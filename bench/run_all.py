@@ -18,7 +18,8 @@ import sys
 
 from common import BenchError, Row, print_rows, progress
 
-BENCHMARKS = ("spawn_bound", "sleep_bound", "fire_latency", "control_latency", "idle_cost")
+BENCHMARKS = ("spawn_bound", "sleep_bound", "fire_latency", "control_latency", "idle_cost",
+              "rate_limited")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,3 +274,28 @@ def test_kill9_mid_budgeted_run_counts_each_attempt_once(daemon_factory):
     spent = daemon.scalar("SELECT SUM(cost) FROM task_usage")
     assert spent <= 0.1 + 1e-9
     assert daemon.stop() == 0
+
+
+def test_prometheus_spend_counters_and_budget_remaining(daemon_factory):
+    daemon = usage_daemon(daemon_factory, PRICES.replace("[budget]\n", "[budget]\ndaily = 1.0\n"),
+                          env={"USAGE_MODEL": "deepseek-chat"})
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(text.replace('category = "产品"\n',
+                                               'category = "产品"\nmonthly_budget = 2.0\n', 1),
+                                  encoding="utf-8")
+    daemon.start()
+    daemon.wait_status(daemon.submit("指标", account_id=50), "completed")
+    result = daemon.ctl("--format", "prometheus", "monitor", "metrics")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "# TYPE contenthub_tokens_total counter" in lines
+    assert 'contenthub_tokens_total{account="50",model="deepseek-chat",direction="in"} 1000' \
+        in lines
+    assert 'contenthub_tokens_total{account="50",model="deepseek-chat",direction="out"} 500' \
+        in lines
+    assert 'contenthub_cost_total{account="50",currency="CNY"} 0.006' in lines
+    assert 'contenthub_budget_remaining{account="",window="daily",currency="CNY"} 0.994' in lines
+    assert 'contenthub_budget_remaining{account="50",window="monthly",currency="CNY"} 1.994' \
+        in lines
+    plain = json.loads(daemon.ctl("--format", "json", "monitor", "metrics").stdout)
+    assert "spend" not in plain
