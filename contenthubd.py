@@ -8010,16 +8010,30 @@ def toml_value(value: Any) -> str:
     raise InvalidRequest(f"cannot write {value!r} to TOML")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` so a reader sees the old file or the new one, never half of it."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    with contextlib.suppress(OSError):
-        os.chmod(temp, path.stat().st_mode & 0o7777)
-    os.replace(temp, path)
+def write_atomically(path: Path, text: str, *, unchanged_from: str | None = None) -> None:
+    """Replace `path` so a reader sees the old file or the new one, never half of it. A
+    symlink stays a symlink: its target is replaced. With `unchanged_from`, a file that no
+    longer holds that text (an editor saved meanwhile) is left alone: Conflict."""
+    target = path.resolve()
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(temp, target.stat().st_mode & 0o7777)
+        if unchanged_from is not None and target.read_text(encoding="utf-8") != unchanged_from:
+            raise Conflict(f"{path} changed while it was being edited; nothing was written,"
+                           " try again")
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 def without_schedule_block(text: str, index: int) -> str:
     """`text` without its `index`-th [[schedules]] block: from that header up to the next
@@ -8433,21 +8447,41 @@ class App:
         return {"name": "creator", "ok": ok, "detail": detail}
 
 
+    def _config_on_disk(self) -> tuple[str, Config]:
+        """The config file as it is now, which an edit starts from: edits saved since the
+        last reload are kept, not overwritten with the text that reload read. If those edits
+        do not validate, nothing can be merged into them: Conflict, naming the errors."""
+        path = self.config.path
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Conflict(f"cannot read {path}: {exc}") from None
+        if text == self.config.text:
+            return text, self.config
+        try:
+            return text, parse_config(text, path, self.environ, check_schedules)
+        except ConfigError as exc:
+            raise Conflict("\n".join([
+                f"{path} was changed since the last reload and is not valid now; fix it (or"
+                " undo the change) and try again. Nothing was written:", *exc.errors]),
+                data={"errors": exc.errors}) from None
+
     async def cmd_scheduler_create(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Append a validated [[schedules]] block to the config file, then reload. The rest of
-        the file stays byte for byte; the write is atomic (temp file + rename)."""
+        """Append a validated [[schedules]] block to the config file as it is on disk, then
+        reload. The rest of the file stays byte for byte; the write is atomic (temp file +
+        rename, through a symlink to its target)."""
         if not self.config.path:
             raise Conflict("the daemon runs on the embedded default config; start it with"
                            " --config FILE to create schedules")
         name = arg(args, "name", str, required=True)
-        if any(s.name == name for s in self.config.schedules):
+        text, on_disk = self._config_on_disk()
+        if any(s.name == name for s in on_disk.schedules):
             raise Conflict(f"schedule {name!r} already exists")
         block = {"name": name, "executor": arg(args, "executor", str, required=True)}
         for key in ("cron", "every", "timezone", "misfire", "overlap", "description"):
             if args.get(key) is not None:
                 block[key] = arg(args, key, str)
         block["params"] = arg(args, "params", dict, default={})
-        text = self.config.text
         new_text = (text + ("" if text.endswith("\n") or not text else "\n") + "\n"
                     + "[[schedules]]\n"
                     + "".join(f"{key} = {toml_value(value)}\n" for key, value in block.items()))
@@ -8457,7 +8491,7 @@ class App:
             raise InvalidRequest("\n".join([
                 f"schedule {name!r} is not valid; the config file is unchanged:", *exc.errors]),
                 data={"errors": exc.errors}) from None
-        write_atomically(Path(self.config.path), new_text)
+        write_atomically(Path(self.config.path), new_text, unchanged_from=text)
         await self.reload()
         return (await self.scheduler.describe_many([self.scheduler.get(name)]))[0]
 
@@ -8468,10 +8502,10 @@ class App:
             raise Conflict("the daemon runs on the embedded default config; there is no file"
                            " to delete a schedule from")
         name = arg(args, "name", str, required=True)
-        names = [s.name for s in self.config.schedules]
+        text, on_disk = self._config_on_disk()
+        names = [s.name for s in on_disk.schedules]
         if name not in names:
             raise NotFound(f"no schedule {name!r} in {self.config.path}")
-        text = self.config.text
         new_text = without_schedule_block(text, names.index(name))
         try:
             remaining = parse_config(new_text, self.config.path, self.environ, check_schedules)
@@ -8482,7 +8516,7 @@ class App:
         if [s.name for s in remaining.schedules] != [n for n in names if n != name]:
             raise Conflict(f"cannot tell where schedule {name!r} ends in {self.config.path};"
                            " remove it by hand and run contenthubctl reload")
-        write_atomically(Path(self.config.path), new_text)
+        write_atomically(Path(self.config.path), new_text, unchanged_from=text)
         await self.reload()
         return {"deleted": name, "config_path": self.config.path}
 

@@ -237,3 +237,61 @@ def test_a_connection_without_a_full_line_is_closed_at_the_first_line_timeout(da
     assert daemon.call("version")["pid"] == daemon.proc.pid
     # The connection that had sent a line is still served: it idles under the long timeout.
     assert answer(talker)["ok"] is True
+
+
+# -- 4. scheduler create edits the file on disk, through a symlink ---------------------------
+
+CLEANUP_BLOCK = """
+[[schedules]]
+name = "{name}"
+executor = "cleanup"
+every = "{every}"
+params = {{ days = 30 }}
+"""
+
+
+def test_scheduler_create_keeps_edits_saved_since_the_last_reload(daemon_factory):
+    daemon = daemon_factory(extra=CLEANUP_BLOCK.format(name="旧任务", every="1h")).start()
+    # The operator saves edits without reloading: a changed key, a new schedule, and a
+    # commented work-in-progress block. 0.1.0 rewrote the file from the text it loaded.
+    saved = (daemon.config_path.read_text(encoding="utf-8").replace('every = "1h"',
+                                                                    'every = "2h"')
+             + CLEANUP_BLOCK.format(name="手工新增", every="3h")
+             + "\n# [[schedules]]  # 草稿，还没写完\n# name = \"wip\"\n")
+    daemon.config_path.write_text(saved, encoding="utf-8")
+    daemon.call("scheduler.create", {"name": "自动新增", "executor": "cleanup", "every": "4h",
+                                     "params": {"days": 7}})
+    text = daemon.config_path.read_text(encoding="utf-8")
+    assert text.startswith(saved) and '\nname = "自动新增"\n' in text[len(saved):]
+    schedules = {s["name"]: s["trigger"] for s in daemon.call("scheduler.list")}
+    assert set(schedules) == {"旧任务", "手工新增", "自动新增"}
+    assert "2h" in schedules["旧任务"]
+    # Edits on disk that do not validate are not merged into: conflict, file unchanged.
+    broken = text + "\n[[schedules]]\nname = \"坏的\"\nexecutor = \"cleanup\"\n"
+    daemon.config_path.write_text(broken, encoding="utf-8")
+    reply = daemon.request("scheduler.create", {"name": "再来一个", "executor": "cleanup",
+                                                "every": "1h", "params": {"days": 7}})
+    assert reply["ok"] is False and reply["error"]["code"] == "conflict", reply
+    assert "changed since the last reload" in reply["error"]["message"]
+    assert daemon.config_path.read_text(encoding="utf-8") == broken
+    assert "再来一个" not in {s["name"] for s in daemon.call("scheduler.list")}
+
+
+def test_scheduler_create_writes_through_a_symlinked_config_atomically(daemon_factory):
+    daemon = daemon_factory(extra=CLEANUP_BLOCK.format(name="base", every="1h"))
+    daemon.config_path.write_text(daemon.config_path.read_text(encoding="utf-8").replace(
+        'state_dir = "state"', f"state_dir = {json.dumps(str(daemon.state))}"), encoding="utf-8")
+    real_dir = daemon.dir / "etc"
+    real_dir.mkdir()
+    target = real_dir / "contenthubd.toml"
+    daemon.config_path.rename(target)
+    daemon.config_path.symlink_to(target)
+    target.chmod(0o640)
+    daemon.start()
+    daemon.call("scheduler.create", {"name": "via-link", "executor": "cleanup", "every": "2h",
+                                     "params": {"days": 7}})
+    assert daemon.config_path.is_symlink() and daemon.config_path.resolve() == target
+    assert 'name = "via-link"' in target.read_text(encoding="utf-8")
+    assert (target.stat().st_mode & 0o777) == 0o640
+    assert sorted(p.name for p in real_dir.iterdir()) == ["contenthubd.toml"], "no temp left"
+    assert "via-link" in {s["name"] for s in daemon.call("scheduler.list")}
