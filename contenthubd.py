@@ -5121,8 +5121,11 @@ def check_schedules(config: Config) -> list[str]:
     return errors
 
 
-def schedule_hash(schedule: ScheduleConfig) -> str:
-    text = json.dumps(dataclasses.asdict(schedule), sort_keys=True, default=str)
+def timing_hash(trigger: Trigger) -> str:
+    """What schedule_state.config_hash compares: the timing alone, as parsed (`every = "60s"`
+    and `"1m"` are one timing). Editing params, misfire or a description keeps the anchor."""
+    period = None if trigger.period is None else trigger.period.total_seconds()
+    text = json.dumps([trigger.timezone, trigger.cron, period])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -5153,8 +5156,10 @@ class Scheduler(BackgroundLoop):
       (within misfire_grace if set), all fires each (at most max_catch_up).
     - Overlap: skip records skipped_overlap while the previous run still has unfinished
       tasks; allow fires anyway.
-    - A new or edited schedule starts from now: no catch-up for time before it existed.
-      A paused schedule fires nothing; resuming starts from now.
+    - A new schedule, or one whose timing (cron, every/interval, timezone) changed, starts
+      from now: no catch-up for time before it existed. Other edits keep its anchor.
+    - A paused schedule fires nothing; resuming skips what fell in the pause. An interval
+      schedule stays on its anchor's grid (anchor + k * period).
     """
 
     loop_name = "cron-loop"
@@ -5197,7 +5202,7 @@ class Scheduler(BackgroundLoop):
                        else schedule_trigger(schedule, config.daemon.timezone))
             entry = PlannedSchedule(schedule, trigger)
             state = states.get(schedule.name)
-            digest = schedule_hash(schedule)
+            digest = timing_hash(trigger)
             if state is None or state["config_hash"] != digest:
                 entry.last_scheduled_for = now
                 entry.paused = bool(state and state["paused"])
@@ -5310,7 +5315,12 @@ class Scheduler(BackgroundLoop):
         now = self.clock()
         entry.paused = paused
         if not paused:
-            entry.last_scheduled_for = max(entry.last_scheduled_for or now, now)
+            last = entry.last_scheduled_for or now
+            period = entry.trigger.period
+            if period is not None and last <= now:
+                entry.last_scheduled_for = last + ((now - last) // period) * period
+            else:
+                entry.last_scheduled_for = max(last, now)
         self._plan_next(entry, now)
         await self.store.save_schedule_state(
             name, paused=int(paused), last_scheduled_for=to_db_time(entry.last_scheduled_for),

@@ -16,6 +16,7 @@ import signal
 import socket
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,52 @@ def test_scheduler_create_writes_through_a_symlinked_config_atomically(daemon_fa
     assert (target.stat().st_mode & 0o777) == 0o640
     assert sorted(p.name for p in real_dir.iterdir()) == ["contenthubd.toml"], "no temp left"
     assert "via-link" in {s["name"] for s in daemon.call("scheduler.list")}
+
+
+# -- 5. interval anchors survive edits that do not touch the timing, and pause/resume -----------
+
+def fired_instants(daemon, name: str) -> list[float]:
+    """Epoch seconds of the instants a schedule fired, oldest first."""
+    with daemon.db() as conn:
+        rows = conn.execute("SELECT scheduled_for FROM schedule_runs WHERE schedule_name = ?"
+                            " AND trigger = 'interval' ORDER BY scheduled_for", (name,))
+        return [datetime.fromisoformat(r[0].replace("Z", "+00:00")).timestamp() for r in rows]
+
+
+def on_grid(instants: list[float], period: float) -> bool:
+    return all(round((t - instants[0]) * 1000) % round(period * 1000) == 0 for t in instants)
+
+
+def test_interval_anchor_survives_params_edits_and_pause_resume(daemon_factory):
+    daemon = daemon_factory(extra=CLEANUP_BLOCK.format(name="tick", every="2s")).start()
+    wait_until(lambda: fired_instants(daemon, "tick"), message="the first firing")
+    # Only params change, every 0.5 s: 0.1.0 restarted the interval at each reload and the
+    # schedule never fired again.
+    days = 30
+    deadline = time.monotonic() + 30
+    while len(fired_instants(daemon, "tick")) < 4:
+        assert time.monotonic() < deadline, "the schedule stopped firing under params edits"
+        days += 1
+        text = daemon.config_path.read_text(encoding="utf-8")
+        daemon.config_path.write_text(text.replace(f"days = {days - 1}", f"days = {days}"),
+                                      encoding="utf-8")
+        assert daemon.call("reload")["changes"]["schedules_changed"] == ["tick"]
+        time.sleep(0.5)
+    assert on_grid(fired_instants(daemon, "tick"), 2.0)
+    daemon.call("scheduler.pause", {"name": "tick"})
+    paused_at = time.monotonic()
+    fired = len(fired_instants(daemon, "tick"))
+    wait_until(lambda: time.monotonic() - paused_at > 3, message="a pause of 3 s")
+    daemon.call("scheduler.resume", {"name": "tick"})
+    wait_until(lambda: len(fired_instants(daemon, "tick")) > fired, message="a firing after resume")
+    instants = fired_instants(daemon, "tick")
+    assert on_grid(instants, 2.0), "resume keeps the interval's grid"
+    # Changing the timing itself starts from the reload: a new grid.
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(text.replace('every = "2s"', 'every = "1.5s"'),
+                                  encoding="utf-8")
+    daemon.call("reload")
+    wait_until(lambda: len(fired_instants(daemon, "tick")) > len(instants) + 1,
+               message="firings on the new timing")
+    new = fired_instants(daemon, "tick")[len(instants):]
+    assert on_grid(new, 1.5)
