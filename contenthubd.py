@@ -6834,7 +6834,9 @@ NOTIFY_PER_TARGET = 2  #: in flight per target: a dead receiver cannot take ever
 NOTIFY_RETRY_CAP_S = 3600.0  #: the longest wait between two attempts of one delivery
 NOTIFY_RESPONSE_MAX = 64 << 10  #: bytes of a receiver's answer that are read
 NOTIFY_ROUTE_BATCH = 500  #: events turned into outbox rows per transaction
-NOTIFY_MAX_TITLES = 10  #: article titles listed in one chat message
+NOTIFY_MAX_TITLES = 10  #: article titles (or failed tasks) listed in one chat message
+NOTIFY_DUE_BATCH = 200  #: due rows read per round
+NOTIFY_MAX_MERGED = 50  #: task.failed rows one chat message may carry
 NOTIFY_PRUNE_EVERY = timedelta(hours=1)  #: how often events past retention_days are deleted
 NOTIFY_BRAND = "【ContentHub】"  #: starts every chat title; a DingTalk bot keyword can match it
 #: What a chat message calls an event that has no text of its own below.
@@ -6954,6 +6956,19 @@ def event_text(event: str, data: dict[str, Any], tz: ZoneInfo) -> tuple[str, lis
         lines.append("审核：contenthubctl content list --review-status pending_review" if pending
                      else "查看：contenthubctl content list")
         return f"{where}：{len(articles)} 篇新文章", lines
+    if event == "task.failed" and "tasks" in data:  # several at once: one message
+        tasks = data["tasks"]
+        lines = [f"{i}. {_clip(t.get('topic'), 40)}（{t.get('account_name') or t.get('account_id')}"
+                 f"）：{t.get('error_kind')}" for i, t in enumerate(tasks[:NOTIFY_MAX_TITLES], 1)]
+        if len(tasks) > NOTIFY_MAX_TITLES:
+            lines.append(f"…另有 {len(tasks) - NOTIFY_MAX_TITLES} 个")
+        kinds: dict[str, int] = {}
+        for t in tasks:
+            kinds[str(t.get("error_kind"))] = kinds.get(str(t.get("error_kind")), 0) + 1
+        lines.append("原因：" + "，".join(f"{kind} ×{n}" for kind, n in
+                                         sorted(kinds.items(), key=lambda item: -item[1])))
+        lines.append("查看：contenthubctl monitor failed")
+        return f"{len(tasks)} 个任务失败", lines
     if event == "task.failed":
         task_id = data.get("task_id")
         lines = [f"账号：{data.get('account_name') or ''}（{data.get('account_id')}）",
@@ -7078,7 +7093,8 @@ class Notifier(BackgroundLoop):
         self.store = store
         self.environ = environ
         self.clock = clock
-        self._in_flight: dict[int, asyncio.Task] = {}
+        self._in_flight: dict[int, asyncio.Task] = {}  #: outbox id -> the attempt sending it
+        self._sending = 0  #: attempts in flight (one may carry several rows)
         self._busy: dict[str, int] = {}
         self._ssl: ssl.SSLContext | None = None
         self._digests: dict[str, tuple[Trigger, datetime]] = {}
@@ -7124,9 +7140,10 @@ class Notifier(BackgroundLoop):
     async def stop(self) -> None:
         """In-flight deliveries are abandoned, still pending: the next start resends them."""
         await super().stop()
-        for task in list(self._in_flight.values()):
+        attempts = set(self._in_flight.values())
+        for task in attempts:
             task.cancel()
-        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        await asyncio.gather(*attempts, return_exceptions=True)
 
     async def _loop(self) -> None:
         while self._running:
@@ -7157,65 +7174,94 @@ class Notifier(BackgroundLoop):
 
     async def _start_due(self, now: datetime) -> bool:
         """Start deliveries for due rows; True when some wait for a free slot (a finishing
-        delivery wakes the loop)."""
-        free = NOTIFY_CONCURRENCY - len(self._in_flight)
+        delivery wakes the loop). A chat target's due task.failed rows go as one message."""
+        free = NOTIFY_CONCURRENCY - self._sending
         if free <= 0:
             return True
-        rows = await self.store.due_deliveries(now, free + len(self._in_flight)
-                                               + NOTIFY_CONCURRENCY * NOTIFY_PER_TARGET)
-        waiting = False
+        rows = await self.store.due_deliveries(now, NOTIFY_DUE_BATCH + len(self._in_flight))
+        batches: list[list[dict[str, Any]]] = []
+        merged: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             if row["id"] in self._in_flight:
                 continue
-            if free <= 0 or self._busy.get(row["target"], 0) >= NOTIFY_PER_TARGET:
+            target = self.targets.get(row["target"])
+            if target is None or target.format == "json" or row["event"] != "task.failed":
+                batches.append([row])
+            elif row["target"] in merged:
+                if len(merged[row["target"]]) < NOTIFY_MAX_MERGED:
+                    merged[row["target"]].append(row)
+            else:
+                merged[row["target"]] = [row]
+                batches.append(merged[row["target"]])
+        waiting = False
+        for batch in batches:
+            name = batch[0]["target"]
+            if free <= 0 or self._busy.get(name, 0) >= NOTIFY_PER_TARGET:
                 waiting = True
                 continue
             free -= 1
-            self._busy[row["target"]] = self._busy.get(row["target"], 0) + 1
-            self._in_flight[row["id"]] = asyncio.create_task(self._deliver(row),
-                                                             name=f"notify-{row['id']}")
+            self._sending += 1
+            self._busy[name] = self._busy.get(name, 0) + 1
+            task = asyncio.create_task(self._deliver(batch), name=f"notify-{batch[0]['id']}")
+            for row in batch:
+                self._in_flight[row["id"]] = task
         return waiting
 
-    async def _deliver(self, row: dict[str, Any]) -> None:
-        name = row["target"]
+    async def _deliver(self, batch: list[dict[str, Any]]) -> None:
+        """One attempt for one row, or for several task.failed rows as one chat message;
+        each row records the outcome against its own attempts."""
+        first, name = batch[0], batch[0]["target"]
         try:
             target = self.targets.get(name)
             if target is None:
-                await self.store.record_delivery(row["id"], self.clock(), "", "no [[notify]]"
-                                                 f" target named {name!r} any more", None)
+                for row in batch:
+                    await self.store.record_delivery(row["id"], self.clock(), "", "no [[notify]]"
+                                                     f" target named {name!r} any more", None)
                 return
-            attempts = row["attempts"] + 1
-            outcome = await self.send(target, row["event_id"], row["event"], row["at"],
-                                      json.loads(row["data"]))
-            retry_at = None
-            if outcome.error is not None and attempts < target.max_attempts:
-                delay = retry_delay(target.retry_backoff, NOTIFY_RETRY_CAP_S, attempts - 1)
-                if outcome.retry_after:
-                    delay = max(delay, min(outcome.retry_after, NOTIFY_RETRY_CAP_S))
-                retry_at = self.clock() + timedelta(seconds=delay)
-            status = await self.store.record_delivery(row["id"], self.clock(), outcome.response,
-                                                      outcome.error, retry_at)
-            fields = {"delivery": row["id"], "event_id": row["event_id"], "event": row["event"],
-                      "target": name, "attempt": attempts, "response": outcome.response}
-            if name in self._hook_statuses:
-                self.last_hook_error = None if status == "sent" else (
-                    f"{target.command[0]}: {outcome.error}")
-            if status == "sent":
-                log.info("notify_sent", **fields)
-            elif status == "dead":
-                if name not in self._hook_statuses:
-                    self.last_error = (f"{name}: {row['event']} dead after {attempts}"
-                                       f" attempts: {outcome.error}")
-                log.warning("notify_dead", error=outcome.error, **fields)
-            else:
-                log.info("notify_retry", error=outcome.error, retry_at=to_db_time(retry_at),
-                         **fields)
+            data = json.loads(first["data"])
+            if len(batch) > 1:
+                data = {"tasks": [json.loads(row["data"]) for row in batch]}
+            outcome = await self.send(target, first["event_id"], first["event"], first["at"],
+                                      data)
+            for row in batch:
+                await self._record(target, row, outcome, len(batch))
         except Exception:
-            log.exception("notify_delivery_failed", delivery=row["id"], target=name)
+            log.exception("notify_delivery_failed", delivery=first["id"], target=name)
         finally:
-            self._in_flight.pop(row["id"], None)
+            for row in batch:
+                self._in_flight.pop(row["id"], None)
+            self._sending -= 1
             self._busy[name] = self._busy.get(name, 1) - 1
             self.wake()
+
+    async def _record(self, target: NotifyConfig, row: dict[str, Any], outcome: SendOutcome,
+                      merged: int) -> None:
+        attempts = row["attempts"] + 1
+        retry_at = None
+        if outcome.error is not None and attempts < target.max_attempts:
+            delay = retry_delay(target.retry_backoff, NOTIFY_RETRY_CAP_S, attempts - 1)
+            if outcome.retry_after:
+                delay = max(delay, min(outcome.retry_after, NOTIFY_RETRY_CAP_S))
+            retry_at = self.clock() + timedelta(seconds=delay)
+        status = await self.store.record_delivery(row["id"], self.clock(), outcome.response,
+                                                  outcome.error, retry_at)
+        name = target.name
+        fields = {"delivery": row["id"], "event_id": row["event_id"], "kind": row["event"],
+                  "target": name, "attempt": attempts, "response": outcome.response,
+                  "merged": merged}
+        if name in self._hook_statuses:
+            self.last_hook_error = None if status == "sent" else (
+                f"{target.command[0]}: {outcome.error}")
+        if status == "sent":
+            log.info("notify_sent", **fields)
+        elif status == "dead":
+            if name not in self._hook_statuses:
+                self.last_error = (f"{name}: {row['event']} dead after {attempts}"
+                                   f" attempts: {outcome.error}")
+            log.warning("notify_dead", error=outcome.error, **fields)
+        else:
+            log.info("notify_retry", error=outcome.error, retry_at=to_db_time(retry_at),
+                     **fields)
 
     def render(self, target: NotifyConfig, event_id: str, event: str, at: str,
                data: dict[str, Any], now: datetime) -> tuple[str, dict[str, str], bytes]:

@@ -128,6 +128,7 @@ def test_task_failed_retries_503s_with_one_signed_id(daemon_factory, receivers):
     assert [(row["target"], row["event"], row["attempts"]) for row in listing] == [
         ("hook", "task.failed", 3)]
     assert SECRET not in daemon.log()
+    assert "notify_delivery_failed" not in daemon.log()
 
 
 def test_content_ready_once_per_schedule_run_and_per_manual_task(daemon_factory, receivers):
@@ -396,3 +397,31 @@ def test_events_past_retention_are_pruned_unless_pending(daemon_factory, receive
     wait_until(lambda: receiver.requests, message="the pending one still delivered")
     assert receiver.bodies()[0]["id"] == "evt-old-pending"
     assert outbox(daemon, "SELECT COUNT(*) FROM notify_outbox") == [(1,)]
+
+
+def test_a_burst_of_failures_is_one_chat_message(daemon_factory, receivers):
+    # The first attempts find nothing listening and wait an hour; the restart below makes
+    # them all due at once, as after an outage, and they go as one message.
+    daemon = daemon_factory(creator=command_creator("exit_permanent.sh"), extra=notify_block(
+        "http://127.0.0.1:9/", name="chat", format="slack", events=["task.failed"],
+        retry_backoff="1h")).start()
+    task_ids = [daemon.submit(f"选题 {i}") for i in range(6)]
+    for task_id in task_ids:
+        daemon.wait_status(task_id, "failed")
+    wait_until(lambda: outbox(daemon, "SELECT COUNT(*) FROM notify_outbox WHERE attempts = 1")
+               == [(6,)], message="every first attempt refused")
+    daemon.stop()
+    receiver = receivers()
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(text.replace("http://127.0.0.1:9/", receiver.url),
+                                  encoding="utf-8")
+    with daemon.db() as conn:
+        conn.execute("UPDATE notify_outbox SET next_attempt_at = '2020-01-01T00:00:00.000Z'")
+    daemon.start()
+    wait_until(lambda: outbox(daemon, "SELECT status FROM notify_outbox") == [("sent",)] * 6,
+               message="all six sent")
+    [request] = receiver.requests
+    message = json.loads(request["body"])["text"]
+    assert message.startswith("【ContentHub】6 个任务失败")
+    assert all(f"选题 {i}" in message for i in range(6))
+    assert "contenthubctl monitor failed" in message
