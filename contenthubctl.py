@@ -574,28 +574,107 @@ def export_file_name(content: dict) -> str:
     return f"{content['id']}-{slugify(content.get('title') or content.get('topic') or '')}.md"
 
 
-def export_document(content: dict) -> str:
+#: `![alt](target "title")`, the target bare or in <>; group 2 is the target.
+MARKDOWN_IMAGE_RE = re.compile(r'!\[([^\]]*)\]\(\s*<?([^)\s>]+)>?((?:\s+"[^"]*")?)\s*\)')
+
+
+def _local_link(target: str, links: dict[str, str]) -> str | None:
+    """The exported copy of an image the body links as `target`. A creator may print a path
+    relative to its working directory (data/images/x.png) where the image list has it
+    absolute, so a relative target also matches the end of a source path."""
+    if target in links:
+        return links[target]
+    if "://" in target:
+        return None
+    tail = "/" + target.lstrip("./")
+    return next((link for source, link in links.items() if source.endswith(tail)), None)
+
+
+def export_document(content: dict, links: dict[str, str] | None = None) -> str:
     """Markdown with a front-matter header; JSON-encoded values keep quotes and newlines in
-    titles safe."""
-    header = [f"{key}: {json.dumps(content.get(key), ensure_ascii=False)}"
-              for key in FRONT_MATTER_KEYS if key in content]
-    header += [f"{key}: {json.dumps(content[key], ensure_ascii=False)}"
-               for key in FRONT_MATTER_KNOWN_KEYS if content.get(key) not in (None, "", {})]
+    titles safe. `links` maps an image's source (URL or path) to its exported copy: the
+    body's image links are rewritten to those copies, and copies the body does not show
+    (content-creator lists its images apart from the article) are appended at its end."""
+    links = links or {}
+    used: set[str] = set()
+
+    def relink(match: re.Match) -> str:
+        link = _local_link(match.group(2), links)
+        if link is None:
+            return match.group(0)
+        used.add(link)
+        return f"![{match.group(1)}]({link}{match.group(3)})"
+
     body = (content.get("body") or "").rstrip("\n")
+    if links:
+        body = MARKDOWN_IMAGE_RE.sub(relink, body)
+        extra = [f"![]({link})" for link in dict.fromkeys(links.values()) if link not in used]
+        if extra:
+            body = "\n\n".join(part for part in (body, "\n".join(extra)) if part)
+    fields = dict(content)
+    if "images" in fields and links:
+        fields["images"] = [links.get(source, source) for source in fields["images"] or []]
+    header = [f"{key}: {json.dumps(fields.get(key), ensure_ascii=False)}"
+              for key in FRONT_MATTER_KEYS if key in fields]
+    header += [f"{key}: {json.dumps(fields[key], ensure_ascii=False)}"
+               for key in FRONT_MATTER_KNOWN_KEYS if fields.get(key) not in (None, "", {})]
     return "\n".join(["---", *header, "---", "", body]) + "\n"
 
 
-def write_export_files(contents: list[dict], directory: str) -> list[str]:
-    """One `<id>-<slug>.md` per content; each written to a temp name and renamed, so a
-    reader never sees half a file."""
+def _write_atomically(path: str, write) -> None:
+    """Write to a temp name and rename, so a reader never sees half a file."""
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+
+
+def export_media(content: dict, directory: str, warn=None) -> dict[str, str]:
+    """Copy the article's saved images into DIR/<id>-<slug>/; returns source -> relative
+    link. Images that were not saved keep their original reference (and are named)."""
+    import shutil
+
+    bundle = export_file_name(content)[:-len(".md")]
+    links: dict[str, str] = {}
+    for item in content.get("media") or []:
+        if item.get("status") != "saved" or not item.get("path"):
+            if warn is not None:
+                warn(f"content {content['id']}: image {item.get('url', '')[:100]} was not saved"
+                     f" ({item.get('status')}: {item.get('error') or 'not yet downloaded'});"
+                     " the export links its original address")
+            continue
+        os.makedirs(os.path.join(directory, bundle), exist_ok=True)
+        name = os.path.basename(item["path"])
+        try:
+            _write_atomically(os.path.join(directory, bundle, name),
+                              lambda partial, source=item["path"]: shutil.copyfile(source,
+                                                                                   partial))
+        except OSError as exc:
+            raise CtlError(f"cannot copy the image {item['path']} of content {content['id']}:"
+                           f" {exc.strerror or exc} (run contenthubctl as a user that can"
+                           " read the daemon's state directory)") from None
+        links[item["url"]] = f"{bundle}/{name}"
+    return links
+
+
+def write_export_files(contents: list[dict], directory: str, warn=None) -> list[str]:
+    """One `<id>-<slug>.md` per content, its images in `<id>-<slug>/` beside it and linked
+    relatively, so the directory can be moved or published as it is."""
     os.makedirs(directory, exist_ok=True)
     paths = []
     for content in contents:
+        links = export_media(content, directory, warn)
         path = os.path.join(directory, export_file_name(content))
-        partial = f"{path}.partial-{os.getpid()}"
-        with open(partial, "w", encoding="utf-8", newline="\n") as file:
-            file.write(export_document(content))
-        os.replace(partial, path)
+
+        def write(partial: str, content=content, links=links) -> None:
+            with open(partial, "w", encoding="utf-8", newline="\n") as file:
+                file.write(export_document(content, links))
+
+        _write_atomically(path, write)
         paths.append(path)
     return paths
 
@@ -943,6 +1022,18 @@ def cmd_content_reject(session: Session, options) -> int:
     return review(session, "content.reject", options)
 
 
+def cmd_content_delete(session: Session, options) -> int:
+    result = session.call("content.delete", {"ids": options.ids})
+    if session.format != "table":
+        session.show(result)
+    elif result["deleted"]:
+        session.write_lines(["deleted: " + ", ".join(map(str, result["deleted"]))])
+    if result.get("missing"):
+        session.warn("no content with id " + ", ".join(map(str, result["missing"])))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_content_export(session: Session, options) -> int:
     contents = session.call("content.export", without_none({
         "ids": options.ids or None, "account_id": options.account_id,
@@ -951,7 +1042,7 @@ def cmd_content_export(session: Session, options) -> int:
     if options.dir and options.output:
         raise UsageError("--output is for JSON Lines; with --dir the files go in DIR")
     if options.dir:
-        paths = write_export_files(contents, options.dir)
+        paths = write_export_files(contents, options.dir, session.warn)
         session.show([{"id": content.get("id"), "file": path, "title": content.get("title")}
                       for content, path in zip(contents, paths)], EXPORT_COLUMNS)
     elif options.output:
@@ -1441,13 +1532,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                       "write contents as Markdown files or JSON Lines")
         sub.add_argument("ids", metavar="ID", type=int, nargs="*", help="only these contents")
         target = sub.add_mutually_exclusive_group()
-        target.add_argument("--dir", metavar="DIR", help="one <id>-<slug>.md per content")
+        target.add_argument("--dir", metavar="DIR", help="one <id>-<slug>.md per content, its"
+                            " images in <id>-<slug>/")
         target.add_argument("--jsonl", action="store_true", help="JSON Lines (the default)")
         sub.add_argument("--output", metavar="FILE", help="JSON Lines to FILE instead of stdout")
         sub.add_argument("--account-id", type=int)
-        sub.add_argument("--review-status", choices=REVIEW_STATUSES)
+        sub.add_argument("--review-status", choices=("any", *REVIEW_STATUSES),
+                         help="default: approved (any, when IDs are given)")
         sub.add_argument("--since", metavar="ISO")
         add_limit(sub)
+        sub = command(content, "delete", cmd_content_delete,
+                      "delete contents with their history and saved images")
+        sub.add_argument("ids", metavar="ID", type=int, nargs="+")
 
     task = group("task", "inspect and manage generation tasks")
     if wanted("task"):

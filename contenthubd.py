@@ -16,6 +16,7 @@ The file reads top to bottom; each section uses only the ones above it:
     Executors               the registry scheduled work runs through (content, research, publish,
                             cleanup)
     Scheduler               the cron loop: fire, misfire and overlap policies
+    Media capture           saves articles' images under state_dir/media before URLs expire
     Worker pool             claims tasks, runs creators, retries, timeouts, cancel
     Poll loop               drives tasks whose creator works asynchronously
     Control server          the NDJSON Unix socket behind contenthubctl
@@ -43,6 +44,7 @@ import hashlib
 import heapq
 import hmac
 import http.client
+import ipaddress
 import json
 import math
 import os
@@ -51,6 +53,7 @@ import queue
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -492,6 +495,33 @@ class CreatorConfig:
     llm: LLMConfig = field(default_factory=LLMConfig, metadata={"section": LLMConfig})
 
 
+def _network_list(value: Any) -> list[str]:
+    """CIDR ranges ("127.0.0.0/8", "10.1.2.3", "fd00::/8"), each checked, kept as text."""
+    for network in _str_list(value):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"{network!r} is not an IP address or CIDR range") from None
+    return list(value)
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """[media]: images of completed articles are saved under state_dir/media/<content_id>/."""
+
+    enabled: bool = _key(_typed(bool), default=True)
+    max_bytes: int = _key(parse_size, default=20 << 20)
+    timeout: float = _key(_positive(parse_duration), default=60.0)
+    max_redirects: int = _key(_non_negative(_typed(int)), default=3)
+    max_attempts: int = _key(_positive(_typed(int)), default=5)
+    retry_backoff: float = _key(_positive(parse_duration), default=60.0)
+    concurrency: int = _key(_positive(_typed(int)), default=2)
+    #: Only these hosts (and their subdomains) when set; any public host when empty.
+    allowed_hosts: list[str] = _key(_str_list, default_factory=list)
+    #: Loopback, private and link-local addresses are refused unless listed here.
+    allow_private: list[str] = _key(_network_list, default_factory=list)
+
+
 @dataclass(frozen=True)
 class PublishConfig:
     command: list[str] = _key(_str_list, default_factory=list)
@@ -583,6 +613,7 @@ class Config:
     creator: CreatorConfig = field(default_factory=CreatorConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     accounts: tuple[AccountConfig, ...] = ()
     schedules: tuple[ScheduleConfig, ...] = ()
     hooks: tuple[HookConfig, ...] = ()
@@ -737,7 +768,8 @@ def parse_config(text: str, path: str = "", environ: dict[str, str] | None = Non
     sources: dict[str, str] = {}
     sections: dict[str, Any] = {}
     for name, cls in (("daemon", DaemonConfig), ("creator", CreatorConfig),
-                      ("publish", PublishConfig), ("budget", BudgetConfig)):
+                      ("publish", PublishConfig), ("budget", BudgetConfig),
+                      ("media", MediaConfig)):
         start = (_header_lines(text, name) or [0])[0]
         sections[name] = _build_section(cls, data.pop(name, {}), name, text, start, errors,
                                         sources, environ)
@@ -918,7 +950,7 @@ def describe_config(config: Config) -> list[dict[str, Any]]:
             row["display"] = format_duration(value)
         rows.append(row)
 
-    for section_name in ("daemon", "creator", "publish", "budget"):
+    for section_name in ("daemon", "creator", "publish", "budget", "media"):
         section = getattr(config, section_name)
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
@@ -1810,6 +1842,7 @@ class Store:
                   json_text(article["images"]), json_text(article["quality"]), stamp,
                   article["generator"], article["model"], article["cost"], task_id, attempt)
         result_text = json_text(result)
+        media = list(enumerate(article.get("media", ())))
 
         def complete(conn: sqlite3.Connection) -> int | None:
             # Inserted only if this attempt still owns the task: the fence is in the SELECT.
@@ -1826,6 +1859,12 @@ class Store:
             conn.execute("INSERT INTO content_events (content_id, at, action, actor, to_status)"
                          " SELECT id, created_at, 'created', 'contenthubd', review_status"
                          " FROM contents WHERE id = ?", (content_id,))
+            if media:
+                # The media loop's queue, in this transaction: a kill -9 loses no image.
+                conn.executemany(
+                    "INSERT INTO content_media (content_id, position, url, next_attempt_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?)",
+                    [(content_id, position, url, stamp, stamp) for position, url in media])
             conn.execute("INSERT INTO task_events (task_id, at, from_status, to_status, detail)"
                          " SELECT task_id, ?, status, 'completed', ? FROM"
                          " content_generation_tasks WHERE task_id = ?",
@@ -2043,6 +2082,7 @@ class Store:
                     "SELECT at, action, actor, actor_uid, from_status, to_status, reason"
                     " FROM content_events WHERE content_id = ? ORDER BY id", (content["id"],))
                 content["history"] = [_row_dict(cursor, row) for row in cursor.fetchall()]
+            content["media"] = self._media_of(conn, [content["id"]]).get(content["id"], [])
             return content
 
         return await self._read(get)
@@ -2074,8 +2114,77 @@ class Store:
             clause = f"{clause} AND c.id < ?" if clause else "WHERE c.id < ?"
             params.append(before_id)
         columns = CONTENT_LIST_COLUMNS + (", c.body" if with_body else "")
-        return await self.query(f"SELECT {columns} FROM {CONTENT_FROM} {clause}"
-                                " ORDER BY c.id DESC LIMIT ?", (*params, limit))
+
+        def fetch(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            cursor = conn.execute(f"SELECT {columns} FROM {CONTENT_FROM} {clause}"
+                                  " ORDER BY c.id DESC LIMIT ?", (*params, limit))
+            contents = [_row_dict(cursor, row) for row in cursor.fetchall()]
+            if with_body:  # an export: the article with its saved images
+                media = self._media_of(conn, [content["id"] for content in contents])
+                for content in contents:
+                    content["media"] = media.get(content["id"], [])
+            return contents
+
+        return await self._read(fetch)
+
+    @staticmethod
+    def _media_of(conn: sqlite3.Connection, ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+        cursor = conn.execute(
+            "SELECT content_id, url, path, bytes, content_type, status, attempts, error"
+            " FROM content_media WHERE content_id IN (SELECT value FROM json_each(?))"
+            " ORDER BY content_id, position", (json_text(ids),))
+        media: dict[int, list[dict[str, Any]]] = {}
+        for row in cursor.fetchall():
+            item = _row_dict(cursor, row)
+            media.setdefault(item.pop("content_id"), []).append(item)
+        return media
+
+    async def delete_contents(self, ids: list[int]) -> list[int]:
+        """Delete contents with their history and media rows; returns the ids deleted (the
+        caller removes their media directories once this has committed)."""
+
+        def delete(conn: sqlite3.Connection) -> list[int]:
+            return [row[0] for row in conn.execute(
+                "DELETE FROM contents WHERE id IN (SELECT value FROM json_each(?))"
+                " RETURNING id", (json_text(ids),)).fetchall()]
+
+        return await self._write(delete)
+
+    async def existing_content_ids(self, ids: list[int]) -> set[int]:
+        rows = await self.query("SELECT id FROM contents WHERE id IN"
+                                " (SELECT value FROM json_each(?))", (json_text(ids),))
+        return {row["id"] for row in rows}
+
+    # -- media ---------------------------------------------------------------------------------
+
+    async def due_media(self, now: datetime, limit: int) -> list[dict[str, Any]]:
+        return await self.query(
+            "SELECT id, content_id, position, url, attempts FROM content_media"
+            " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id"
+            " LIMIT ?", (to_db_time(now), limit))
+
+    async def next_media_due(self) -> datetime | None:
+        rows = await self.query("SELECT MIN(next_attempt_at) AS due FROM content_media"
+                                " WHERE status = 'pending'")
+        return from_db_time(rows[0]["due"]) if rows else None
+
+    async def record_media(self, media_id: int, now: datetime, *, status: str,
+                           path: str | None = None, size: int | None = None,
+                           content_type: str | None = None, error: str | None = None,
+                           retry_at: datetime | None = None) -> bool:
+        """One attempt's outcome: saved, failed, or (with `retry_at`) pending again. False
+        when the row is gone (its article was deleted meanwhile)."""
+
+        def record(conn: sqlite3.Connection) -> bool:
+            stamp = to_db_time(now)
+            return bool(conn.execute(
+                "UPDATE content_media SET status = ?, path = ?, bytes = ?, content_type = ?,"
+                " error = ?, attempts = attempts + 1, next_attempt_at = COALESCE(?, ?),"
+                " updated_at = ? WHERE id = ? AND status = 'pending'",
+                (status, path, size, content_type, error, to_db_time(retry_at), stamp, stamp,
+                 media_id)).rowcount)
+
+        return await self._write(record)
 
     async def count_contents(self, *, account_id: int | None = None,
                              review_status: str | None = None, since: str | None = None,
@@ -5350,6 +5459,350 @@ class Scheduler(BackgroundLoop):
                                           [e.config.name for e in entries])
         return [self.describe(entry, runs.get(entry.config.name)) for entry in entries]
 
+# Media capture #################################################################################
+
+MEDIA_DIR = "media"  #: under state_dir: media/<content_id>/<position>-<name>.<ext>
+MEDIA_CHUNK_BYTES = 64 << 10
+MEDIA_RETRY_CAP_S = 6 * 3600.0  #: the longest wait between two attempts at one image
+MEDIA_NAME_MAX = 60  #: characters of the source's own file name kept in the saved name
+MEDIA_USER_AGENT = f"contenthubd/{__version__} (media capture)"
+#: Image types a file extension may stand for when a creator printed a local path.
+MEDIA_LOCAL_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+                     ".gif": "image/gif", ".webp": "image/webp", ".svg": "image/svg+xml",
+                     ".bmp": "image/bmp", ".avif": "image/avif"}
+MEDIA_TYPE_EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif",
+                         "image/webp": ".webp", "image/svg+xml": ".svg", "image/bmp": ".bmp",
+                         "image/avif": ".avif"}
+
+
+class MediaFailure(Exception):
+    """One attempt at an image failed; `retryable` says whether a later attempt may work."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass
+class SavedMedia:
+    path: str  #: relative to state_dir
+    size: int
+    content_type: str
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the address that was checked, not to whatever the name resolves to next
+    (a second lookup could answer with a private address)."""
+
+    def __init__(self, host: str, port: int | None, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int | None, address: str, timeout: float):
+        self._tls = ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=self._tls)
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+
+
+def _media_name(position: int, source: str, content_type: str) -> str:
+    """`<position>-<the source's own name>.<ext>`: readable, unique within the article."""
+    stem = Path(urllib.parse.urlsplit(source).path if "://" in source else source).stem
+    stem = re.sub(r"[^\w.-]+", "-", stem).strip("-.")[:MEDIA_NAME_MAX] or "image"
+    extension = MEDIA_TYPE_EXTENSIONS.get(content_type) or ".img"
+    return f"{position}-{stem}{extension}"
+
+
+class MediaFetcher:
+    """One image to a file, bounded: size, time, redirects, content type, and where it may
+    come from. Runs in a worker thread (blocking sockets with timeouts)."""
+
+    def __init__(self, config: MediaConfig, state_dir: Path, creator_cwd: Path):
+        self.config = config
+        self.state_dir = state_dir
+        self.creator_cwd = creator_cwd
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in config.allow_private]
+
+    def fetch(self, content_id: int, position: int, source: str) -> SavedMedia:
+        target_dir = self.state_dir / MEDIA_DIR / str(content_id)
+        if re.match(r"(?i)https?://", source):
+            return self._download(source, target_dir, position)
+        if _CC_URL_RE.match(source) and not re.match(r"[A-Za-z]:[\\/]", source):
+            raise MediaFailure(f"unsupported image reference {source[:80]!r}", False)
+        return self._copy_local(source, target_dir, position)
+
+    # -- local files a creator wrote ------------------------------------------------------------
+
+    def _copy_local(self, source: str, target_dir: Path, position: int) -> SavedMedia:
+        path = (self.creator_cwd / source).resolve()
+        if not path.is_relative_to(self.creator_cwd.resolve()):
+            raise MediaFailure(f"local image {source!r} is outside the creator's working"
+                               f" directory {self.creator_cwd}", False)
+        content_type = MEDIA_LOCAL_TYPES.get(path.suffix.lower())
+        if content_type is None:
+            raise MediaFailure(f"local file {source!r} does not have an image extension"
+                               f" ({', '.join(MEDIA_LOCAL_TYPES)})", False)
+        try:
+            with open(path, "rb") as file:
+                return self._store(target_dir, _media_name(position, source, content_type),
+                                   content_type, iter(lambda: file.read(MEDIA_CHUNK_BYTES), b""))
+        except FileNotFoundError:
+            raise MediaFailure(f"local image {path} does not exist", True) from None
+        except IsADirectoryError:
+            raise MediaFailure(f"local image {path} is a directory", False) from None
+        except PermissionError as exc:
+            raise MediaFailure(f"cannot read local image {path}: {exc}", False) from None
+
+    # -- downloads -------------------------------------------------------------------------------
+
+    def _download(self, url: str, target_dir: Path, position: int) -> SavedMedia:
+        deadline = time.monotonic() + self.config.timeout
+        for _hop in range(self.config.max_redirects + 1):
+            connection, response = self._request(url, deadline)
+            try:
+                if response.status in (301, 302, 303, 307, 308):
+                    location = response.getheader("Location")
+                    if not location:
+                        raise MediaFailure(f"HTTP {response.status} without a Location", False)
+                    url = urllib.parse.urljoin(url, location)
+                    continue
+                if response.status != 200:
+                    # A signed URL past its expiry answers 403: retrying cannot help.
+                    retryable = response.status in (408, 425, 429) or response.status >= 500
+                    raise MediaFailure(f"HTTP {response.status} {response.reason}".strip(),
+                                       retryable)
+                content_type = (response.getheader("Content-Type") or "").split(";")[0]
+                content_type = content_type.strip().lower()
+                if not content_type.startswith("image/"):
+                    raise MediaFailure(f"content type {content_type or '(none)'!r} is not an"
+                                       " image", False)
+                length = response.getheader("Content-Length")
+                if length and length.isdigit() and int(length) > self.config.max_bytes:
+                    raise MediaFailure(f"image is {length} bytes; [media] max_bytes is"
+                                       f" {self.config.max_bytes}", False)
+                return self._store(target_dir, _media_name(position, url, content_type),
+                                   content_type, self._body(response, deadline))
+            except (OSError, http.client.HTTPException) as exc:
+                raise MediaFailure(f"download failed: {exc}", True) from None
+            finally:
+                connection.close()
+        raise MediaFailure(f"more than [media] max_redirects ({self.config.max_redirects})"
+                           " redirects", False)
+
+    def _body(self, response: http.client.HTTPResponse, deadline: float) -> Iterator[bytes]:
+        while chunk := response.read(MEDIA_CHUNK_BYTES):
+            if time.monotonic() > deadline:
+                raise MediaFailure(f"download took longer than [media] timeout"
+                                   f" ({self.config.timeout:.0f}s)", True)
+            yield chunk
+
+    def _request(self, url: str, deadline: float
+                 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        if parts.scheme.lower() not in ("http", "https") or not host:
+            raise MediaFailure(f"redirected to an unsupported URL {url[:120]!r}", False)
+        if self.config.allowed_hosts and not any(
+                host == allowed or host.endswith("." + allowed.lstrip("."))
+                for allowed in self.config.allowed_hosts):
+            raise MediaFailure(f"host {host!r} is not in [media] allowed_hosts", False)
+        try:
+            port = parts.port
+            addresses = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80),
+                                           type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as exc:
+            raise MediaFailure(f"cannot resolve {host!r}: {exc}", True) from None
+        address = str(addresses[0][4][0])
+        for *_info, sockaddr in addresses:
+            ip = ipaddress.ip_address(sockaddr[0])
+            if not ip.is_global and not any(ip in network for network in self.networks):
+                raise MediaFailure(f"{host} resolves to {ip}, a private, loopback or reserved"
+                                   " address; list it in [media] allow_private to allow it",
+                                   False)
+        timeout = max(0.1, deadline - time.monotonic())
+        connection_class = (_PinnedHTTPSConnection if parts.scheme.lower() == "https"
+                            else _PinnedHTTPConnection)
+        connection = connection_class(host, port, address, timeout)
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        try:
+            connection.request("GET", target, headers={"User-Agent": MEDIA_USER_AGENT,
+                                                       "Accept": "image/*"})
+            return connection, connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise MediaFailure(f"download failed: {exc}", True) from None
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def _store(self, target_dir: Path, name: str, content_type: str,
+               chunks: Iterator[bytes]) -> SavedMedia:
+        """Write to a temporary name, fsync, rename: a saved file is always whole."""
+        target_dir.mkdir(parents=True, exist_ok=True)
+        final = target_dir / name
+        partial = target_dir / f".{name}.partial"
+        size = 0
+        try:
+            with open(partial, "wb") as file:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.config.max_bytes:
+                        raise MediaFailure(f"image is over [media] max_bytes"
+                                           f" ({self.config.max_bytes} bytes)", False)
+                    file.write(chunk)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, final)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return SavedMedia(str(final.relative_to(self.state_dir)), size, content_type)
+
+
+class MediaCapture(BackgroundLoop):
+    """Saves the images of completed articles before their URLs expire.
+
+    A completion queues its images as `content_media` rows in its own transaction (so a
+    kill -9 loses none, and the completion never waits on the network); this loop downloads
+    or copies them, `concurrency` at a time, and records each outcome. A failed attempt is
+    retried with exponential backoff (with jitter) up to `max_attempts`; an answer that no
+    retry can change (403 on an expired URL, not an image, too large) fails at once.
+    """
+
+    loop_name = "media-capture"
+
+    def __init__(self, store: Store, config: Config, environ: dict[str, str],
+                 clock: Callable[[], datetime] = utc_now):
+        super().__init__()
+        self.store = store
+        self.environ = environ
+        self.clock = clock
+        self.apply_config(config)
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config.media
+        self.state_dir = config.state_dir(self.environ)
+        self.fetcher = MediaFetcher(config.media, self.state_dir,
+                                    config.creator_cwd(self.environ))
+
+    @property
+    def root(self) -> Path:
+        return self.state_dir / MEDIA_DIR
+
+    def file_of(self, path: str | None) -> str | None:
+        """A saved image's absolute path (the database keeps it relative to state_dir)."""
+        return str(self.state_dir / path) if path else None
+
+    async def start(self) -> None:
+        await self._sweep_orphans()
+        await super().start()
+
+    async def stop(self) -> None:
+        """Downloads under way are abandoned, not awaited: their rows stay pending and the
+        next start takes them up again."""
+        self._running = False
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+
+    @staticmethod
+    def _in_thread(work: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """`work` in a daemon thread of its own: a download that runs until its timeout must
+        not hold up the exit (asyncio.to_thread's executor is joined when the loop closes)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def run() -> None:
+            try:
+                outcome: tuple[bool, Any] = (True, work(*args))
+            except BaseException as exc:
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+
+        threading.Thread(target=run, name="media-fetch", daemon=True).start()
+        return future
+
+    async def remove(self, content_ids: list[int]) -> None:
+        """Delete the media directories of articles that were deleted."""
+        def remove_all() -> None:
+            for content_id in content_ids:
+                shutil.rmtree(self.root / str(content_id), ignore_errors=True)
+
+        await asyncio.to_thread(remove_all)
+
+    async def _sweep_orphans(self) -> None:
+        """Directories of articles deleted just before a crash, and half-written files."""
+        if not self.root.is_dir():
+            return
+        named = {int(entry.name): entry for entry in self.root.iterdir()
+                 if entry.is_dir() and entry.name.isdigit()}
+        kept = await self.store.existing_content_ids(list(named)) if named else set()
+        await self.remove([content_id for content_id in named if content_id not in kept])
+        for directory in (named[i] for i in kept):
+            for partial in directory.glob(".*.partial"):
+                partial.unlink(missing_ok=True)
+
+    async def _loop(self) -> None:
+        while self.is_running:
+            self._wake.clear()
+            try:
+                due = await self.store.due_media(self.clock(), self.config.concurrency * 4)
+            except Exception:
+                log.exception("media_queue_read_failed")
+                await self._sleep(self.config.retry_backoff)
+                continue
+            if due:
+                slots = asyncio.Semaphore(self.config.concurrency)
+                await asyncio.gather(*(self._capture(item, slots) for item in due))
+                continue
+            next_due = await self.store.next_media_due()
+            await self._sleep(None if next_due is None else
+                              max(0.0, (next_due - self.clock()).total_seconds()))
+
+    async def _capture(self, item: dict[str, Any], slots: asyncio.Semaphore) -> None:
+        media_log = log.bind(content_id=item["content_id"], url=item["url"][:200])
+        async with slots:
+            try:
+                saved = await self._in_thread(self.fetcher.fetch, item["content_id"],
+                                              item["position"], item["url"])
+            except MediaFailure as exc:
+                await self._failed(item, exc, media_log)
+                return
+            except Exception as exc:  # a bug must cost one image, not the loop
+                media_log.exception("media_capture_crashed")
+                await self._failed(item, MediaFailure(f"internal error: {exc}", True),
+                                   media_log)
+                return
+        if await self.store.record_media(item["id"], self.clock(), status="saved",
+                                         path=saved.path, size=saved.size,
+                                         content_type=saved.content_type):
+            media_log.info("media_saved", path=saved.path, bytes=saved.size)
+        else:  # the article was deleted while its image downloaded
+            (self.state_dir / saved.path).unlink(missing_ok=True)
+
+    async def _failed(self, item: dict[str, Any], failure: MediaFailure, media_log: Any) -> None:
+        attempts = item["attempts"] + 1
+        retry_at = None
+        if failure.retryable and attempts < self.config.max_attempts:
+            delay = min(self.config.retry_backoff * 2 ** (attempts - 1), MEDIA_RETRY_CAP_S)
+            retry_at = self.clock() + timedelta(seconds=delay * random.uniform(0.8, 1.2))
+        await self.store.record_media(item["id"], self.clock(),
+                                      status="pending" if retry_at else "failed",
+                                      error=str(failure)[:500], retry_at=retry_at)
+        media_log.warning("media_attempt_failed", error=str(failure)[:300], attempt=attempts,
+                          retry_at=to_db_time(retry_at))
+
+
 # Worker pool ###################################################################################
 
 
@@ -5425,6 +5878,7 @@ class WorkerPool:
         #: latest claim
         self.budget_holds: dict[str, str] = {}
         self.unpriced_models: set[str] = set()  #: models seen without a price, warned once
+        self.on_media_queued: Callable[[], None] | None = None  #: a completion queued images
         self.apply_config(config)
 
     @property
@@ -5700,6 +6154,8 @@ class WorkerPool:
         usage = self._priced_usage(result, task_log)
         if isinstance(outcome, Article):
             row = article_row(outcome, task["topic"])
+            if self.config.media.enabled:
+                row["media"] = row["images"]
             daemon = self.config.daemon
             now = self.clock()
             gate = budget_gate(self.config, now)
@@ -5717,6 +6173,8 @@ class WorkerPool:
                 self.limiter.give_back(1 - len(claimed))
             if claimed and running is not None:
                 running.next_task = claimed[0]
+            if content_id is not None and row.get("media") and self.on_media_queued:
+                self.on_media_queued()
             task_log.info("task_completed", content_id=content_id, title=row["title"],
                           words=row["word_count"], duration=round(result.duration, 3),
                           **self._usage_fields(usage))
@@ -6139,13 +6597,14 @@ class ControlServer:
 
 
     def __init__(self, path: Path, config: Config, store: Store, pool: WorkerPool,
-                 scheduler: Scheduler,
+                 scheduler: Scheduler, media: MediaCapture,
                  app_commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]):
         self.path = path
         self.config = config
         self.store = store
         self.pool = pool
         self.scheduler = scheduler
+        self.media = media
         # `task.status` is served by cmd_task_status, `bulk_import` by cmd_bulk_import.
         self.commands = {self._command_name(name): getattr(self, name)
                          for name in dir(self) if name.startswith("cmd_")}
@@ -6392,7 +6851,7 @@ class ControlServer:
         """`content.export` as one reply line written page by page: the daemon holds one page
         of articles, not the whole export. Page sizes adapt to the bodies' size. An error
         after the first bytes went out can only be told by closing the connection."""
-        filters = self._content_filters(args)
+        filters = self._content_filters(args, export=True)
         remaining = filters.pop("limit")
         async with self._body_streams:
             page, before_id, separator = 1, None, b""
@@ -6404,6 +6863,8 @@ class ControlServer:
                     remaining -= len(rows)
                     before_id = rows[-1]["id"]
                     body_bytes = sum(len(row["body"]) for row in rows)
+                    for row in rows:
+                        self._media_files(row)
                     for encoded in await asyncio.to_thread(self._encode_rows, rows, self.tz):
                         await self._send(writer, separator)
                         await self._send(writer, encoded)
@@ -6495,7 +6956,7 @@ class ControlServer:
         return await self._with_total(args, rows, limit,
                                       lambda: self.store.count_contents(**filters))
 
-    def _content_filters(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _content_filters(self, args: dict[str, Any], export: bool = False) -> dict[str, Any]:
         since = arg(args, "since", str)
         if since is not None:
             try:
@@ -6507,11 +6968,21 @@ class ControlServer:
         ids = arg(args, "ids", list)
         if ids is not None:
             ids = content_ids(ids)
+        # An export is for publishing: approved articles unless asked otherwise.
+        review_status = arg(args, "review_status", str,
+                            default="approved" if export and not ids else "any",
+                            choices=("any", "pending_review", "approved", "rejected"))
         return {"account_id": arg(args, "account_id", int),
-                "review_status": arg(args, "review_status", str,
-                                     choices=("pending_review", "approved", "rejected")),
+                "review_status": None if review_status == "any" else review_status,
                 "since": since, "ids": ids,
                 "limit": arg(args, "limit", int, default=50, minimum=1, maximum=100_000)}
+
+    def _media_files(self, content: dict[str, Any]) -> dict[str, Any]:
+        """Saved images by their absolute path: the database keeps them relative to
+        state_dir, a reader of the reply needs the file."""
+        for item in content.get("media", ()):
+            item["path"] = self.media.file_of(item["path"])
+        return content
 
     async def cmd_content_show(self, args: dict[str, Any]) -> dict[str, Any]:
         key = arg(args, "id", (int, str), required=True)
@@ -6519,9 +6990,18 @@ class ControlServer:
             key = int(key)
         if isinstance(key, str):
             key = await self.task_id({"task_id": key})
-        content = await self.store.get_content(key, with_history=True)
+        content = self._media_files(await self.store.get_content(key, with_history=True))
         content["usage"] = await self.store.usage_totals(content["task_id"])
         return content
+
+    async def cmd_content_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        ids = content_ids(arg(args, "ids", list, required=True))
+        if not ids:
+            raise InvalidRequest("argument 'ids' must be a non-empty list of content ids")
+        deleted = await self.store.delete_contents(ids)
+        await self.media.remove(deleted)
+        log.info("contents_deleted", ids=deleted)
+        return {"deleted": deleted, "missing": [i for i in ids if i not in deleted]}
 
     async def cmd_content_approve(self, args: dict[str, Any],
                                   peer: tuple[int, str]) -> dict[str, Any]:
@@ -8129,6 +8609,7 @@ class App:
         self.scheduler = Scheduler(self.store, config, environ, self.pool.wake, clock)
         self.poll_loop = PollLoop(self.store, self.pool, clock)
         self.notifier = Notifier(self.store, config, environ, clock)
+        self.media = MediaCapture(self.store, config, environ, clock)
         self.control: ControlServer | None = None
         self.should_exit = asyncio.Event()
         self.reload_requested = asyncio.Event()
@@ -8178,7 +8659,7 @@ class App:
         socket_path = self.config.socket_path(self.environ)
         await self._claim_socket(socket_path)
         self.control = ControlServer(socket_path, self.config, self.store, self.pool,
-                                     self.scheduler, {
+                                     self.scheduler, self.media, {
             "version": self.cmd_version, "reload": self.cmd_reload, "config": self.cmd_config,
             "monitor.health": self.cmd_health, "scheduler.create": self.cmd_scheduler_create,
             "scheduler.delete": self.cmd_scheduler_delete,
@@ -8186,6 +8667,8 @@ class App:
             "notify.retry": self.cmd_notify_retry})
         await self.control.start()
         self.pool.on_finished = self._task_finished
+        self.pool.on_media_queued = self.media.wake
+        await self.media.start()
         await self.pool.start()
         await self.poll_loop.start()
         await self.notifier.start()
@@ -8233,6 +8716,7 @@ class App:
         await self.poll_loop.stop()
         await self.pool.stop(self.config.daemon.shutdown_grace)
         await self.notifier.stop()
+        await self.media.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -8307,6 +8791,7 @@ class App:
         await self.store.sync_accounts(new.accounts, self.clock())
         self.pool.apply_config(new)
         self.notifier.apply_config(new)
+        self.media.apply_config(new)
         await self.scheduler.apply_config(new)
         if self.control is not None:
             self.control.apply_config(new)

@@ -307,3 +307,24 @@ CREATE TABLE task_usage (
 );
 CREATE INDEX idx_usage_at ON task_usage (at, account_id, cost);
 CREATE INDEX idx_usage_account ON task_usage (account_id, at);
+
+-- migration 6: media capture: each image of an article, saved under state_dir/media/<content_id>/
+-- The rows a completion inserts are the download queue (an outbox written in the completion's
+-- transaction); the media loop works through the pending ones and records each outcome.
+CREATE TABLE content_media (
+    id               INTEGER PRIMARY KEY,
+    content_id       INTEGER NOT NULL REFERENCES contents (id) ON DELETE CASCADE,
+    position         INTEGER NOT NULL,                -- its index in contents.images
+    url              TEXT NOT NULL,                   -- as the creator gave it: URL or local path
+    status           TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'saved', 'failed')),
+    path             TEXT,                            -- relative to state_dir, once saved
+    bytes            INTEGER,
+    content_type     TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  TEXT NOT NULL,
+    error            TEXT,
+    updated_at       TEXT NOT NULL,
+    UNIQUE (content_id, position)
+);
+CREATE INDEX idx_media_due ON content_media (status, next_attempt_at);

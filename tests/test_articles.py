@@ -3,11 +3,15 @@ summaries of prose, export trees with their images."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import pwd
+import re
+import threading
+from pathlib import Path
 
-from conftest import command_creator
+from conftest import command_creator, wait_until
 
 from contenthubd import plain_summary
 
@@ -143,3 +147,209 @@ def test_offline_drafts_say_so_in_show_list_and_export(daemon_factory, tmp_path)
     [document] = list(out.rglob("*.md"))
     front = document.read_text(encoding="utf-8").split("---\n")[1]
     assert 'generator: "offline-template"' in front and 'keywords: "电池,续航"' in front
+
+
+# -- media capture and export ----------------------------------------------------------------
+
+
+class ImageServer:
+    """Serves each image once, then answers 403 like an expired signed URL. In `mode`
+    "unavailable" it answers 503 without counting; "html" serves a page instead of a PNG."""
+
+    def __init__(self, images: dict[str, bytes]):
+        self.images = images
+        self.served: dict[str, int] = {}
+        self.mode = "serve"
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                name = self.path.split("?")[0].rsplit("/", 1)[-1]
+                if server.mode == "unavailable":
+                    return self._reply(503, "text/plain", b"try later")
+                if server.mode == "html":
+                    return self._reply(200, "text/html", b"<html>login</html>")
+                if self.path.startswith("/redirect/"):
+                    self.send_response(302)
+                    self.send_header("Location", f"/img/{name}?X-Tos-Expires=86400")
+                    self.end_headers()
+                    return None
+                if name not in server.images or server.served.get(name):
+                    return self._reply(403, "application/xml", b"<Error>AccessDenied</Error>")
+                server.served[name] = 1
+                return self._reply(200, "image/png", server.images[name])
+
+            def _reply(self, status, content_type, body):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, name: str, redirect: bool = False) -> str:
+        return f"{self.base}/{'redirect' if redirect else 'img'}/{name}?X-Tos-Expires=86400&sig=x"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def png(seed: int, size: int = 5000) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + bytes((seed * 31 + i * 7) % 256 for i in range(size))
+
+
+MEDIA_TEST_CONFIG = """
+[media]
+allow_private = ["127.0.0.0/8"]
+retry_backoff = "0.2s"
+"""
+
+
+def media_daemon(daemon_factory, urls: list[str], extra: str = MEDIA_TEST_CONFIG,
+                 local: bool = False):
+    return daemon_factory(creator=command_creator("article_with_images.py"), extra=extra,
+                          env={"ARTICLE_IMAGES": json.dumps(urls),
+                               "ARTICLE_LOCAL_IMAGE": "1" if local else "0"})
+
+
+def saved_media(daemon, task_id: str, count: int) -> list[dict]:
+    daemon.wait_status(task_id, "completed")
+
+    def done():
+        media = daemon.call("content.show", {"id": task_id})["media"]
+        return len(media) == count and all(m["status"] != "pending" for m in media) and media
+    return wait_until(done, 30, message="media to be captured")
+
+
+def test_images_are_saved_before_their_urls_expire_and_export_links_them(daemon_factory,
+                                                                         tmp_path):
+    images = {"cover.png": png(1), "second.png": png(2, 70_000), "moved.png": png(3)}
+    server = ImageServer(images)
+    try:
+        urls = [server.url("cover.png"), server.url("second.png"),
+                server.url("moved.png", redirect=True)]
+        daemon = media_daemon(daemon_factory, urls, local=True).start()
+        task_id = daemon.submit("电池技术：续航解析", auto_approve=True)
+        daemon.wait_status(task_id, "completed")
+        media = saved_media(daemon, task_id, 4)
+        assert [m["status"] for m in media] == ["saved"] * 4, media
+        content = daemon.call("content.show", {"id": task_id})
+        content_id = content["id"]
+        for item, name in zip(media, images, strict=False):
+            assert Path(item["path"]).read_bytes() == images[name]
+            assert item["bytes"] == len(images[name]) and item["content_type"] == "image/png"
+            assert Path(item["path"]).parent == daemon.state / "media" / str(content_id)
+        local_copy = Path(media[3]["path"]).read_bytes()
+        assert local_copy == (daemon.dir / "state" / "creator" / "data" / "images"
+                              / f"{task_id}.png").read_bytes()
+        # The URLs are dead now; the export works from the saved copies.
+        assert server.served == {"cover.png": 1, "second.png": 1, "moved.png": 1}
+
+        out = tmp_path / "export"
+        exported = daemon.ctl("content", "export", "--dir", str(out))
+        assert exported.returncode == 0, exported.stderr
+        [document] = out.glob("*.md")
+        text = document.read_text(encoding="utf-8")
+        links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+        assert len(links) == 4 and not any("://" in link for link in links)
+        for link, name in zip(links, images, strict=False):
+            assert (document.parent / link).read_bytes() == images[name]
+        front, body = text[4:].split("\n---\n\n", 1)
+        assert body.index(links[0]) < body.index("第一段正文") < body.index(links[1])
+        assert f'"{links[0]}"' in front  # images: the local copies
+
+        jsonl = [json.loads(line) for line in
+                 daemon.ctl("content", "export", "--jsonl").stdout.splitlines()]
+        assert [m["path"] for m in jsonl[0]["media"]] == [m["path"] for m in media]
+
+        # Cleanup prunes the task, not the article or its images; deleting the article does.
+        assert daemon.ctl("task", "cleanup", "--days", "0").returncode == 0
+        assert all(Path(m["path"]).exists() for m in media)
+        deleted = daemon.ctl("content", "delete", str(content_id))
+        assert deleted.returncode == 0, deleted.stderr
+        assert not (daemon.state / "media" / str(content_id)).exists()
+        assert daemon.scalar("SELECT COUNT(*) FROM content_media") == 0
+    finally:
+        server.close()
+
+
+def test_refused_images_fail_without_retries_and_do_not_block_completion(daemon_factory):
+    server = ImageServer({"big.png": png(4, 300_000), "page.png": png(5)})
+    try:
+        daemon = media_daemon(daemon_factory, [server.url("big.png"), server.url("page.png")],
+                              extra=MEDIA_TEST_CONFIG + 'max_bytes = "100KiB"\n').start()
+        task_id = daemon.submit("图片太大", auto_approve=True)
+        daemon.wait_status(task_id, "completed")
+        big, page = saved_media(daemon, task_id, 2)
+        assert big["status"] == "failed" and "max_bytes" in big["error"]
+        assert big["attempts"] == 1
+        # Served once: the second image's one download was used up, a retry meets a 403.
+        assert page["status"] == "saved"
+    finally:
+        server.close()
+
+
+def test_private_addresses_and_non_images_are_refused(daemon_factory):
+    server = ImageServer({"a.png": png(6)})
+    try:
+        server.mode = "html"
+        daemon = media_daemon(daemon_factory, [server.url("a.png")], extra="").start()
+        first = daemon.submit("不允许回环", auto_approve=True)
+        [refused] = saved_media(daemon, first, 1)
+        assert refused["status"] == "failed" and "allow_private" in refused["error"]
+        assert server.served == {}
+        daemon.stop()
+        daemon.config_path.write_text(daemon.config_path.read_text() + MEDIA_TEST_CONFIG)
+        daemon.start()
+        second = daemon.submit("不是图片", auto_approve=True)
+        [page] = saved_media(daemon, second, 1)
+        assert page["status"] == "failed" and "text/html" in page["error"]
+    finally:
+        server.close()
+
+
+def test_kill_9_with_downloads_pending_loses_no_image(daemon_factory):
+    images = {"one.png": png(7), "two.png": png(8)}
+    server = ImageServer(images)
+    try:
+        server.mode = "unavailable"
+        extra = MEDIA_TEST_CONFIG + "max_attempts = 100\n"
+        daemon = media_daemon(daemon_factory, [server.url(n) for n in images],
+                              extra=extra).start()
+        task_id = daemon.submit("断电测试")
+        daemon.wait_status(task_id, "completed")  # the completion never waits for images
+        wait_until(lambda: daemon.scalar("SELECT MIN(attempts) FROM content_media") >= 1, 30)
+        assert daemon.scalar("SELECT COUNT(*) FROM content_media WHERE status = 'pending'") == 2
+        daemon.kill9()
+        server.mode = "serve"
+        daemon.start()
+        media = saved_media(daemon, task_id, 2)
+        assert [Path(m["path"]).read_bytes() for m in media] == list(images.values())
+        assert daemon.scalar("SELECT COUNT(*) FROM contents") == 1
+    finally:
+        server.close()
+
+
+def test_export_defaults_to_approved_articles(daemon_factory, tmp_path):
+    daemon = daemon_factory(creator=command_creator("json_article.py")).start()
+    tasks = [daemon.submit(f"导出筛选 {i}") for i in range(3)]
+    ids = [daemon.wait_status(t, "completed")["content_id"] for t in tasks]
+    daemon.call("content.approve", {"ids": [ids[0]]})
+    daemon.call("content.reject", {"ids": [ids[1]], "reason": "off topic"})
+
+    def exported(*args):
+        lines = daemon.ctl("content", "export", "--jsonl", *args).stdout.splitlines()
+        return sorted(json.loads(line)["id"] for line in lines)
+
+    assert exported() == [ids[0]]
+    assert exported("--review-status", "rejected") == [ids[1]]
+    assert exported("--review-status", "pending_review") == [ids[2]]
+    assert exported("--review-status", "any") == sorted(ids)
+    assert exported(str(ids[2])) == [ids[2]]

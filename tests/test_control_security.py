@@ -319,9 +319,13 @@ COMMANDS = {
         "review_status": ("str", False, ["maybe"]), "since": ("str", False, SINCE_BAD),
         "limit": ("int", False, LIMIT_BAD)}),
     "content.show": ({"id": "task-nope"}, {"id": ("int|str", True, ["9" * 30])}),
-    "content.approve": ({"ids": [1]}, {"ids": ("list", True, [[], ["1"], [1.5], [None], [True]])}),
+    "content.approve": ({"ids": [1]}, {
+        "ids": ("list", True, [[], ["1"], [1.5], [None], [True]]), "reason": ("str", False, []),
+        "force": ("bool", False, [])}),
     "content.reject": ({"ids": [1]}, {
-        "ids": ("list", True, [[], ["1"], [None]]), "reason": ("str", False, [])}),
+        "ids": ("list", True, [[], ["1"], [None]]), "reason": ("str", False, []),
+        "force": ("bool", False, [])}),
+    "content.delete": ({"ids": [1]}, {"ids": ("list", True, [[], ["1"], [1.5], [None]])}),
     "task.status": ({"task_id": "task-nope"}, {"task_id": ("str", True, [])}),
     "task.list": ({}, {
         "account_id": ("int", False, []), "status": ("str|list", False, ["nope", ["nope"], [5]]),

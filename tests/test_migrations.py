@@ -96,6 +96,11 @@ def test_upgrade_from_0_1_0_keeps_every_row_review_and_pause(daemon_factory):
     assert ("Approved later", "approved", None) in reviews
     assert "关于显眼包 新能源技术解析的正文" in daemon.call(
         "content.show", {"id": before["contents"][0]["id"]})["body"]
+    # Step 2 copied each article's keywords and category from its task; nothing was reviewed
+    # through the history yet, and step 3 left no image to download.
+    second = daemon.call("content.show", {"id": before["contents"][1]["id"]})
+    assert (second["keywords"], second["category"]) == ("a,b", "技术")
+    assert second["history"] == [] and second["media"] == []
     schedules = {s["name"]: s for s in daemon.call("scheduler.list")}
     assert schedules["paused-one"]["paused"] and not schedules["daily-articles"]["paused"]
     # The notification outbox exists, empty: 0.1.0's tasks raise no events after the fact.

@@ -93,11 +93,12 @@ def test_review_export_and_cleanup_keep_articles(daemon_factory, tmp_path):
     out = tmp_path / "export"
     assert daemon.ctl("content", "export", "--dir", str(out)).returncode == 0
     files = sorted(out.glob("*.md"))
-    assert len(files) == 3
+    assert len(files) == 2  # approved ones: the default of an export
     text = files[0].read_text(encoding="utf-8")
     assert text.startswith("---\n") and "\n---\n" in text[4:] and "# 运营主题" in text
-    jsonl = daemon.ctl("content", "export", "--jsonl").stdout.splitlines()
-    assert len(jsonl) == 3 and all(json.loads(line)["body"] for line in jsonl)
+    jsonl = daemon.ctl("content", "export", "--jsonl", "--review-status", "any").stdout
+    assert len(jsonl.splitlines()) == 3
+    assert all(json.loads(line)["body"] for line in jsonl.splitlines())
     dry = ctl_json(daemon, "task", "cleanup", "--days", "0", "--dry-run")
     assert dry["matched"] == 3 and dry["deleted"] == 0
     done = ctl_json(daemon, "task", "cleanup", "--days", "0")
