@@ -839,9 +839,10 @@ DELIVERY_COLUMNS = (Column("ID", "id", align="right"), Column("TARGET", "target"
                     Column("ERROR", "last_error", flex=True))
 
 #: Key order of single objects in table format; keys not named follow in the daemon's order.
-TASK_ORDER = ("task_id", "status", "progress", "stage", "account_id", "account_name", "topic",
-              "keywords", "category", "priority", "attempt", "retry_count", "max_retries",
-              "auto_approve", "content_id", "error_kind", "error_message", "submitted_at",
+TASK_ORDER = ("task_id", "status", "waiting", "waiting_reason", "progress", "stage",
+              "account_id", "account_name", "topic", "keywords", "category", "priority",
+              "attempt", "retry_count", "max_retries", "auto_approve", "content_id", "usage",
+              "error_kind", "error_message", "submitted_at",
               "started_at", "completed_at", "next_attempt_at", "timeout_at")
 CONTENT_ORDER = ("id", "task_id", "title", "generator", "model", "account_id", "account_name",
                  "topic", "keywords", "category", "review_status", "review_reason",

@@ -8885,10 +8885,12 @@ class App:
             {"name": "notify", "ok": self.notifier.last_error is None,
              "detail": self.notifier.last_error or f"{len(self.config.notify)} targets"},
         ]
-        checks.append(self._budget_health())
+        budget, unpriced = self._budget_health()
+        checks.append(budget)
         checks.append(await self._creator_health())
         topics, warnings = await self._topics_health()
         checks.append(topics)
+        warnings += unpriced
         return {"status": "ok" if all(c["ok"] for c in checks) else "degraded",
                 "checks": checks, "warnings": warnings}
 
@@ -8951,7 +8953,7 @@ class App:
         return {"name": "config", "ok": True,
                 "detail": f"{path} changed since it was loaded; contenthubctl reload applies it"}
 
-    def _budget_health(self) -> dict[str, Any]:
+    def _budget_health(self) -> tuple[dict[str, Any], list[str]]:
         """Degraded while a budget keeps tasks waiting, naming it; a model without a price
         is a warning (its tokens count, its cost cannot)."""
         holds = self.pool.budget_holds
@@ -8964,10 +8966,12 @@ class App:
             check["detail"] = (f"daily {budget.daily or 'none'}, monthly"
                                f" {budget.monthly or 'none'} {budget.currency};"
                                f" {limited} account budget(s)")
+        warnings = []
         if self.pool.unpriced_models:
             names = ", ".join(sorted(m or "(unnamed)" for m in self.pool.unpriced_models))
-            check["warning"] = f"no price in [budget.prices] for: {names}; their cost is unknown"
-        return check
+            warnings.append(f"budget: no price in [budget.prices] for model(s) {names}; their"
+                            " tokens are counted, their cost is unknown")
+        return check, warnings
 
     async def _creator_health(self) -> dict[str, Any]:
         creator = self.config.creator
