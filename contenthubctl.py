@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import socket
     from typing import Any, BinaryIO
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  #: equal to contenthubd.__version__ (tests check)
 
 # Constants #####################################################################################
 

@@ -79,7 +79,7 @@ import aiosqlite
 import structlog
 from croniter import CroniterBadDateError, croniter
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # Constants and errors ##########################################################################
 
