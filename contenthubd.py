@@ -5283,16 +5283,16 @@ class Scheduler(BackgroundLoop):
         self.clock = clock
         self.schedules: dict[str, PlannedSchedule] = {}
 
-    async def start(self) -> None:
-        """Resume firings a crash interrupted, then run the loop. apply_config() must have
-        planned the schedules first (the App does it before opening the control socket)."""
+    async def _resume_interrupted(self) -> None:
+        """Finish the firings a crash interrupted. The loop does it first, so a long one (a
+        publish run) never holds up start-up. apply_config() must have planned the schedules
+        (the App does it before opening the control socket)."""
         for run in await self.store.interrupted_runs():
             planned = self.schedules.get(run["schedule_name"])
-            if planned is not None:
+            if planned is not None and self._running:
                 log.warning("schedule_run_resumed", schedule=run["schedule_name"],
                             scheduled_for=run["scheduled_for"])
                 await self._execute(planned, run["id"], from_db_time(run["scheduled_for"]))
-        await super().start()
 
     async def apply_config(self, config: Config) -> None:
         """(Re)plan every schedule from config + schedule_state; pause state is kept."""
@@ -5331,6 +5331,7 @@ class Scheduler(BackgroundLoop):
         entry.next_fire_at = entry.trigger.next_after(last, last)
 
     async def _loop(self) -> None:
+        await self._resume_interrupted()
         while self._running:
             self._wake.clear()
             now = self.clock()
@@ -8612,6 +8613,7 @@ class App:
         self.media = MediaCapture(self.store, config, environ, clock)
         self.control: ControlServer | None = None
         self.should_exit = asyncio.Event()
+        self.force_exit = asyncio.Event()  #: a second stop signal during shutdown
         self.reload_requested = asyncio.Event()
         self.status_dirty = asyncio.Event()
         self.started_at: datetime | None = None
@@ -8630,21 +8632,25 @@ class App:
             await self.startup()
         except StartupError as exc:
             log.error("startup_failed", error=str(exc))
-            await self._release()
+            await self._stop_components()
             return exc.exit_code
         except BaseException:
             log.exception("startup_crashed")
-            await self._release()
+            await self._stop_components()
             raise
-        await self.main_loop()
+        try:
+            await self.main_loop()
+        except BaseException:
+            log.exception("daemon_crashed")
+            await self._stop_components()
+            raise
         await self.shutdown()
         return 0
 
     def _on_stop_signal(self) -> None:
-        if self.should_exit.is_set():
-            self.pool.kill_all_now()
-            os._exit(1)
-        self.should_exit.set()
+        """The first stop signal asks for a graceful stop; a second one, for a forced exit
+        (shutdown() honours it). A handler only sets flags."""
+        (self.force_exit if self.should_exit.is_set() else self.should_exit).set()
 
     async def startup(self) -> None:
         state_dir = self.config.state_dir(self.environ)
@@ -8708,8 +8714,26 @@ class App:
                     sd_notify("READY=1", f"STATUS=reload failed: {exc}", environ=self.environ)
 
     async def shutdown(self) -> None:
+        """The graceful stop; a second stop signal meanwhile kills the creators' groups and
+        exits 1 at once (the next start's recovery requeues their tasks)."""
         log.info("daemon_stopping", running=len(self.pool.running))
         sd_notify("STOPPING=1", environ=self.environ)
+        steps = asyncio.ensure_future(self._stop_components())
+        forced = asyncio.ensure_future(self.force_exit.wait())
+        await asyncio.wait({steps, forced}, return_when=asyncio.FIRST_COMPLETED)
+        if not steps.done():
+            log.warning("forced_exit", running=len(self.pool.running),
+                        hint="a second stop signal: creators killed, tasks requeued at start")
+            self.pool.kill_all_now()
+            sys.stderr.flush()
+            os._exit(1)
+        forced.cancel()
+        await steps
+        log.info("daemon_stopped")
+
+    async def _stop_components(self) -> None:
+        """Stop what startup() started, in reverse order; each stop is idempotent, so this
+        also releases a start-up that failed half-way."""
         if self.control is not None:
             await self.control.stop()
         await self.scheduler.stop()
@@ -8721,7 +8745,6 @@ class App:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._release()
-        log.info("daemon_stopped")
 
     async def _release(self) -> None:
         await self.store.close()

@@ -248,8 +248,9 @@ def test_second_sigterm_exits_at_once_and_the_next_start_recovers(daemon_factory
     assert daemon.proc.poll() is None, "the daemon should be waiting out its grace period"
     started = time.monotonic()
     daemon.signal(signal.SIGTERM)
-    daemon.proc.wait(5)
+    assert daemon.proc.wait(5) == 1
     assert time.monotonic() - started < 1.5, "a second SIGTERM must not wait for the grace"
+    assert '"forced_exit"' in daemon.log()
     wait_until(lambda: not any(pid_alive(p) for p in pids), 5, message="creators to die")
 
     daemon.env["CREATOR_SLEEP"] = "0"

@@ -20,9 +20,9 @@ def test_review_statuses_match_the_schema():
     schema = daemon.SCHEMA_PATH.read_text(encoding="utf-8")
     check = re.search(r"review_status IN \(([^)]*)\)", schema)
     assert check is not None
-    assert ctl.REVIEW_STATUSES == tuple(re.findall(r"'([a-z_]+)'", check.group(1)))
+    assert tuple(re.findall(r"'([a-z_]+)'", check.group(1))) == ctl.REVIEW_STATUSES
 
 
 def test_default_socket_names_match():
     assert ctl.EMBEDDED_DEFAULT_SOCKET.endswith(daemon.DaemonConfig().socket)
-    assert ctl.DEFAULT_SOCKET == f"/run/contenthubd/{daemon.DaemonConfig().socket}"
+    assert f"/run/contenthubd/{daemon.DaemonConfig().socket}" == ctl.DEFAULT_SOCKET

@@ -6,6 +6,7 @@ NOTIFY_SOCKET and read what arrives, the way systemd does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pwd
 import re
@@ -19,7 +20,7 @@ import time
 import uuid
 
 import pytest
-from conftest import DAEMON, ROOT, command_creator
+from conftest import CREATORS, DAEMON, ROOT, command_creator, kill_leftover_creators, wait_until
 
 from contenthubd import DaemonConfig, parse_duration
 
@@ -121,6 +122,45 @@ def test_ready_is_sent_once_the_control_socket_answers(daemon_factory, notify):
     reply = daemon.request("version")
     assert reply["ok"] and reply["result"]["pid"] == daemon.proc.pid
     assert STATUS_RE.fullmatch(notify.fields(ready)["STATUS"])
+    assert daemon.stop() == 0
+
+
+def test_a_firing_interrupted_by_a_crash_resumes_after_ready(daemon_factory, notify, tmp_path):
+    """A publish run that a kill -9 cut short is finished by the next start, after READY=1:
+    a long run never holds start-up (and the watchdog) hostage."""
+    publish = f"""
+[publish]
+command = ["{CREATORS / 'publisher.py'}", "--id", "{{content_id}}"]
+
+[[schedules]]
+name = "publisher"
+executor = "publish"
+cron = "0 9 * * *"
+"""
+    daemon, _ready = start_notified(daemon_factory, notify, extra=publish,
+                                    creator=command_creator("json_article.py"),
+                                    env={"PUBLISH_SLEEP": "60"})
+    daemon.wait_status(daemon.submit("发布中断", auto_approve=True), "completed")
+    def trigger_publisher() -> None:
+        with contextlib.suppress(OSError, ValueError):  # the kill -9 cuts the reply
+            daemon.request("scheduler.trigger", {"name": "publisher"})
+
+    trigger = threading.Thread(target=trigger_publisher, daemon=True)
+    trigger.start()
+    wait_until(lambda: list(tmp_path.glob("publishing.*")), 20, message="the publisher")
+    daemon.kill9()
+    kill_leftover_creators(tmp_path)
+    for marker in tmp_path.glob("publishing.*"):
+        marker.unlink()
+
+    daemon.env["PUBLISH_SLEEP"] = "3"
+    seen = len(notify.snapshot())
+    daemon.start(wait=False)
+    ready = notify.wait_for("READY", "1", after=seen - 1, daemon=daemon)
+    assert not (tmp_path / "published.jsonl").exists(), "READY=1 came after the resumed run"
+    assert daemon.request("version")["ok"]
+    wait_until(lambda: (tmp_path / "published.jsonl").exists(), 30, message="the resumed run")
+    assert '"schedule_run_resumed"' in daemon.log() and ready > seen - 1
     assert daemon.stop() == 0
 
 

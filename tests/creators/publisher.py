@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """A publisher: appends the content it receives on stdin to $CREATOR_STATE_DIR/published.jsonl.
-With PUBLISH_FAIL=1 it fails instead."""
+With PUBLISH_FAIL=1 it fails instead; PUBLISH_SLEEP=N takes N seconds first, having created
+$CREATOR_STATE_DIR/publishing.<pid>."""
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 content = json.loads(sys.stdin.read())
+if os.environ.get("PUBLISH_SLEEP"):
+    (Path(os.environ["CREATOR_STATE_DIR"]) / f"publishing.{os.getpid()}").touch()
+    time.sleep(float(os.environ["PUBLISH_SLEEP"]))
 if os.environ.get("PUBLISH_FAIL") == "1":
     print("platform rejected the post", file=sys.stderr)
     sys.exit(3)
