@@ -1362,9 +1362,9 @@ def cmd_topics_import(session: Session, options) -> int:
 
 
 def cmd_topics_list(session: Session, options) -> int:
-    session.show(session.call("topics.list", without_none({
+    show_listing(session, "topics.list", without_none({
         "account_id": options.account_id, "status": options.status,
-        "limit": options.limit})), TOPIC_COLUMNS)
+        "limit": options.limit}), TOPIC_COLUMNS)
     return EXIT_OK
 
 

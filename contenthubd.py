@@ -2269,7 +2269,6 @@ class Store:
     def _add_firing(self, conn: sqlite3.Connection, slots: list[TopicSlots], run_id: int | None,
                     schedule: str, instant: str, now: datetime, repeat_days: int
                     ) -> dict[int, dict[str, Any]]:
-        cls = type(self)
         outcome: dict[int, dict[str, Any]] = {slot.account_id: {"short": 0, "repeated": []}
                                               for slot in slots}
         if run_id is not None and conn.execute(
@@ -2303,7 +2302,7 @@ class Store:
                         break
                     for topic_id, topic, keywords, requirements, tone, category in rows:
                         after = topic_id
-                        if not cls._fresh_topic(conn, since, slot.account_id, topic, taken):
+                        if not self._fresh_topic(conn, since, slot.account_id, topic, taken):
                             repeats_in_pool.append(topic_id)
                             report["repeated"].append(topic)
                             continue
@@ -2315,7 +2314,7 @@ class Store:
                 report["short"] = need
             elif slot.source == "list":
                 for topic in slot.topics:
-                    if cls._fresh_topic(conn, since, slot.account_id, topic["topic"], taken):
+                    if self._fresh_topic(conn, since, slot.account_id, topic["topic"], taken):
                         taken.add(topic_key(topic["topic"]))
                         add_task(slot, topic)
                     else:
@@ -2332,7 +2331,7 @@ class Store:
                     # A number the account already had (a database from before numbering
                     # continued, or a hand-made task) is passed over; a bounded search.
                     for _attempt in range(1000):
-                        if cls._fresh_topic(conn, since, slot.account_id, topic, taken):
+                        if self._fresh_topic(conn, since, slot.account_id, topic, taken):
                             break
                         number += 1
                         topic = slot.render(number)
@@ -2342,7 +2341,7 @@ class Store:
                     taken.add(topic_key(topic))
                     add_task(slot, {"topic": topic})
                 numbers.append((slot.account_id, slot.numbering, number))
-        inserted = set(cls.insert_tasks(conn, tasks, now))
+        inserted = set(self.insert_tasks(conn, tasks, now))
         stamp = to_db_time(now)
         conn.executemany("UPDATE topics SET status = 'used', task_id = ?, used_at = ?"
                          " WHERE id = ? AND status = 'queued'",
@@ -2420,17 +2419,26 @@ class Store:
 
         return await self._write(add)
 
-    async def list_topics(self, account_id: int | None, status: str | None,
-                          limit: int) -> list[dict[str, Any]]:
+    @staticmethod
+    def _topic_filter(account_id: int | None, status: str | None) -> tuple[str, list[Any]]:
         where, params = [], []
         for clause, value in (("account_id = ?", account_id), ("status = ?", status)):
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return (f"WHERE {' AND '.join(where)}" if where else ""), params
+
+    async def list_topics(self, account_id: int | None, status: str | None,
+                          limit: int) -> list[dict[str, Any]]:
+        clause, params = self._topic_filter(account_id, status)
         return await self.query("SELECT id, account_id, topic, keywords, status, task_id,"
                                 f" added_at, used_at, source FROM topics {clause}"
                                 " ORDER BY id LIMIT ?", (*params, limit))
+
+    async def count_topics(self, account_id: int | None, status: str | None) -> int:
+        clause, params = self._topic_filter(account_id, status)
+        rows = await self.query(f"SELECT COUNT(*) AS n FROM topics {clause}", tuple(params))
+        return rows[0]["n"]
 
     async def skip_topics(self, ids: list[int], now: datetime) -> dict[str, Any]:
         """queued -> skipped; the ids that were not queued are named with their status."""
@@ -7234,10 +7242,13 @@ class ControlServer:
                  duplicates=len(result["duplicates"]), file=filename)
         return result
 
-    async def cmd_topics_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self.store.list_topics(
-            arg(args, "account_id", int), arg(args, "status", str, choices=TOPIC_STATUSES),
-            arg(args, "limit", int, default=200, minimum=1, maximum=100_000))
+    async def cmd_topics_list(self, args: dict[str, Any]) -> Any:
+        account_id = arg(args, "account_id", int)
+        status = arg(args, "status", str, choices=TOPIC_STATUSES)
+        limit = arg(args, "limit", int, default=200, minimum=1, maximum=100_000)
+        rows = await self.store.list_topics(account_id, status, limit)
+        return await self._with_total(args, rows, limit,
+                                      lambda: self.store.count_topics(account_id, status))
 
     async def cmd_topics_skip(self, args: dict[str, Any]) -> dict[str, Any]:
         ids = content_ids(arg(args, "ids", list, required=True), "topic")

@@ -172,6 +172,8 @@ def test_topics_add_refuses_normalised_duplicates_and_topics_already_used(daemon
         "电池回收"]
     table = daemon.ctl("topics", "list")
     assert table.returncode == 0 and "AI 技术" in table.stdout
+    limited = daemon.ctl("topics", "list", "--limit", "1")
+    assert "showing 1 of 4 (use --limit)" in limited.stderr
 
 
 def test_topics_import_is_all_or_nothing_with_errors_by_line(daemon_factory, tmp_path):
