@@ -3028,12 +3028,19 @@ class Store:
 
         return await self._write(fan_out)
 
-    async def due_deliveries(self, now: datetime, limit: int) -> list[dict[str, Any]]:
+    async def due_deliveries(self, now: datetime, per_target: int,
+                             exclude: list[int]) -> list[dict[str, Any]]:
+        """Due pending deliveries, oldest first, at most `per_target` of each target (so a
+        backlog for a dead receiver never hides the others'), leaving out `exclude`."""
         return await self.query(
-            "SELECT o.id, o.event_id, o.target, o.attempts, e.event, e.at, e.data"
-            " FROM notify_outbox o JOIN notify_events e ON e.event_id = o.event_id"
-            " WHERE o.status = 'pending' AND o.next_attempt_at <= ?"
-            " ORDER BY o.next_attempt_at, o.id LIMIT ?", (to_db_time(now), limit))
+            "SELECT o.id, o.event_id, o.target, o.attempts, e.event, e.at, e.data FROM"
+            " (SELECT id, ROW_NUMBER() OVER (PARTITION BY target ORDER BY next_attempt_at, id)"
+            " AS n FROM notify_outbox WHERE status = 'pending' AND next_attempt_at <= ?"
+            " AND id NOT IN (SELECT value FROM json_each(?))) due"
+            " JOIN notify_outbox o ON o.id = due.id"
+            " JOIN notify_events e ON e.event_id = o.event_id"
+            " WHERE due.n <= ? ORDER BY o.next_attempt_at, o.id",
+            (to_db_time(now), json_text(exclude), per_target))
 
     async def next_delivery_at(self, exclude: list[int]) -> datetime | None:
         """When the next pending delivery falls due, leaving out those being sent."""
@@ -7327,8 +7334,9 @@ NOTIFY_RETRY_CAP_S = 3600.0  #: the longest wait between two attempts of one del
 NOTIFY_RESPONSE_MAX = 64 << 10  #: bytes of a receiver's answer that are read
 NOTIFY_ROUTE_BATCH = 500  #: events turned into outbox rows per transaction
 NOTIFY_MAX_TITLES = 10  #: article titles (or failed tasks) listed in one chat message
-NOTIFY_DUE_BATCH = 200  #: due rows read per round
-NOTIFY_MAX_MERGED = 50  #: task.failed rows one chat message may carry
+NOTIFY_MAX_MERGED = 50  #: due rows read per target and round; at most one chat message's
+#: Events whose due rows for one chat target go as one message, however many there are.
+MERGED_EVENTS = ("task.failed", "content.ready")
 NOTIFY_PRUNE_EVERY = timedelta(hours=1)  #: how often events past retention_days are deleted
 NOTIFY_BRAND = "【ContentHub】"  #: starts every chat title; a DingTalk bot keyword can match it
 #: What a chat message calls an event that has no text of its own below.
@@ -7543,6 +7551,20 @@ def chat_error(fmt: str, response: HttpResponse) -> str | None:
     return f"{fmt} error {code}: {answer.get('errmsg') or answer.get('msg') or ''}"[:300]
 
 
+def merge_event_data(event: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several events of one MERGED_EVENTS kind as the data of one chat message."""
+    if event == "task.failed":
+        return {"tasks": items}
+    schedules = {item.get("schedule") for item in items}
+    counts: dict[str, int] = {}
+    for item in items:
+        for key, value in (item.get("counts") or {}).items():
+            counts[key] = counts.get(key, 0) + value
+    return {"schedule": schedules.pop() if len(schedules) == 1 else "多个计划",
+            "articles": [a for item in items for a in item.get("articles") or []],
+            "counts": counts}
+
+
 def target_matches(target: NotifyConfig, data: dict[str, Any]) -> bool:
     """A target's `accounts` and `schedules` filters; an event that names no account (or no
     schedule) passes that filter."""
@@ -7670,21 +7692,19 @@ class Notifier(BackgroundLoop):
         free = NOTIFY_CONCURRENCY - self._sending
         if free <= 0:
             return True
-        rows = await self.store.due_deliveries(now, NOTIFY_DUE_BATCH + len(self._in_flight))
+        rows = await self.store.due_deliveries(now, NOTIFY_MAX_MERGED, list(self._in_flight))
         batches: list[list[dict[str, Any]]] = []
-        merged: dict[str, list[dict[str, Any]]] = {}
+        merged: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for row in rows:
-            if row["id"] in self._in_flight:
-                continue
             target = self.targets.get(row["target"])
-            if target is None or target.format == "json" or row["event"] != "task.failed":
+            key = (row["target"], row["event"])
+            if target is None or target.format == "json" or row["event"] not in MERGED_EVENTS:
                 batches.append([row])
-            elif row["target"] in merged:
-                if len(merged[row["target"]]) < NOTIFY_MAX_MERGED:
-                    merged[row["target"]].append(row)
+            elif key in merged:
+                merged[key].append(row)
             else:
-                merged[row["target"]] = [row]
-                batches.append(merged[row["target"]])
+                merged[key] = [row]
+                batches.append(merged[key])
         waiting = False
         for batch in batches:
             name = batch[0]["target"]
@@ -7712,7 +7732,7 @@ class Notifier(BackgroundLoop):
                 return
             data = json.loads(first["data"])
             if len(batch) > 1:
-                data = {"tasks": [json.loads(row["data"]) for row in batch]}
+                data = merge_event_data(first["event"], [json.loads(r["data"]) for r in batch])
             outcome = await self.send(target, first["event_id"], first["event"], first["at"],
                                       data)
             for row in batch:
@@ -7831,10 +7851,11 @@ class Notifier(BackgroundLoop):
 
     async def test(self, name: str) -> dict[str, Any]:
         """`notify test NAME`: a test event now, straight to the target, not via the outbox."""
-        target = self.targets.get(name)
+        configured = {target.name: target for target in self.config.notify}
+        target = configured.get(name)
         if target is None:
             raise NotFound(f"no [[notify]] target named {name!r}; configured: "
-                           + (", ".join(self.targets) or "none"))
+                           + (", ".join(configured) or "none"))
         now = self.clock()
         event_id = new_event_id(now)
         outcome = await self.send(target, event_id, "test", to_db_time(now), {

@@ -185,14 +185,17 @@ def test_dead_after_max_attempts_then_retry_by_id(daemon_factory, receivers):
 
 
 def test_receiver_that_never_answers_does_not_hold_tasks(daemon_factory, receivers):
-    receiver = receivers(then="hang")
+    receiver, answering = receivers(then="hang"), receivers()
     daemon = daemon_factory(creator=command_creator("instant_article.sh"), extra=notify_block(
-        receiver.url, events=["content.ready"], timeout="60s")).start()
+        receiver.url, events=["content.ready"], timeout="60s") + notify_block(
+        answering.url, name="other", events=["content.ready"])).start()
     task_ids = [daemon.submit(f"选题 {i}") for i in range(12)]
     for task_id in task_ids:
         daemon.wait_status(task_id, "completed")
-    # Every task completed while deliveries hang; at most NOTIFY_PER_TARGET are in flight.
+    # Every task completed while deliveries hang; at most NOTIFY_PER_TARGET are in flight,
+    # and the other target gets all of its deliveries meanwhile.
     wait_until(lambda: len(receiver.requests) == 2, message="two hanging deliveries")
+    wait_until(lambda: len(answering.requests) == 12, message="the other target's twelve")
     assert outbox(daemon, "SELECT COUNT(*) FROM notify_outbox WHERE status = 'pending'") == [
         (12,)]
     assert daemon.call("version")["version"]
@@ -399,15 +402,17 @@ def test_events_past_retention_are_pruned_unless_pending(daemon_factory, receive
     assert outbox(daemon, "SELECT COUNT(*) FROM notify_outbox") == [(1,)]
 
 
-def test_a_burst_of_failures_is_one_chat_message(daemon_factory, receivers):
+def test_a_burst_is_one_chat_message_per_event_kind(daemon_factory, receivers):
     # The first attempts find nothing listening and wait an hour; the restart below makes
-    # them all due at once, as after an outage, and they go as one message.
-    daemon = daemon_factory(creator=command_creator("exit_permanent.sh"), extra=notify_block(
-        "http://127.0.0.1:9/", name="chat", format="slack", events=["task.failed"],
-        retry_backoff="1h")).start()
-    task_ids = [daemon.submit(f"选题 {i}") for i in range(6)]
+    # them all due at once, as after an outage, and each kind goes as one message.
+    daemon = daemon_factory(creator=command_creator("instant_article.sh"), max_retries=0,
+                            extra=notify_block(
+        "http://127.0.0.1:9/", name="chat", format="slack",
+        events=["task.failed", "content.ready"], retry_backoff="1h")).start()
+    task_ids = [daemon.submit(f"fail-now 选题 {i}") for i in range(3)]
+    task_ids += [daemon.submit(f"好选题 {i}") for i in range(3)]
     for task_id in task_ids:
-        daemon.wait_status(task_id, "failed")
+        daemon.wait_status(task_id, "failed", "completed")
     wait_until(lambda: outbox(daemon, "SELECT COUNT(*) FROM notify_outbox WHERE attempts = 1")
                == [(6,)], message="every first attempt refused")
     daemon.stop()
@@ -420,8 +425,11 @@ def test_a_burst_of_failures_is_one_chat_message(daemon_factory, receivers):
     daemon.start()
     wait_until(lambda: outbox(daemon, "SELECT status FROM notify_outbox") == [("sent",)] * 6,
                message="all six sent")
-    [request] = receiver.requests
-    message = json.loads(request["body"])["text"]
-    assert message.startswith("【ContentHub】6 个任务失败")
-    assert all(f"选题 {i}" in message for i in range(6))
-    assert "contenthubctl monitor failed" in message
+    messages = sorted(json.loads(r["body"])["text"] for r in receiver.requests)
+    assert len(messages) == 2, messages
+    failed, ready = messages
+    assert failed.startswith("【ContentHub】3 个任务失败")
+    assert all(f"fail-now 选题 {i}" in failed for i in range(3))
+    assert "contenthubctl monitor failed" in failed
+    assert ready.startswith("【ContentHub】手动任务：3 篇新文章")
+    assert "任务 3 个：完成 3，失败 0" in ready
