@@ -300,3 +300,91 @@ def test_prometheus_spend_counters_and_budget_remaining(daemon_factory):
         in lines
     plain = json.loads(daemon.ctl("--format", "json", "monitor", "metrics").stdout)
     assert "spend" not in plain
+
+
+# -- pacing --------------------------------------------------------------------------------
+
+
+class FakeOpenAI:
+    """/v1/chat/completions on 127.0.0.1 with a token bucket of `rate` requests per second;
+    429 + Retry-After beyond it. Counts what it answered."""
+
+    def __init__(self, rate: float):
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.rate, self.tokens, self.updated = rate, rate, time.monotonic()
+        self.lock = threading.Lock()
+        self.served = self.refused = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with fake.lock:
+                    now = time.monotonic()
+                    fake.tokens = min(fake.rate, fake.tokens + (now - fake.updated) * fake.rate)
+                    fake.updated = now
+                    allowed = fake.tokens >= 1
+                    if allowed:
+                        fake.tokens -= 1
+                        fake.served += 1
+                    else:
+                        fake.refused += 1
+                if allowed:
+                    body = json.dumps({"model": "paced-model", "usage": {
+                        "prompt_tokens": 10, "completion_tokens": 20}, "choices": [{
+                            "message": {"content": "# 节奏\n\n正文。\n"}}]}).encode()
+                    self.send_response(200)
+                else:
+                    body = b'{"error": {"message": "rate limited"}}'
+                    self.send_response(429)
+                    self.send_header("Retry-After", "1")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_rate_limit_spaces_creator_starts_and_the_provider_sees_no_429(daemon_factory):
+    from datetime import datetime
+
+    server = FakeOpenAI(rate=5.0)
+    try:
+        daemon = daemon_factory(workers=4, env={"LLM_API_KEY": "sk-test-pacing"}, creator=f"""
+[creator]
+kind = "builtin"
+rate_limit = "5/s"
+[creator.llm]
+base_url = "{server.url}"
+model = "paced-model"
+""")
+        daemon.start()
+        task_ids = [daemon.submit(f"节奏 {i}") for i in range(10)]
+        for task_id in task_ids:
+            daemon.wait_status(task_id, "completed", timeout=60)
+        with daemon.db() as conn:
+            starts = sorted(datetime.fromisoformat(row[0].replace("Z", "+00:00")) for row in
+                            conn.execute("SELECT started_at FROM content_generation_tasks"))
+            tokens = conn.execute("SELECT SUM(tokens_in), SUM(tokens_out), MIN(model)"
+                                  " FROM task_usage").fetchone()
+    finally:
+        server.close()
+    gaps = [(later - earlier).total_seconds() for earlier, later in zip(starts, starts[1:])]
+    assert min(gaps) >= 0.19, gaps  # 5/s: one start every 0.2 s, never a burst of four
+    assert server.refused == 0 and server.served == 10
+    # The built-in creator's API usage is what the database counts.
+    assert tokens == (100, 200, "paced-model")
