@@ -4126,12 +4126,16 @@ USAGE_OUTPUT_KEYS = ("completion_tokens", "completionTokens", "output_tokens", "
 CC_CHAT_COMPLETED = "Chat request completed"
 #: The variable content-creator reads its model from; its log lines do not name the model.
 CC_MODEL_ENV = "LLM_MODEL_NAME"
+#: A token count above this is nonsense from a creator, not usage (and no SQLite integer).
+MAX_REPORTED_TOKENS = 10**15
+MODEL_NAME_CHARS = 200
 
 
 def _token_count(values: dict[str, Any], keys: tuple[str, ...]) -> int:
     for key in keys:
         value = values.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and 0 <= value <= MAX_REPORTED_TOKENS):
             return int(value)
     return 0
 
@@ -4156,7 +4160,7 @@ def json_usage(stdout: str) -> Usage | None:
         return None
     model = data.get("model") or usage.get("model")
     return Usage(_token_count(usage, USAGE_INPUT_KEYS), _token_count(usage, USAGE_OUTPUT_KEYS),
-                 model if isinstance(model, str) else None, cost)
+                 model[:MODEL_NAME_CHARS] if isinstance(model, str) else None, cost)
 
 
 def content_creator_usage(output: str) -> Usage | None:
@@ -4178,7 +4182,7 @@ def content_creator_usage(output: str) -> Usage | None:
         if cost is not None:
             usage.cost = (usage.cost or 0.0) + cost
         if isinstance(meta.get("model"), str):
-            usage.model = meta["model"]
+            usage.model = meta["model"][:MODEL_NAME_CHARS]
     return usage if calls else None
 
 

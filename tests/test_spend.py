@@ -51,6 +51,10 @@ def test_json_usage_openai_camel_envelope_and_error_shapes():
     assert (camel.tokens_in, camel.tokens_out, camel.cost) == (5, 6, 0.25)
     failed = json_usage('{"error": {"kind": "transient"}, "usage": {"input_tokens": 7}}')
     assert (failed.tokens_in, failed.tokens_out) == (7, 0)
+    absurd = json_usage('{"usage": {"prompt_tokens": 1e300, "completion_tokens": -5},'
+                        ' "cost": Infinity, "model": "' + "m" * 500 + '"}')
+    assert (absurd.tokens_in, absurd.tokens_out, absurd.cost) == (0, 0, None)
+    assert len(absurd.model) == 200
     assert json_usage('{"content": "x"}') is None
     assert json_usage("no json at all") is None
 
