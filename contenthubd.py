@@ -1992,6 +1992,16 @@ class Store:
 
         return await self._write(requeue)
 
+    async def existing_task_ids(self, task_ids: list[str]) -> set[str]:
+        """Which of these ids are tasks of this database."""
+        found: set[str] = set()
+        for start in range(0, len(task_ids), 500):
+            chunk = task_ids[start:start + 500]
+            rows = await self.query("SELECT task_id FROM content_generation_tasks WHERE task_id"
+                                    f" IN ({', '.join('?' * len(chunk))})", tuple(chunk))
+            found.update(row["task_id"] for row in rows)
+        return found
+
     async def running_task_ids(self) -> list[str]:
         rows = await self.query("SELECT task_id FROM content_generation_tasks"
                                 " WHERE status = 'running'")
@@ -3188,25 +3198,41 @@ def kill_process_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
         return False
 
 
-def find_creator_groups(task_ids: set[str]) -> dict[str, set[int]]:
-    """The process groups of processes still carrying CONTENTHUB_TASK_ID=<one of task_ids>:
-    the creators an earlier daemon left behind. Found by that marker, never by a pid from the
-    database alone, so a reused pid is never killed."""
+def find_task_processes(task_ids: set[str] | None = None) -> dict[str, list[tuple[int, int]]]:
+    """(pid, pgid) of every process carrying CONTENTHUB_TASK_ID=<id>, by id; all ids when
+    `task_ids` is None. Found by that marker, never by a pid from the database alone, so a
+    reused pid is never hit. Processes that escaped the creator's group (setsid) carry it
+    too: the environment is inherited."""
     prefix = b"CONTENTHUB_TASK_ID="
-    groups: dict[str, set[int]] = {}
+    found: dict[str, list[tuple[int, int]]] = {}
     for proc_dir in Path("/proc").iterdir():
         if not proc_dir.name.isdigit():
             continue
         try:
             for entry in (proc_dir / "environ").read_bytes().split(b"\0"):
-                if entry.startswith(prefix) and entry[len(prefix):].decode() in task_ids:
-                    stat = (proc_dir / "stat").read_text()
-                    pgid = int(stat.rsplit(")", 1)[1].split()[2])
-                    groups.setdefault(entry[len(prefix):].decode(), set()).add(pgid)
+                if entry.startswith(prefix):
+                    task_id = entry[len(prefix):].decode()
+                    if task_ids is None or task_id in task_ids:
+                        stat = (proc_dir / "stat").read_text()
+                        pgid = int(stat.rsplit(")", 1)[1].split()[2])
+                        found.setdefault(task_id, []).append((int(proc_dir.name), pgid))
                     break
         except (OSError, ValueError, IndexError, UnicodeDecodeError):
             continue
-    return groups
+    return found
+
+
+def kill_task_processes(found: dict[str, list[tuple[int, int]]]) -> dict[str, list[int]]:
+    """SIGKILL each process `find_task_processes` found; the pids killed, by task id."""
+    killed: dict[str, list[int]] = {}
+    for task_id, processes in found.items():
+        for pid, _pgid in processes:
+            if pid == os.getpid():
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.setdefault(task_id, []).append(pid)
+    return killed
 
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -5871,6 +5897,59 @@ class RunningTask:
             self.stop.set_result(None)
 
 
+#: Ended tasks are swept together, at most once per this: one /proc scan for a burst.
+ORPHAN_SWEEP_INTERVAL_S = 1.0
+
+
+class OrphanSweeper:
+    """Kills every process still carrying a task's CONTENTHUB_TASK_ID once the task's attempt
+    has ended (completed, failed, timed out, cancelled, stopped): a creator's descendant that
+    escaped its process group (setsid) outlives the group kill, not this. Ended ids are
+    batched so a burst of completions costs one /proc scan in a thread. A task running again
+    by the time of the sweep (a retry) is left alone: its new creator carries the same id."""
+
+    def __init__(self, is_running: Callable[[str], bool]) -> None:
+        self.is_running = is_running
+        self._ended: set[str] = set()
+        self._pending = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    def task_ended(self, task_id: str) -> None:
+        self._ended.add(task_id)
+        self._pending.set()
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="orphan-sweeper")
+
+    async def stop(self) -> None:
+        """A last sweep for the tasks that ended during shutdown."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        await self._sweep()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._pending.wait()
+            await self._sweep()
+            await asyncio.sleep(ORPHAN_SWEEP_INTERVAL_S)
+
+    async def _sweep(self) -> None:
+        self._pending.clear()
+        ended = set(self._ended)  # dropped only once swept: a cancelled sweep loses nothing
+        if not ended:
+            return
+        found = await asyncio.to_thread(find_task_processes, ended)
+        self._ended -= ended
+        killed = kill_task_processes({task_id: processes for task_id, processes in found.items()
+                                      if not self.is_running(task_id)})
+        for task_id, pids in killed.items():
+            log.warning("orphan_process_killed", task_id=task_id, pids=pids,
+                        hint="a creator's descendant outlived the task (setsid?); it carried"
+                        " CONTENTHUB_TASK_ID")
+
+
 class WorkerPool:
     """Claims due tasks best-first and runs each creator in its own process group.
 
@@ -5887,6 +5966,7 @@ class WorkerPool:
         self.environ = environ
         self.clock = clock
         self.running: dict[str, RunningTask] = {}
+        self.orphans = OrphanSweeper(lambda task_id: task_id in self.running)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._claiming = True
@@ -5926,6 +6006,7 @@ class WorkerPool:
             "DOTENV_CONFIG_QUIET": "true", **expand_env(config.creator.env, self.environ)})
 
     async def start(self) -> None:
+        await self.orphans.start()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="worker-pool")
 
     def wake(self) -> None:
@@ -6033,6 +6114,7 @@ class WorkerPool:
                 task_id = running.task["task_id"]
                 status = await self._attempt_safely(running)
                 self.running.pop(task_id, None)
+                self.orphans.task_ended(task_id)
                 self.finished(task_id, status)
                 chained = running.next_task
                 if chained is None:
@@ -6279,6 +6361,7 @@ class WorkerPool:
         workers = [r.worker for r in self.running.values() if r.worker is not None]
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
+        await self.orphans.stop()
 
     def kill_all_now(self) -> None:
         """Second stop signal: no grace, the groups die and recovery requeues at next start."""
@@ -8819,14 +8902,23 @@ class App:
 
     async def recover(self) -> None:
         """After a crash: kill the creator groups an earlier daemon left running and put their
-        tasks back in the queue."""
+        tasks back in the queue. Before any task runs, every process carrying the id of one
+        of this database's tasks is left over (escaped creators of ended tasks too): killed."""
         stale = await self.store.running_task_ids()
+        carriers = find_task_processes()
+        ours = await self.store.existing_task_ids(list(carriers)) if carriers else set()
+        for task_id in set(stale) & ours:
+            for pgid in {pgid for _pid, pgid in carriers[task_id]}:
+                if pgid != os.getpgrp():
+                    kill_process_group(pgid)
+                    log.warning("orphan_creator_killed", task_id=task_id, pgid=pgid)
+        for task_id, pids in kill_task_processes(
+                {t: carriers[t] for t in ours - set(stale)}).items():
+            log.warning("orphan_process_killed", task_id=task_id, pids=pids,
+                        hint="left by a creator of an ended task; it carried"
+                        " CONTENTHUB_TASK_ID")
         if not stale:
             return
-        for task_id, groups in find_creator_groups(set(stale)).items():
-            for pgid in groups:
-                kill_process_group(pgid)
-                log.warning("orphan_creator_killed", task_id=task_id, pgid=pgid)
         count = await self.store.requeue_tasks(stale, self.clock(),
                                                "recovered after daemon restart")
         log.warning("tasks_recovered", count=count)

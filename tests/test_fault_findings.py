@@ -14,13 +14,14 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import command_creator, pid_alive, wait_until
 
 NOGROUP = 65534
 
@@ -345,3 +346,54 @@ def test_interval_anchor_survives_params_edits_and_pause_resume(daemon_factory):
                message="firings on the new timing")
     new = fired_instants(daemon, "tick")[len(instants):]
     assert on_grid(new, 1.5)
+
+
+# -- 6. every process carrying the task's id dies with the task ------------------------------
+
+def escapee_of(daemon, task_id: str) -> int:
+    path = daemon.dir / f"escapee-{task_id}"
+    return int(wait_until(lambda: path.exists() and path.read_text().strip(),
+                          message="the escapee to record its pid"))
+
+
+def test_escaped_grandchildren_die_at_completion_timeout_cancel_and_stop(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("escaped_grandchild.sh"), max_retries=0,
+                            task_timeout="2s", shutdown_grace="1s").start()
+    completed = daemon.submit("done")
+    timed_out = daemon.submit("hang")
+    cancelled = daemon.submit("hang")
+    escapees = {task_id: escapee_of(daemon, task_id)
+                for task_id in (completed, timed_out, cancelled)}
+    daemon.call("task.cancel", {"task_id": cancelled})
+    daemon.wait_status(completed, "completed")
+    daemon.wait_status(timed_out, "timeout")
+    daemon.wait_status(cancelled, "cancelled")
+    for task_id, pid in escapees.items():
+        wait_until(lambda pid=pid: not pid_alive(pid), message=f"the escapee of {task_id}")
+    assert daemon.log().count('"orphan_process_killed"') == 3
+    stopped = daemon.submit("hang")
+    escapee = escapee_of(daemon, stopped)
+    assert daemon.stop() == 0
+    assert not pid_alive(escapee), "a stop kills the escapees of the tasks it interrupted"
+
+
+def test_recovery_kills_leftovers_of_ended_tasks_and_spares_foreign_ids(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("escaped_grandchild.sh")).start()
+    task_id = daemon.submit("done")
+    daemon.wait_status(task_id, "completed")
+    daemon.kill9()
+    # What a daemon killed before its sweep leaves behind: a process of an ended task, in a
+    # session of its own. And one carrying an id this database does not know.
+    env = {**daemon.env, "CONTENTHUB_TASK_ID": task_id}
+    leftover = subprocess.Popen(["setsid", "sleep", "600"], env=env)
+    foreign = subprocess.Popen(["sleep", "600"], env={**env, "CONTENTHUB_TASK_ID": "task-other"})
+    try:
+        daemon.start()
+        wait_until(lambda: leftover.poll() is not None, message="the leftover to be killed")
+        assert leftover.returncode == -signal.SIGKILL
+        assert foreign.poll() is None, "another database's task is not ours to kill"
+        assert '"orphan_process_killed"' in daemon.log()
+    finally:
+        for proc in (leftover, foreign):
+            proc.kill()
+            proc.wait()
