@@ -123,7 +123,8 @@ def test_export_streams_big_articles_whole_and_in_order(daemon_factory):
     big = add_articles(daemon, 4, int(7.9 * (1 << 20)))
     small = add_articles(daemon, 40, 300, first=100)
     baseline = rss_mib(daemon.proc.pid)
-    reply = daemon.request("content.export", {"limit": 1000}, timeout=120)
+    reply = daemon.request("content.export", {"limit": 1000, "review_status": "any"},
+                           timeout=120)
     assert reply["ok"] is True
     exported = reply["result"]
     assert [c["id"] for c in exported] == sorted(big + small, reverse=True)
