@@ -330,7 +330,7 @@ def format_value(key: str, value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (int, float)):
-        if key in ("success_rate", "success_ratio"):
+        if key in ("success_rate", "success_ratio", "attempt_success_rate"):
             return f"{value * 100:.1f}%"
         if key == "progress":
             return f"{value}%"
@@ -478,76 +478,10 @@ def csv_text(value) -> str:
     return buffer.getvalue()
 
 
-#: (metric, help) for one gauge per metrics key; tasks by status are a labelled family.
-PROMETHEUS_GAUGES = {
-    "success_rate": ("contenthub_success_ratio",
-                     "Completed tasks over finished ones (completed, failed, timeout)."),
-    "avg_completion_seconds": ("contenthub_avg_completion_seconds",
-                               "Mean run time of the tasks completed in the last day."),
-    "contents_total": ("contenthub_contents_total", "Contents in the content pool."),
-    "pending_review": ("contenthub_contents_pending_review", "Contents awaiting review."),
-    "workers_busy": ("contenthub_workers_busy", "Workers running a task now."),
-    "workers_max": ("contenthub_workers_max", "Size of the worker pool."),
-    "uptime_seconds": ("contenthub_uptime_seconds", "Seconds since the daemon started."),
-}
-#: contenthub_tasks{status=…} from these metrics keys.
-PROMETHEUS_TASK_KEYS = {"pending": "pending", "submitted": "submitted", "running": "running",
-                        "completed": "completed", "failed": "failed_count",
-                        "timeout": "timeout_count", "cancelled": "cancelled_count"}
-
-
-def _prometheus_number(value) -> str:
-    if value is None:
-        return "NaN"
-    return str(int(value)) if isinstance(value, bool) else repr(value)
-
-
 def prometheus_up_text(up: bool) -> str:
     return ("# HELP contenthub_up Whether contenthubd answered the metrics request.\n"
             f"# TYPE contenthub_up gauge\ncontenthub_up {int(up)}\n")
 
-
-def _label(value) -> str:
-    """A label value as the exposition format quotes it."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def spend_lines(spend: dict) -> list[str]:
-    """contenthub_tokens_total, contenthub_cost_total and contenthub_budget_remaining."""
-    lines = ["# HELP contenthub_tokens_total LLM tokens the creators reported, every attempt.",
-             "# TYPE contenthub_tokens_total counter"]
-    for row in spend.get("tokens", []):
-        for direction in ("in", "out"):
-            lines.append(f'contenthub_tokens_total{{account="{_label(row["account_id"])}",'
-                         f'model="{_label(row["model"])}",direction="{direction}"}}'
-                         f' {_prometheus_number(row[f"tokens_{direction}"])}')
-    lines += ["# HELP contenthub_cost_total LLM spend of every attempt with a known cost.",
-              "# TYPE contenthub_cost_total counter"]
-    lines += [f'contenthub_cost_total{{account="{_label(row["account_id"])}",'
-              f'currency="{_label(row["currency"])}"}} {_prometheus_number(row["cost"])}'
-              for row in spend.get("cost", [])]
-    lines += ["# HELP contenthub_budget_remaining What a budget has left in its current day or"
-              " month (account empty: the daemon's budget).",
-              "# TYPE contenthub_budget_remaining gauge"]
-    lines += [f'contenthub_budget_remaining{{account="{_label(row["account"])}",'
-              f'window="{row["window"]}",currency="{_label(spend.get("currency", ""))}"}}'
-              f' {_prometheus_number(row["value"])}' for row in spend.get("budget_remaining", [])]
-    return lines
-
-
-def prometheus_text(metrics: dict) -> str:
-    """`monitor.metrics` in the text exposition format, for node_exporter's textfile
-    collector. Keys the daemon does not send are left out; null is NaN."""
-    lines = ["# HELP contenthub_tasks Tasks by status.", "# TYPE contenthub_tasks gauge"]
-    lines += [f'contenthub_tasks{{status="{status}"}} {_prometheus_number(metrics[key])}'
-              for status, key in PROMETHEUS_TASK_KEYS.items() if key in metrics]
-    for key, (name, help_text) in PROMETHEUS_GAUGES.items():
-        if key in metrics:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
-                      f"{name} {_prometheus_number(metrics[key])}"]
-    if "spend" in metrics:
-        lines += spend_lines(metrics["spend"])
-    return prometheus_up_text(True) + "\n".join(lines) + "\n"
 
 
 #: Front-matter fields of an exported file, in this order; values are JSON (valid YAML).
@@ -848,7 +782,8 @@ CONTENT_ORDER = ("id", "task_id", "title", "generator", "model", "account_id", "
                  "topic", "keywords", "category", "review_status", "review_reason",
                  "publish_status", "word_count", "cost", "images", "summary", "created_at")
 METRICS_ORDER = ("total", "pending", "submitted", "running", "completed", "failed_count",
-                 "timeout_count", "cancelled_count", "success_rate", "avg_completion_seconds")
+                 "timeout_count", "cancelled_count", "success_rate", "attempts_total",
+                 "attempt_success_rate", "avg_completion_seconds")
 
 # Commands ######################################################################################
 
@@ -1098,17 +1033,16 @@ def cmd_task_stats(session: Session, options) -> int:
 
 
 def cmd_monitor_metrics(session: Session, options) -> int:
+    """`--format prometheus` prints the daemon's own exposition (the text metrics_textfile
+    holds); an unreachable daemon still yields `contenthub_up 0` for the collector."""
+    if session.format != "prometheus":
+        session.show(session.call("monitor.metrics"), order=METRICS_ORDER)
+        return EXIT_OK
     try:
-        metrics = session.call("monitor.metrics",
-                               {"spend": True} if session.format == "prometheus" else {})
+        session.write(session.call("monitor.prometheus")["text"])
     except DaemonUnreachable:
-        if session.format == "prometheus":
-            session.write(prometheus_up_text(False))
+        session.write(prometheus_up_text(False))
         raise
-    if session.format == "prometheus":
-        session.write(prometheus_text(metrics))
-    else:
-        session.show(metrics, order=METRICS_ORDER)
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ The file reads top to bottom; each section uses only the ones above it:
     Media capture           saves articles' images under state_dir/media before URLs expire
     Worker pool             claims tasks, runs creators, retries, timeouts, cancel
     Poll loop               drives tasks whose creator works asynchronously
+    Metrics                 Prometheus text: gauges, the schema's monotonic counters, textfile
     Control server          the NDJSON Unix socket behind contenthubctl
     Notifications           [[notify]] and [[hooks]]: the outbox's delivery loop, formats,
                             signatures
@@ -451,6 +452,9 @@ class DaemonConfig:
     max_catch_up: int = _key(_positive(_typed(int)), default=24)
     max_connections: int = _key(_positive(_typed(int)), default=64)
     connection_idle_timeout: float = _key(_positive(parse_duration), default=300.0)
+    #: node_exporter textfile (e.g. /var/lib/node_exporter/textfile/contenthub.prom), written
+    #: every 15 s and on change; relative to state_dir; "" writes none
+    metrics_textfile: str = _key(_typed(str), default="")
     #: Fair share of the control socket: no one uid holds more than this many connections.
     max_connections_per_uid: int = _key(_positive(_typed(int)), default=16)
     #: A connection that has not sent one full request line by then is closed.
@@ -1494,7 +1498,8 @@ class Store:
                 conn.execute("PRAGMA foreign_keys = ON")
             self.log.info("schema_migrated", version=version, step=title,
                           database=str(self.path))
-        if conn.execute("SELECT COUNT(*) FROM counters").fetchone()[0] == 0:
+        if conn.execute("SELECT COUNT(*) FROM counters WHERE substr(name, 1, 5) = 'task:'"
+                        " OR substr(name, 1, 8) = 'content:'").fetchone()[0] == 0:
             # Counters of a database from before the counters table, or an empty one.
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO counters SELECT 'task:' || status, COUNT(*)"
@@ -2507,6 +2512,10 @@ class Store:
                 " FROM content_generation_tasks WHERE status = 'completed'"
                 " AND completed_at >= ?", (since,)).fetchone()[0]
             finished = sum(counts.get(s, 0) for s in ("completed", "failed", "timeout"))
+            # A task that completes on its third try is one success in three attempts: the
+            # task rate alone reads 100% while every first attempt fails.
+            attempts = sum(counters.get(f"attempt:{kind}", 0)
+                           for kind in ("success", "retry", "failed", "timeout"))
             return {
                 "total": sum(counts.values()),
                 "pending": counts.get("pending", 0),
@@ -2518,6 +2527,9 @@ class Store:
                 "cancelled_count": counts.get("cancelled", 0),
                 "success_rate": round(counts.get("completed", 0) / finished, 4) if finished
                 else None,
+                "attempts_total": attempts,
+                "attempt_success_rate": round(counters.get("attempt:success", 0) / attempts, 4)
+                if attempts else None,
                 "avg_completion_seconds": round(avg, 3) if avg is not None else None,
                 "contents_total": sum(contents.values()),
                 "pending_review": contents.get("pending_review", 0),
@@ -2852,6 +2864,11 @@ class Store:
                                     (limit,))
         return await self.query("SELECT * FROM schedule_runs WHERE schedule_name = ?"
                                 " ORDER BY id DESC LIMIT ?", (name, limit))
+
+    async def counter_values(self) -> dict[str, int]:
+        """Every row of `counters` (schema.sql says what each name counts)."""
+        rows = await self.query("SELECT name, value FROM counters")
+        return {row["name"]: row["value"] for row in rows}
 
     async def last_runs(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """The newest run of each schedule (of `names`, or all), by schedule name."""
@@ -6450,6 +6467,119 @@ class PollLoop(BackgroundLoop):
                                                          timeout=POLL_COMMAND_TIMEOUT_S)
         return classify_result(result, creator, self.pool.creator_cwd)
 
+# Metrics #######################################################################################
+
+#: (metric, help) for one gauge per `monitor.metrics` key.
+PROMETHEUS_GAUGES = {
+    "success_rate": ("contenthub_success_ratio",
+                     "Completed tasks over finished ones (completed, failed, timeout)."),
+    "attempt_success_rate": ("contenthub_attempt_success_ratio",
+                             "Attempts that completed their task over all ended attempts."),
+    "avg_completion_seconds": ("contenthub_avg_completion_seconds",
+                               "Mean run time of the tasks completed in the last day."),
+    "contents_total": ("contenthub_contents_total", "Contents in the content pool."),
+    "pending_review": ("contenthub_contents_pending_review", "Contents awaiting review."),
+    "workers_busy": ("contenthub_workers_busy", "Workers running a task now."),
+    "workers_max": ("contenthub_workers_max", "Size of the worker pool."),
+    "uptime_seconds": ("contenthub_uptime_seconds", "Seconds since the daemon started."),
+}
+#: contenthub_tasks{status=…} (now) from these metrics keys.
+PROMETHEUS_TASK_KEYS = {"pending": "pending", "submitted": "submitted", "running": "running",
+                        "completed": "completed", "failed": "failed_count",
+                        "timeout": "timeout_count", "cancelled": "cancelled_count"}
+#: How an attempt ended (schema.sql, migration 7): every class is exported from zero.
+ATTEMPT_CLASSES = ("success", "retry", "interrupted", "failed", "timeout", "cancelled")
+RUN_STATUSES = ("fired", "failed", "missed", "skipped_overlap")
+#: Upper bounds of contenthub_task_duration_seconds; migration 7's trigger counts the same.
+DURATION_BUCKETS_S = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+METRICS_TEXTFILE_EVERY_S = 15.0  #: metrics_textfile is rewritten this often, and on change
+METRICS_TEXTFILE_MIN_GAP_S = 1.0  #: ...but not more often than this
+
+
+def _prometheus_number(value: Any) -> str:
+    if value is None:
+        return "NaN"
+    return str(int(value)) if isinstance(value, bool) else repr(value)
+
+
+def _label(value: Any) -> str:
+    """A label value as the exposition format quotes it."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _spend_lines(spend: dict[str, Any]) -> list[str]:
+    """contenthub_tokens_total, contenthub_cost_total and contenthub_budget_remaining."""
+    lines = ["# HELP contenthub_tokens_total LLM tokens the creators reported, every attempt.",
+             "# TYPE contenthub_tokens_total counter"]
+    for row in spend.get("tokens", []):
+        for direction in ("in", "out"):
+            lines.append(f'contenthub_tokens_total{{account="{_label(row["account_id"])}",'
+                         f'model="{_label(row["model"])}",direction="{direction}"}}'
+                         f' {_prometheus_number(row[f"tokens_{direction}"])}')
+    lines += ["# HELP contenthub_cost_total LLM spend of every attempt with a known cost.",
+              "# TYPE contenthub_cost_total counter"]
+    lines += [f'contenthub_cost_total{{account="{_label(row["account_id"])}",'
+              f'currency="{_label(row["currency"])}"}} {_prometheus_number(row["cost"])}'
+              for row in spend.get("cost", [])]
+    lines += ["# HELP contenthub_budget_remaining What a budget has left in its current day or"
+              " month (account empty: the daemon's budget).",
+              "# TYPE contenthub_budget_remaining gauge"]
+    lines += [f'contenthub_budget_remaining{{account="{_label(row["account"])}",'
+              f'window="{row["window"]}",currency="{_label(spend.get("currency", ""))}"}}'
+              f' {_prometheus_number(row["value"])}' for row in spend.get("budget_remaining", [])]
+    return lines
+
+
+def prometheus_text(metrics: dict[str, Any], counters: dict[str, int],
+                    last_runs: dict[str, dict[str, Any]], schedules: list[str]) -> str:
+    """The text exposition format (for node_exporter's textfile collector or a scrape).
+    Every series an alert may name exists from the start, at 0."""
+    lines = ["# HELP contenthub_up Whether contenthubd answered the metrics request.",
+             "# TYPE contenthub_up gauge", "contenthub_up 1",
+             "# HELP contenthub_tasks Tasks by status, now.", "# TYPE contenthub_tasks gauge"]
+    lines += [f'contenthub_tasks{{status="{status}"}} {_prometheus_number(metrics[key])}'
+              for status, key in PROMETHEUS_TASK_KEYS.items() if key in metrics]
+    for key, (name, help_text) in PROMETHEUS_GAUGES.items():
+        if key in metrics:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
+                      f"{name} {_prometheus_number(metrics[key])}"]
+
+    def counter(name: str, help_text: str, samples: list[tuple[str, int]]) -> None:
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} counter"])
+        lines.extend(f"{name}{{{labels}}} {value}" for labels, value in samples)
+
+    counter("contenthub_tasks_total", "Tasks that reached a final status.",
+            [(f'status="{status}"', counters.get(f"finished:{status}", 0))
+             for status in TERMINAL_STATUSES])
+    counter("contenthub_task_attempts_total", "Creator attempts by how they ended.",
+            [(f'class="{kind}"', counters.get(f"attempt:{kind}", 0)) for kind in ATTEMPT_CLASSES])
+    counter("contenthub_schedule_runs_total", "Schedule runs by outcome.",
+            [(f'schedule="{_label(name)}",status="{status}"',
+              counters.get(f"run:{status}:{name}", 0))
+             for name in schedules for status in RUN_STATUSES])
+    name = "contenthub_task_duration_seconds"
+    lines += [f"# HELP {name} Run time of completed tasks (their last attempt).",
+              f"# TYPE {name} histogram"]
+    lines += [f'{name}_bucket{{le="{le}"}} {counters.get(f"duration_le:{le}", 0)}'
+              for le in DURATION_BUCKETS_S]
+    count = counters.get("duration_count", 0)
+    lines += [f'{name}_bucket{{le="+Inf"}} {count}',
+              f"{name}_sum {counters.get('duration_ms_sum', 0) / 1000:g}", f"{name}_count {count}"]
+    name = "contenthub_schedule_last_success_timestamp_seconds"
+    lines += [f"# HELP {name} When the schedule last fired successfully (0: never).",
+              f"# TYPE {name} gauge"]
+    lines += [f'{name}{{schedule="{_label(s)}"}} {counters.get(f"last_success:{s}", 0)}'
+              for s in schedules]
+    name = "contenthub_schedule_last_run_status"
+    lines += [f"# HELP {name} 1 if the schedule's newest run fired, 0 if it failed, was missed"
+              " or skipped, or there is none.", f"# TYPE {name} gauge"]
+    lines += [f'{name}{{schedule="{_label(s)}"}}'
+              f' {int((last_runs.get(s) or {}).get("status") == "fired")}' for s in schedules]
+    if "spend" in metrics:
+        lines += _spend_lines(metrics["spend"])
+    return "\n".join(lines) + "\n"
+
+
 # Control server ################################################################################
 
 TIME_FIELDS = {"submitted_at", "started_at", "completed_at", "timeout_at", "next_attempt_at",
@@ -7189,6 +7319,12 @@ class ControlServer:
                       for a in status["accounts"] for name in ("daily", "monthly")
                       if a[name]["limit"]]
         return {**totals, "currency": status["currency"], "budget_remaining": remaining}
+
+    async def cmd_monitor_prometheus(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"text": prometheus_text(await self.cmd_monitor_metrics({"spend": True}),
+                                        await self.store.counter_values(),
+                                        await self.store.last_runs(),
+                                        [s.name for s in self.config.schedules])}
 
     async def cmd_monitor_recent(self, args: dict[str, Any]) -> Any:
         return await self._task_listing(args, None, "t.updated_at DESC")
@@ -8735,6 +8871,7 @@ class App:
         self.force_exit = asyncio.Event()  #: a second stop signal during shutdown
         self.reload_requested = asyncio.Event()
         self.status_dirty = asyncio.Event()
+        self.metrics_dirty = asyncio.Event()
         self.started_at: datetime | None = None
         self.last_reload_error: str | None = None
         self._lock_fd: int | None = None
@@ -8802,6 +8939,8 @@ class App:
                      hint="[[hooks]] run as [[notify]] command targets hooks[0], hooks[1], ...:"
                      " kept across crashes and retried; see contenthubctl notify list")
         await self.scheduler.start()
+        self._background.append(asyncio.create_task(self._metrics_textfile_loop(),
+                                                    name="metrics-textfile"))
         if self.environ.get("NOTIFY_SOCKET"):
             self._background.append(asyncio.create_task(self._status_loop(), name="sd-status"))
             interval = watchdog_interval(self.environ)
@@ -8958,6 +9097,7 @@ class App:
                                         if new_schedules[n] != old_schedules[n]),
             "restart_required": needs_restart}
         log.info("config_reloaded", **changes)
+        self.metrics_dirty.set()
         sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
         return changes
 
@@ -8965,6 +9105,7 @@ class App:
 
     def _task_finished(self, task_id: str, status: str) -> None:
         self.status_dirty.set()
+        self.metrics_dirty.set()
 
     async def _status_line(self) -> str:
         rows = await self.store.query("SELECT COUNT(*) AS n FROM content_generation_tasks"
@@ -8977,6 +9118,31 @@ class App:
         while True:
             sd_notify("WATCHDOG=1", environ=self.environ)
             await asyncio.sleep(interval)
+
+    async def _metrics_textfile_loop(self) -> None:
+        """[daemon] metrics_textfile: the Prometheus text written for node_exporter's textfile
+        collector every METRICS_TEXTFILE_EVERY_S and when a task finishes (at most once per
+        METRICS_TEXTFILE_MIN_GAP_S), by rename so the collector never reads half a file. The
+        key is read on every round, so a reload turns it on, off or elsewhere."""
+        failed_with = None
+        while True:
+            target = self.config.daemon.metrics_textfile
+            if target and self.control is not None:
+                path = self.config.state_dir(self.environ) / target
+                try:
+                    text = (await self.control.cmd_monitor_prometheus({}))["text"]
+                    await asyncio.to_thread(write_atomically, path, text)
+                    failed_with = None
+                except OSError as exc:
+                    if str(exc) != failed_with:  # once per distinct problem, not every 15 s
+                        log.warning("metrics_textfile_not_written", path=str(path),
+                                    error=str(exc))
+                    failed_with = str(exc)
+            self.metrics_dirty.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.metrics_dirty.wait(),
+                                       METRICS_TEXTFILE_EVERY_S if target else None)
+            await asyncio.sleep(METRICS_TEXTFILE_MIN_GAP_S)
 
     async def _status_loop(self) -> None:
         """STATUS= ("3 running, 12 pending") when tasks finish, at most once a second."""

@@ -328,3 +328,84 @@ CREATE TABLE content_media (
     UNIQUE (content_id, position)
 );
 CREATE INDEX idx_media_due ON content_media (status, next_attempt_at);
+
+-- migration 7: monotonic counters for Prometheus (tasks finished, attempts, schedule runs,
+-- task durations, last successful run), kept by triggers in the transaction of each change
+-- Rows of `counters` named 'finished:<status>', 'attempt:<class>', 'run:<status>:<schedule>',
+-- 'duration_le:<seconds>', 'duration_ms_sum', 'duration_count' and 'last_success:<schedule>'
+-- (unix seconds of the newest 'fired' run). Unlike 'task:<status>' they never go down: task
+-- cleanup does not touch them. Finished tasks, runs and last successes start from what the
+-- database holds; attempts and durations count from this upgrade on.
+CREATE TRIGGER count_task_finished AFTER UPDATE OF status ON content_generation_tasks
+WHEN OLD.status <> NEW.status
+     AND NEW.status IN ('completed', 'failed', 'timeout', 'cancelled')
+BEGIN
+    INSERT INTO counters VALUES ('finished:' || NEW.status, 1)
+        ON CONFLICT (name) DO UPDATE SET value = value + 1;
+END;
+-- An attempt ends when its task leaves running/submitted: completed (success), back to pending
+-- with a retry counted (retry) or without one (interrupted: shutdown, recovery), or terminal.
+CREATE TRIGGER count_attempt_ended AFTER UPDATE OF status ON content_generation_tasks
+WHEN OLD.status IN ('running', 'submitted') AND NEW.status NOT IN ('running', 'submitted')
+BEGIN
+    INSERT INTO counters VALUES ('attempt:' || CASE
+            WHEN NEW.status = 'completed' THEN 'success'
+            WHEN NEW.status = 'pending' AND NEW.retry_count > OLD.retry_count THEN 'retry'
+            WHEN NEW.status = 'pending' THEN 'interrupted'
+            ELSE NEW.status END, 1)
+        ON CONFLICT (name) DO UPDATE SET value = value + 1;
+END;
+CREATE TRIGGER count_task_duration AFTER UPDATE OF status ON content_generation_tasks
+WHEN OLD.status <> 'completed' AND NEW.status = 'completed' AND NEW.started_at IS NOT NULL
+     AND NEW.completed_at IS NOT NULL
+BEGIN
+    INSERT INTO counters
+        SELECT 'duration_le:' || le, 1 FROM (SELECT 10 AS le UNION ALL SELECT 30
+            UNION ALL SELECT 60 UNION ALL SELECT 120 UNION ALL SELECT 300 UNION ALL SELECT 600
+            UNION ALL SELECT 1200 UNION ALL SELECT 1800 UNION ALL SELECT 3600)
+        WHERE (julianday(NEW.completed_at) - julianday(NEW.started_at)) * 86400 <= le
+        ON CONFLICT (name) DO UPDATE SET value = value + 1;
+    INSERT INTO counters VALUES ('duration_count', 1)
+        ON CONFLICT (name) DO UPDATE SET value = value + 1;
+    INSERT INTO counters VALUES ('duration_ms_sum', CAST(round(
+            (julianday(NEW.completed_at) - julianday(NEW.started_at)) * 86400000) AS INTEGER))
+        ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
+END;
+CREATE TRIGGER count_run_inserted AFTER INSERT ON schedule_runs
+WHEN NEW.status <> 'firing'
+BEGIN
+    INSERT INTO counters VALUES ('run:' || NEW.status || ':' || NEW.schedule_name, 1)
+        ON CONFLICT (name) DO UPDATE SET value = value + 1;
+END;
+CREATE TRIGGER count_run_finished AFTER UPDATE OF status ON schedule_runs
+WHEN OLD.status <> NEW.status AND NEW.status <> 'firing'
+BEGIN
+    INSERT INTO counters VALUES ('run:' || NEW.status || ':' || NEW.schedule_name, 1)
+        ON CONFLICT (name) DO UPDATE SET value = value + 1;
+END;
+CREATE TRIGGER note_run_success_inserted AFTER INSERT ON schedule_runs
+WHEN NEW.status = 'fired'
+BEGIN
+    INSERT INTO counters VALUES ('last_success:' || NEW.schedule_name,
+                                 CAST(strftime('%s', NEW.fired_at) AS INTEGER))
+        ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value);
+END;
+CREATE TRIGGER note_run_success AFTER UPDATE OF status ON schedule_runs
+WHEN OLD.status <> 'fired' AND NEW.status = 'fired'
+BEGIN
+    INSERT INTO counters VALUES ('last_success:' || NEW.schedule_name,
+                                 CAST(strftime('%s', NEW.fired_at) AS INTEGER))
+        ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value);
+END;
+INSERT INTO counters
+    SELECT 'finished:' || status, COUNT(*) FROM content_generation_tasks
+    WHERE status IN ('completed', 'failed', 'timeout', 'cancelled') GROUP BY status
+    ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+INSERT INTO counters
+    SELECT 'run:' || status || ':' || schedule_name, COUNT(*) FROM schedule_runs
+    WHERE status <> 'firing' GROUP BY status, schedule_name
+    ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+INSERT INTO counters
+    SELECT 'last_success:' || schedule_name, CAST(strftime('%s', MAX(fired_at)) AS INTEGER)
+    FROM schedule_runs WHERE status = 'fired' GROUP BY schedule_name
+    ON CONFLICT (name) DO UPDATE SET value = excluded.value;

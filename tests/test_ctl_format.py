@@ -97,28 +97,6 @@ def test_csv_output_parses_back_with_the_csv_module():
     assert pairs == [["key", "value"], ["total", "3"], ["name", "车界"]]
 
 
-def test_prometheus_text_has_a_type_line_before_every_sample():
-    metrics = {"total": 10, "pending": 3, "submitted": 0, "running": 1, "completed": 5,
-               "failed_count": 1, "timeout_count": 0, "cancelled_count": 0,
-               "success_rate": 0.8333, "avg_completion_seconds": None, "contents_total": 5,
-               "pending_review": 2, "workers_busy": 1, "workers_max": 5}
-    text = ctl.prometheus_text(metrics)
-    typed, samples = set(), {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            typed.add(line.split()[2])
-        elif line and not line.startswith("#"):
-            series, value = line.rsplit(" ", 1)
-            assert series.split("{")[0] in typed, line
-            samples[series] = float(value)
-    assert samples['contenthub_tasks{status="pending"}'] == 3
-    assert samples['contenthub_tasks{status="failed"}'] == 1
-    assert samples["contenthub_up"] == 1 and samples["contenthub_workers_max"] == 5
-    assert samples["contenthub_success_ratio"] == 0.8333
-    assert samples["contenthub_avg_completion_seconds"] != samples[
-        "contenthub_avg_completion_seconds"]  # NaN for null
-
-
 def parse_export(text: str) -> tuple[dict, str]:
     """Front matter (JSON values) and body of an exported Markdown file."""
     assert text.startswith("---\n")

@@ -109,6 +109,19 @@ def test_upgrade_from_0_1_0_keeps_every_row_review_and_pause(daemon_factory):
     old_task = daemon.task(before["content_generation_tasks"][0]["task_id"])
     assert old_task["usage"]["attempts"] == 0 and old_task["usage"]["cost"] is None
     assert daemon.call("monitor.cost", {"days": 30})["rows"] == []
+    # Prometheus counters start from what 0.1.0 recorded: finished tasks and fired runs.
+    with daemon.db() as conn:
+        counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+    def finished_before(status: str) -> int:
+        return sum(t["status"] == status for t in before["content_generation_tasks"])
+
+    assert counters["finished:failed"] == finished_before("failed")
+    assert counters["finished:cancelled"] == finished_before("cancelled")
+    # (re-queued tasks may already be completing)
+    assert counters["finished:completed"] >= finished_before("completed")
+    fired = [r for r in before["schedule_runs"] if r["status"] == "fired"]
+    assert counters[f"run:fired:{fired[0]['schedule_name']}"] == sum(
+        r["schedule_name"] == fired[0]["schedule_name"] for r in fired)
 
     # The upgraded file is a working database: the interrupted and pending tasks now complete.
     for task in before["content_generation_tasks"]:

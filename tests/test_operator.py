@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
-from conftest import CTL, DAEMON, ROOT, command_creator
+import pytest
+from conftest import CTL, DAEMON, ROOT, command_creator, wait_until
 
 
 def ctl_by_config(daemon, *args: str):
@@ -248,3 +250,105 @@ def test_config_shows_durations_true_sources_and_what_a_restart_applies(daemon_f
     assert rows["daemon.socket"]["value"] == "contenthubd.sock"
     assert rows["daemon.socket"]["source"] == (
         'running value; restart to apply socket = "other.sock" from file')
+
+
+# 4. Prometheus: counters, a histogram and per-schedule series, from zero; the textfile ####
+
+def prometheus_samples(text: str) -> dict[str, float]:
+    """Samples by series; every one follows the TYPE line of its family."""
+    typed, samples = set(), {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            family = series.split("{")[0]
+            histogram_family = family.rsplit("_", 1)[0]
+            assert family in typed or (histogram_family in typed and family.endswith(
+                ("_bucket", "_sum", "_count"))), line
+            samples[series] = float(value)
+    return samples
+
+
+TWO_SCHEDULES = SCHEDULE + """
+[[schedules]]
+name = "never-fired"
+executor = "cleanup"
+cron = "0 3 1 1 *"
+params = { days = 30 }
+"""
+
+
+def test_prometheus_counts_from_zero_and_per_schedule(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("instant_article.sh"),
+                            extra=TWO_SCHEDULES).start()
+    before = prometheus_samples(daemon.ctl("monitor", "metrics", "--format", "prometheus").stdout)
+    for series in ('contenthub_tasks_total{status="completed"}',
+                   'contenthub_tasks_total{status="failed"}',
+                   'contenthub_task_attempts_total{class="retry"}',
+                   'contenthub_schedule_runs_total{schedule="daily-tech",status="fired"}',
+                   'contenthub_schedule_runs_total{schedule="never-fired",status="failed"}',
+                   'contenthub_schedule_last_success_timestamp_seconds{schedule="daily-tech"}',
+                   'contenthub_schedule_last_run_status{schedule="never-fired"}',
+                   'contenthub_task_duration_seconds_count'):
+        assert before[series] == 0, series
+    daemon.ctl("scheduler", "trigger", "daily-tech")
+    failing = daemon.submit(topic="fail-now")
+    daemon.wait_status(failing, "failed")
+    wait_until(lambda: daemon.call("monitor.metrics")["completed"] == 1)
+    after = prometheus_samples(daemon.ctl("monitor", "metrics", "--format", "prometheus").stdout)
+    assert after['contenthub_tasks_total{status="completed"}'] == 1
+    assert after['contenthub_tasks_total{status="failed"}'] == 1
+    assert after['contenthub_task_attempts_total{class="success"}'] == 1
+    assert after['contenthub_task_attempts_total{class="retry"}'] == 3
+    assert after['contenthub_task_attempts_total{class="failed"}'] == 1
+    assert after['contenthub_schedule_runs_total{schedule="daily-tech",status="fired"}'] == 1
+    assert after['contenthub_schedule_last_run_status{schedule="daily-tech"}'] == 1
+    assert after['contenthub_schedule_last_run_status{schedule="never-fired"}'] == 0
+    assert after['contenthub_schedule_last_success_timestamp_seconds{schedule="daily-tech"}'] \
+        == pytest.approx(time.time(), abs=120)
+    assert after['contenthub_task_duration_seconds_bucket{le="+Inf"}'] == 1
+    assert after['contenthub_task_duration_seconds_bucket{le="10"}'] == 1
+    assert after["contenthub_task_duration_seconds_count"] == 1
+
+
+def test_metrics_textfile_is_written_by_the_daemon_and_survives_kill_9(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("instant_article.sh"), workers=2,
+                            env={"CREATOR_SLEEP": "0.2"})
+    daemon.set_options(metrics_textfile="contenthub.prom")
+    daemon.start()
+    textfile = daemon.state / "contenthub.prom"
+    wait_until(textfile.exists, 10, message="the textfile")
+    assert prometheus_samples(textfile.read_text())['contenthub_tasks_total{status="completed"}'] \
+        == 0
+    task_ids = [daemon.submit(topic=f"题目 {i}") for i in range(12)]
+    wait_until(lambda: daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks"
+                                     " WHERE status = 'completed'") >= 3)
+    daemon.kill9()
+    daemon.start()
+    for task_id in task_ids:
+        daemon.wait_status(task_id, "completed")
+
+    def completed_in_textfile() -> float:
+        return prometheus_samples(textfile.read_text())[
+            'contenthub_tasks_total{status="completed"}']
+
+    wait_until(lambda: completed_in_textfile() == 12, 30, message="12 completions in the file")
+    samples = prometheus_samples(textfile.read_text())
+    assert samples['contenthub_task_attempts_total{class="success"}'] == 12
+    assert samples["contenthub_task_duration_seconds_count"] == 12
+    assert [p.name for p in daemon.state.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# 8. success_rate counts attempts as well as tasks ##########################################
+
+def test_attempt_success_rate_shows_failures_that_tasks_hide(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("fail_first_attempt.sh"))
+    daemon.start()
+    for task_id in [daemon.submit(topic=f"t{i}") for i in range(2)]:
+        daemon.wait_status(task_id, "completed")
+    metrics = json.loads(daemon.ctl("--format", "json", "monitor", "metrics").stdout)
+    assert metrics["success_rate"] == 1.0
+    assert metrics["attempts_total"] == 4 and metrics["attempt_success_rate"] == 0.5
+    shown = dict(line.split(":", 1) for line in daemon.ctl("monitor", "metrics").stdout.splitlines())
+    assert shown["attempt_success_rate"].strip() == "50.0%"
