@@ -1133,6 +1133,20 @@ def cmd_notify_retry(session: Session, options) -> int:
     return EXIT_OK
 
 
+CREATOR_STATUS_ORDER = ("state", "reason", "error_class", "since", "failures", "next_probe_at",
+                        "last_probe", "transient_streak", "claims_paused_s", "pause_reason")
+
+
+def cmd_creator_status(session: Session, options) -> int:
+    session.show(session.call("creator.status"), order=CREATOR_STATUS_ORDER)
+    return EXIT_OK
+
+
+def cmd_creator_resume(session: Session, options) -> int:
+    session.show(session.call("creator.resume"), order=("was", *CREATOR_STATUS_ORDER))
+    return EXIT_OK
+
+
 def cmd_scheduler_list(session: Session, options) -> int:
     session.show(session.call("scheduler.list"), SCHEDULE_COLUMNS)
     return EXIT_OK
@@ -1516,6 +1530,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sub.add_argument("--days", type=int_in_range(1), help="how many days back (default 7)")
         sub.add_argument("--by", choices=("day", "account", "model"), help="group rows by"
                          " (default day)")
+
+    creator = group("creator", "the creator's circuit breaker")
+    if wanted("creator"):
+        command(creator, "status", cmd_creator_status,
+                "closed, open (nothing is claimed) or probing, and why")
+        command(creator, "resume", cmd_creator_resume,
+                "close the circuit breaker and lift a rate-limit pause")
 
     scheduler = group("scheduler", "schedules and their runs")
     if wanted("scheduler"):

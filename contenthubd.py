@@ -10,6 +10,7 @@ The file reads top to bottom; each section uses only the ones above it:
     Config                  TOML + ASYNC_* environment -> frozen Config, every error listed
     Logging and sd_notify   structlog setup; systemd's notify protocol without a dependency
     Topics                  topic normalisation, a firing's topic slots, research replies
+    Failure classes         the error-class vocabulary, structured errors, the circuit breaker
     Store                   schema.sql, the one writer connection, every SQL statement
     Creator runner          argv templates, process groups, capped capture, output adapters
     Spend                   usage per attempt, prices, budget windows, the creator rate limit
@@ -486,6 +487,8 @@ class CreatorConfig:
     kill_grace: float = _key(parse_duration, default=KILL_GRACE_S)
     health_command: list[str] = _key(_str_list, default_factory=list)
     health_timeout: float = _key(_positive(parse_duration), default=10.0)
+    #: how often an open circuit breaker tries the creator again
+    breaker_probe: float = _key(_positive(parse_duration), default=300.0)
     submit_command: list[str] = _key(_str_list, default_factory=list)
     status_command: list[str] = _key(_str_list, default_factory=list)
     result_command: list[str] = _key(_str_list, default_factory=list)
@@ -651,6 +654,7 @@ class Config:
 
 
 PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
+ENV_REF_RE = re.compile(r"\$\{(\w+)\}")  #: `${VAR}` in creator.env
 PLACEHOLDERS = ("task_id", "account_id", "account_name", "topic", "keywords", "category",
                 "requirements", "tone", "target_audience", "priority", "priority_level",
                 "external_id")
@@ -887,6 +891,36 @@ def _check_notify(config: Config, environ: dict[str, str]) -> list[str]:
     return errors
 
 
+#: An argv element that is a flag alone (`-t`, `--topic`), so the next element is its value.
+_FLAG_ALONE_RE = re.compile(r"^--?[A-Za-z][\w-]*$")
+
+
+def config_warnings(config: Config, environ: dict[str, str]) -> list[str]:
+    """What is valid but likely wrong: `${VAR}` references the daemon's environment leaves
+    unset or empty (they reach the creator as ""), and `"-x", "{value}"` pairs, where a
+    value starting with "-" would be read as an option: bind it as `--x={value}`."""
+    warnings = []
+    creator = config.creator
+    for key, value in creator.env.items():
+        for name in ENV_REF_RE.findall(value):
+            if name not in environ:
+                warnings.append(f"creator.env.{key}: ${{{name}}} is not set in the daemon's"
+                                " environment; the creator gets an empty value")
+            elif not environ[name].strip():
+                warnings.append(f"creator.env.{key}: ${{{name}}} is empty in the daemon's"
+                                " environment; the creator gets an empty value")
+    for name in ("command", "submit_command", "status_command", "result_command",
+                 "cancel_command"):
+        template = getattr(creator, name)
+        for flag, value in zip(template, template[1:]):
+            if _FLAG_ALONE_RE.match(flag) and PLACEHOLDER_RE.match(value):
+                long_flag = flag if flag.startswith("--") else "--<option>"
+                warnings.append(f"creator.{name}: \"{flag}\", \"{value}\" passes the value as"
+                                " its own argument, so a value starting with \"-\" becomes an"
+                                f" option; bind it to the flag: \"{long_flag}={value}\"")
+    return warnings
+
+
 def load_config(path: str | None, environ: dict[str, str] | None = None,
                 validate_schedules: Callable[[Config], list[str]] | None = None) -> Config:
     """The config at `path`, or the embedded default (built-in offline creator) when None."""
@@ -1114,14 +1148,184 @@ def parse_topic_reply(text: str) -> list[dict[str, str]]:
             topics.append({"topic": topic, "keywords": str(keywords).strip()})
     return topics
 
+
+# Failure classes ###############################################################################
+
+#: One vocabulary for why a creator failed, whatever the creator (docs/creators.md). A finer
+#: error_kind (exit_code, killed, creator_failed, ...) is kept next to its class.
+ERROR_CLASSES = ("transient", "rate_limited", "auth_failed", "misconfigured", "quota_exhausted",
+                 "invalid_input", "quality_failed", "bad_output", "timeout", "crashed")
+#: Failures of the creator itself, not of one task: they count toward the circuit breaker and
+#: spend no task's retries.
+CREATOR_WIDE_CLASSES = frozenset({"misconfigured", "auth_failed", "quota_exhausted"})
+#: No retry can fix these; the task fails at once.
+PERMANENT_CLASSES = frozenset({"invalid_input", "quality_failed"})
+#: The finer error kinds the runner and adapters report, and the class each belongs to.
+KIND_CLASSES = {
+    "exit_code": "transient", "creator_failed": "transient", "internal": "crashed",
+    "killed": "crashed", "spawn_failed": "misconfigured", "timeout": "timeout",
+    "bad_output": "bad_output", "output_too_large": "bad_output",
+    "invalid_arguments": "invalid_input", "creator_cancelled": "invalid_input",
+    "remote_unknown": "crashed",
+}
+#: sysexits.h codes a creator may exit with to name its class without printing JSON.
+SYSEXITS_CLASSES = {75: "transient", 77: "auth_failed", 78: "misconfigured"}
+RATE_LIMIT_PAUSE_S = 30.0  #: how long the pool stops claiming after a rate_limited failure
+RATE_LIMIT_PAUSE_MAX_S = 900.0  #: a creator's retry_after is capped at this
+BREAKER_TRIP_TASKS = 2  #: creator-wide failures from this many distinct tasks in a row
+TRANSIENT_DEGRADED_STREAK = 10  #: transient failures in a row that degrade health
+
+
+def error_class_of(kind: str) -> str:
+    """The class of an error kind: itself when it is a class, else its mapping (transient)."""
+    return kind if kind in ERROR_CLASSES else KIND_CLASSES.get(kind, "transient")
+
+
+def structured_error(data: dict[str, Any] | None) -> tuple[str, str, float | None] | None:
+    """(class, message, retry_after) of a creator's `{"error": {"kind", "message",
+    "retry_after"}}` object, or None when `data` is not one. An unknown kind is transient, and
+    the message says which kind it was."""
+    if not isinstance(data, dict) or not isinstance(data.get("error"), dict):
+        return None
+    error = data["error"]
+    kind = str(error.get("kind") or "")
+    message = str(error.get("message") or "").strip() or f"creator reported {kind or 'an error'}"
+    if kind not in ERROR_CLASSES:
+        message = f"{message} (unknown error kind {kind!r}, treated as transient)"
+        kind = "transient"
+    retry_after = error.get("retry_after")
+    if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) \
+            or not math.isfinite(retry_after) or retry_after < 0:
+        retry_after = None
+    return kind, message, float(retry_after) if retry_after is not None else None
+
+
+class CircuitBreaker:
+    """Whether the creator as a whole is known broken (SPEC §13, docs/creators.md).
+
+    closed: tasks are claimed. Creator-wide failures (misconfigured, auth_failed,
+    quota_exhausted) from BREAKER_TRIP_TASKS distinct tasks in a row open it; any other outcome
+    breaks the row. open: nothing is claimed until a probe is due. probing: the pool runs the
+    health_command, or lets exactly one task through; success closes the breaker, another
+    creator-wide failure opens it again. Kept in memory: after a restart the first failures
+    open it again, each without spending a retry.
+    """
+
+    def __init__(self, clock: Callable[[], datetime] = utc_now):
+        self.clock = clock
+        self.state = "closed"
+        self.since: datetime | None = None  #: when it last opened
+        self.error_class: str | None = None
+        self.reason: str | None = None  #: the creator's own message, in full
+        self.failures = 0  #: creator-wide failures in a row
+        self.streak_tasks: list[str] = []  #: the tasks those failures came from
+        self.transient_streak = 0
+        self.last_transient: str | None = None
+        self.probe_interval = 300.0  #: [creator] breaker_probe
+        self.probe_at: datetime | None = None  #: when an open breaker is next probed
+        self.last_probe: str | None = None
+        self.probe_task: str | None = None  #: the task let through while probing
+
+    @property
+    def claim_limit(self) -> int | None:
+        """How many tasks may be claimed now: None for any number."""
+        if self.state == "closed":
+            return None
+        if self.state == "probing" and self.probe_task is None:
+            return 1
+        return 0
+
+    def record_failure(self, task_id: str, error_class: str, message: str) -> tuple[bool, bool]:
+        """Count one failed attempt. Returns (spend_retry, tripped): a creator-wide failure
+        spends no retry unless this same task already failed so in the current row (one task
+        alone in the queue must still run out of retries)."""
+        if task_id == self.probe_task:
+            self.probe_task = None
+        if error_class not in CREATOR_WIDE_CLASSES:
+            if error_class == "transient":
+                self.transient_streak += 1
+                self.last_transient = message
+            if self.state == "probing":
+                self._close()
+            self.failures, self.streak_tasks = 0, []
+            return True, False
+        repeated = task_id in self.streak_tasks
+        self.failures += 1
+        if not repeated:
+            self.streak_tasks.append(task_id)
+        self.error_class, self.reason = error_class, message
+        if self.state == "probing":
+            self._open()
+            return False, False
+        if self.state == "closed" and len(self.streak_tasks) >= BREAKER_TRIP_TASKS:
+            self._open()
+            return False, True
+        return repeated and self.state == "closed", False
+
+    def record_success(self, task_id: str) -> bool:
+        """A completed task; True when it closed an open or probing breaker."""
+        if task_id == self.probe_task:
+            self.probe_task = None
+        self.failures, self.streak_tasks = 0, []
+        self.transient_streak, self.last_transient = 0, None
+        if self.state == "closed":
+            return False
+        self._close()
+        return True
+
+    def release(self, task_id: str) -> None:
+        """A claimed task ended without an outcome (cancel, shutdown): it probed nothing."""
+        if task_id == self.probe_task:
+            self.probe_task = None
+
+    def _open(self) -> None:
+        if self.state == "closed":
+            self.since = self.clock()
+        self.state = "open"
+        self.probe_task = None
+        self.probe_at = self.clock() + timedelta(seconds=self.probe_interval)
+
+    def begin_probe(self) -> None:
+        self.state = "probing"
+
+    def probe_result(self, ok: bool, detail: str) -> None:
+        """The health_command's verdict on a probing breaker."""
+        self.last_probe = f"{to_db_time(self.clock())}: {'ok' if ok else 'failed'}: {detail}"
+        if self.state != "probing":
+            return
+        if ok:
+            self._close()
+        else:
+            self._open()
+
+    def _close(self) -> None:
+        self.state, self.since, self.probe_at, self.probe_task = "closed", None, None, None
+        self.failures, self.streak_tasks = 0, []
+
+    def resume(self) -> bool:
+        """The operator's `creator resume`; True when it was not closed."""
+        was_closed = self.state == "closed"
+        self._close()
+        self.error_class = self.reason = None
+        return not was_closed
+
+    def describe(self) -> dict[str, Any]:
+        return {"state": self.state, "reason": self.reason if self.state != "closed" else None,
+                "error_class": self.error_class if self.state != "closed" else None,
+                "since": to_db_time(self.since) if self.since else None,
+                "failures": self.failures, "transient_streak": self.transient_streak,
+                "next_probe_at": to_db_time(self.probe_at) if self.probe_at else None,
+                "last_probe": self.last_probe}
+
+
 # Store #########################################################################################
 
 TASK_FIELDS = ("task_id", "content_id", "account_id", "topic", "keywords", "category",
                "requirements", "tone", "target_audience", "status", "priority", "progress",
                "stage", "retry_count", "max_retries", "attempt", "auto_approve", "submitted_at",
                "started_at", "completed_at", "timeout_at", "next_attempt_at", "error_kind",
-               "error_message", "external_id", "pid", "pgid", "schedule_run_id", "dedup_key",
-               "created_at", "updated_at")
+               "error_class", "error_message", "external_id", "pid", "pgid", "schedule_run_id",
+               "dedup_key", "created_at", "updated_at")
 TASK_COLUMNS = ", ".join(f"t.{name}" for name in TASK_FIELDS) + ", a.name AS account_name"
 TASK_FROM = "content_generation_tasks t LEFT JOIN accounts a ON a.id = t.account_id"
 #: A claimed task as UPDATE ... RETURNING gives it (RETURNING cannot join).
@@ -1877,7 +2081,7 @@ class Store:
             conn.execute(
                 "UPDATE content_generation_tasks SET status = 'completed', content_id = ?,"
                 " completed_at = ?, progress = 100, result = ?, error_kind = NULL,"
-                " error_message = NULL, pid = NULL, pgid = NULL, updated_at = ?"
+                " error_class = NULL, error_message = NULL, pid = NULL, pgid = NULL, updated_at = ?"
                 " WHERE task_id = ?", (content_id, stamp, result_text, stamp, task_id))
             self._task_finished_events(conn, task_id, "completed", now)
             self._record_usage(conn, task_id, attempt, usage, "completed", stamp)
@@ -1887,11 +2091,12 @@ class Store:
 
     async def fail_attempt(self, task_id: str, attempt: int, now: datetime, error_kind: str,
                            message: str, retry_delay_s: float | None,
-                           final_status: str = "failed", usage: Usage | None = None
-                           ) -> str | None:
+                           final_status: str = "failed", usage: Usage | None = None,
+                           error_class: str | None = None) -> str | None:
         """running/submitted -> pending (retry after `retry_delay_s`) or -> final_status.
         `retry_delay_s` None means permanent. Returns the new status, None if not owned.
         A failed attempt's `usage` is recorded too: it cost money all the same."""
+        error_class = error_class or error_class_of(error_kind)
 
         def fail(conn: sqlite3.Connection) -> str | None:
             outcome = fail_once(conn)
@@ -1908,25 +2113,52 @@ class Store:
             if retry_delay_s is not None and retry_count < max_retries:
                 conn.execute(
                     "UPDATE content_generation_tasks SET status = 'pending', retry_count ="
-                    " retry_count + 1, next_attempt_at = ?, error_kind = ?, error_message = ?,"
-                    " external_id = NULL, pid = NULL, pgid = NULL, updated_at = ?"
-                    " WHERE task_id = ?",
-                    (to_db_time(now + timedelta(seconds=retry_delay_s)), error_kind, message,
-                     stamp, task_id))
+                    " retry_count + 1, next_attempt_at = ?, error_kind = ?, error_class = ?,"
+                    " error_message = ?, external_id = NULL, pid = NULL, pgid = NULL,"
+                    " updated_at = ? WHERE task_id = ?",
+                    (to_db_time(now + timedelta(seconds=retry_delay_s)), error_kind,
+                     error_class, message, stamp, task_id))
                 self._event(conn, task_id, stamp, status, "pending",
                             f"retry {retry_count + 1}/{max_retries} in {retry_delay_s:.0f}s:"
                             f" {error_kind}")
                 return "pending"
             conn.execute(
                 "UPDATE content_generation_tasks SET status = ?, completed_at = ?,"
-                " error_kind = ?, error_message = ?, pid = NULL, pgid = NULL, updated_at = ?"
-                " WHERE task_id = ?", (final_status, stamp, error_kind, message, stamp, task_id))
+                " error_kind = ?, error_class = ?, error_message = ?, pid = NULL, pgid = NULL,"
+                " updated_at = ? WHERE task_id = ?",
+                (final_status, stamp, error_kind, error_class, message, stamp, task_id))
             self._event(conn, task_id, stamp, status, final_status,
                         f"{error_kind}: {message}"[:500])
             self._task_finished_events(conn, task_id, final_status, now)
             return final_status
 
         return await self._write(fail)
+
+    async def release_attempt(self, task_id: str, attempt: int, now: datetime,
+                              next_attempt_at: datetime, error_kind: str, error_class: str,
+                              message: str, why: str, usage: Usage | None = None
+                              ) -> str | None:
+        """running/submitted -> pending WITHOUT spending a retry: the failure was the
+        creator's (rate limit, circuit breaker), not the task's. Returns "pending", None if
+        the attempt no longer owns the task. The attempt's `usage` is recorded all the same."""
+
+        def release(conn: sqlite3.Connection) -> str | None:
+            stamp = to_db_time(now)
+            row = self._owned(conn, task_id, attempt, "status")
+            if row is None:
+                return None
+            self._record_usage(conn, task_id, attempt, usage, "pending", stamp)
+            conn.execute(
+                "UPDATE content_generation_tasks SET status = 'pending', next_attempt_at = ?,"
+                " error_kind = ?, error_class = ?, error_message = ?, external_id = NULL,"
+                " pid = NULL, pgid = NULL, progress = NULL, stage = NULL, updated_at = ?"
+                " WHERE task_id = ?", (to_db_time(next_attempt_at), error_kind, error_class,
+                                       message, stamp, task_id))
+            self._event(conn, task_id, stamp, row[0], "pending",
+                        f"{why}, no retry spent: {error_class}: {message}"[:500])
+            return "pending"
+
+        return await self._write(release)
 
     async def mark_submitted(self, task_id: str, attempt: int, external_id: str,
                              now: datetime) -> bool:
@@ -1972,8 +2204,8 @@ class Store:
             stamp = to_db_time(now)
             conn.execute("UPDATE content_generation_tasks SET status = 'pending', retry_count = 0,"
                          " next_attempt_at = ?, completed_at = NULL, error_kind = NULL,"
-                         " error_message = NULL, external_id = NULL, progress = NULL,"
-                         " stage = NULL, updated_at = ? WHERE task_id = ?",
+                         " error_class = NULL, error_message = NULL, external_id = NULL,"
+                         " progress = NULL, stage = NULL, updated_at = ? WHERE task_id = ?",
                          (stamp, stamp, task_id))
             self._event(conn, task_id, stamp, before["status"], "pending", "operator retry")
 
@@ -3683,6 +3915,19 @@ class CreatorFailure:
     kind: str  #: error_kind: exit_code, killed, timeout, bad_output, output_too_large, ...
     message: str
     retryable: bool = True
+    error_class: str = ""  #: one of ERROR_CLASSES; derived from `kind` when not given
+    retry_after: float | None = None  #: seconds, from a rate_limited creator
+
+    def __post_init__(self) -> None:
+        self.error_class = self.error_class or error_class_of(self.kind)
+        if self.error_class in PERMANENT_CLASSES:
+            self.retryable = False
+
+    @classmethod
+    def from_structured(cls, parsed: tuple[str, str, float | None]) -> CreatorFailure:
+        error_class, message, retry_after = parsed
+        return cls(error_class, message, error_class not in PERMANENT_CLASSES, error_class,
+                   retry_after)
 
 
 def progress_from_line(line: str) -> tuple[int, str | None] | None:
@@ -3723,6 +3968,9 @@ def parse_json_output(stdout: str) -> Article | CreatorFailure:
     data = _last_json_object(stdout)
     if data is None:
         return CreatorFailure("bad_output", "exit 0 but no JSON object on stdout")
+    error = structured_error(data)
+    if error is not None:
+        return CreatorFailure.from_structured(error)
     if "success" in data and isinstance(data.get("data"), dict):
         if not data["success"]:
             return CreatorFailure("creator_failed", str(data.get("error") or data))
@@ -3776,6 +4024,19 @@ _CC_USAGE_ERROR_RE = re.compile(
     r"invalid)|❌ 错误: 必须提供)", re.MULTILINE)
 
 
+_CC_ENV_DUMP = "Environment variable validation failed:"
+#: One issue of zod's dump: `path: [ 'TAVILY_API_KEY' ],` then `message: '…'`.
+_CC_ENV_ISSUE_RE = re.compile(r"path: \[ '([^']+)'[^\]]*\],\s*message: '([^']*)'")
+_CC_QUALITY_FAILED_RE = re.compile(r"Text quality check failed after \d+ attempts")
+#: axios' "status code 401", "HTTP 401", "401 Unauthorized" and the like.
+_CC_HTTP_STATUS_RE = re.compile(r"(?:status code|HTTP|status)[ :]*([1-5]\d\d)\b"
+                                r"|\b([1-5]\d\d) (?=Unauthorized|Forbidden|Too Many Requests"
+                                r"|Payment Required)", re.I)
+_CC_QUOTA_RE = re.compile(r"insufficient[_ ]quota|exceeded your current quota|quota exceeded"
+                          r"|insufficient[_ ]balance|余额不足|arrearage|欠费", re.I)
+_CC_RATE_LIMIT_RE = re.compile(r"rate[_ ]limit|too many requests", re.I)
+
+
 def priority_to_content_creator(priority: int) -> str:
     """Map a task priority (0-10, higher first) onto content-creator's `--priority` levels.
 
@@ -3827,7 +4088,8 @@ def parse_content_creator_run(stdout: str, stderr: str, exit_code: int,
     if status_text not in _CC_COMPLETED:
         reason = _cc_failure_reason(lines) or "no error detail in its log lines"
         shown = status_text if status_text in _CC_FAILED else f"unexpected {status_text!r}"
-        return _cc_failure("creator_failed", f"{reason} ({task}, 状态: {shown})", True)
+        return _cc_failure("creator_failed", f"{reason} ({task}, 状态: {shown})", True,
+                           _cc_reason_class(reason))
     article = _cc_article(lines, status_block[1])
     if article is None:
         return _cc_failure("bad_output", f"{task} reported 状态: {status_text} but printed no "
@@ -3849,8 +4111,37 @@ def parse_content_creator_run(stdout: str, stderr: str, exit_code: int,
     }
 
 
-def _cc_failure(kind: str, message: str, retryable: bool) -> dict:
-    return {"ok": False, "error_kind": kind, "error_message": message, "retryable": retryable}
+def _cc_failure(kind: str, message: str, retryable: bool, error_class: str = "") -> dict:
+    error_class = error_class or error_class_of(kind)
+    return {"ok": False, "error_kind": kind, "error_message": message,
+            "retryable": retryable and error_class not in PERMANENT_CLASSES,
+            "error_class": error_class}
+
+
+def _cc_reason_class(reason: str) -> str:
+    """The class a content-creator error text names: its quality gate giving up, an HTTP
+    status of an upstream (LLM, Tavily, ARK), a quota or balance message; else transient."""
+    if _CC_QUALITY_FAILED_RE.search(reason):
+        return "quality_failed"
+    statuses = {int(a or b) for a, b in _CC_HTTP_STATUS_RE.findall(reason)}
+    if _CC_QUOTA_RE.search(reason) or 402 in statuses:
+        return "quota_exhausted"
+    if statuses & {401, 403}:
+        return "auth_failed"
+    if 429 in statuses or _CC_RATE_LIMIT_RE.search(reason):
+        return "rate_limited"
+    return "transient"
+
+
+def _cc_env_failure(err: str) -> str | None:
+    """The variables zod's `Environment variable validation failed:` dump names, with why."""
+    if _CC_ENV_DUMP not in err:
+        return None
+    dump = err.split(_CC_ENV_DUMP, 1)[1]
+    problems = [f"{name} ({message})" for name, message in _CC_ENV_ISSUE_RE.findall(dump)]
+    named = ", ".join(problems) or "(the dump names none)"
+    return (f"content-creator refused its environment: {named}; set the variable(s) in the"
+            " daemon's environment and reference them in [creator.env] as NAME = \"${NAME}\"")
 
 
 def _cc_exit_failure(stdout: str, stderr: str, exit_code: int) -> dict:
@@ -3865,11 +4156,21 @@ def _cc_exit_failure(stdout: str, stderr: str, exit_code: int) -> dict:
             name = f"signal {-exit_code}"
         return _cc_failure("killed", f"content-creator killed by {name}; stderr: "
                            f"{err or '(empty)'}", True)
-    if _CC_USAGE_ERROR_RE.search(err):
+    env_problem = _cc_env_failure(err)
+    if env_problem is not None:
+        return _cc_failure("env_invalid", f"{env_problem}. content-creator exited {exit_code}:"
+                           f" {err}", True, "misconfigured")
+    usage = _CC_USAGE_ERROR_RE.search(err)
+    if usage:
+        # An option the CLI does not know comes from the command template, not from a task.
+        template_fault = usage.group().startswith(("error: unknown option",
+                                                   "error: unknown command"))
         return _cc_failure("invalid_arguments", f"content-creator rejected its arguments "
-                           f"(exit {exit_code}): {err}", False)
+                           f"(exit {exit_code}): {err}", False,
+                           "misconfigured" if template_fault else "invalid_input")
     if err:
-        return _cc_failure("exit_code", f"content-creator exited {exit_code}: {err}", True)
+        return _cc_failure("exit_code", f"content-creator exited {exit_code}: {err}", True,
+                           _cc_reason_class(err))
     # An uncaught error at start-up (e.g. no ./data directory for SQLite in the working
     # directory) goes to winston's ./logs/app.exceptions.log, not to stderr.
     lines = strip_ansi(stdout.replace("\r\n", "\n")).split("\n")
@@ -4051,7 +4352,8 @@ def content_creator_text_outcome(result: ProcessResult, cwd: Path) -> Article | 
     parsed = parse_content_creator_run(result.stdout, result.stderr, result.exit_code or 0,
                                        str(cwd))
     if not parsed["ok"]:
-        return CreatorFailure(parsed["error_kind"], parsed["error_message"], parsed["retryable"])
+        return CreatorFailure(parsed["error_kind"], parsed["error_message"], parsed["retryable"],
+                              parsed.get("error_class", ""))
     return Article(body=parsed["body"], title=parsed["title"], images=parsed["images"],
                    quality=parsed["quality"], external_id=parsed["external_id"],
                    extra={"generator": "content-creator",
@@ -4074,11 +4376,25 @@ def classify_result(result: ProcessResult, creator: CreatorConfig,
         return CreatorFailure("killed", f"creator killed by {name}; stderr: "
                                         f"{result.stderr_tail() or '(empty)'}")
     if result.exit_code:
-        permanent = result.exit_code in creator.permanent_exit_codes
-        return CreatorFailure("exit_code", f"creator exited {result.exit_code}"
-                              f"{' (permanent)' if permanent else ''}: "
-                              f"{result.stderr_tail() or '(stderr empty)'}", not permanent)
+        return exit_failure(result, creator)
     return parse_json_output(result.stdout)
+
+
+def exit_failure(result: ProcessResult, creator: CreatorConfig) -> CreatorFailure:
+    """A non-zero exit of a json creator: its structured error object if it printed one, else
+    the class its sysexits code names, else permanent (permanent_exit_codes) or transient."""
+    error = structured_error(_last_json_object(result.stdout))
+    if error is not None:
+        return CreatorFailure.from_structured(error)
+    code = result.exit_code or 0
+    detail = result.stderr_tail() or "(stderr empty)"
+    if code in SYSEXITS_CLASSES:
+        return CreatorFailure("exit_code", f"creator exited {code}: {detail}",
+                              error_class=SYSEXITS_CLASSES[code])
+    if code in creator.permanent_exit_codes:
+        return CreatorFailure("exit_code", f"creator exited {code} (permanent): {detail}",
+                              False, "invalid_input")
+    return CreatorFailure("exit_code", f"creator exited {code}: {detail}")
 
 
 ASYNC_STATES = {
@@ -5996,6 +6312,10 @@ class WorkerPool:
         self.budget_holds: dict[str, str] = {}
         self.unpriced_models: set[str] = set()  #: models seen without a price, warned once
         self.on_media_queued: Callable[[], None] | None = None  #: a completion queued images
+        self.breaker = CircuitBreaker(clock)
+        self._health_probe: asyncio.Task | None = None
+        self.claims_paused_until: datetime | None = None
+        self.pause_reason: str | None = None
         self.apply_config(config)
 
     @property
@@ -6014,6 +6334,7 @@ class WorkerPool:
         #: the model an attempt used when its output does not say
         self.default_model = (config.creator.llm.model if config.creator.kind == "builtin"
                               else self.creator_env.get(CC_MODEL_ENV))
+        self.breaker.probe_interval = config.creator.breaker_probe
         self.wake()
 
     def _creator_environment(self, config: Config) -> dict[str, str]:
@@ -6071,6 +6392,14 @@ class WorkerPool:
         free = self.capacity - len(self.running)
         if free <= 0 or not self._claiming:
             return None
+        paused = self.claim_pause_remaining()
+        if paused > 0:
+            return paused
+        limit = self.breaker.claim_limit
+        if limit == 0:
+            return self._probe_when_due()
+        if limit is not None:
+            free = min(free, limit)
         allowed = self.limiter.take(free)
         if not allowed:
             return self.limiter.wait_s()
@@ -6081,6 +6410,9 @@ class WorkerPool:
                                                     daemon.max_concurrent_per_account, gate)
         self._note_budget(gate)
         self.limiter.give_back(allowed - len(claimed))
+        if claimed and self.breaker.state == "probing":
+            self.breaker.probe_task = claimed[0]["task_id"]
+            log.info("creator_probe_task", task_id=claimed[0]["task_id"])
         for task in claimed:
             self._start_worker(task)
         if len(claimed) == allowed:
@@ -6166,8 +6498,98 @@ class WorkerPool:
                 self.on_finished(task_id, status)
 
     def _retry_delay(self, task: dict[str, Any]) -> float:
+        """The task's backoff, doubled for every TRANSIENT_DEGRADED_STREAK transient failures
+        in a row: a creator failing everything is given more room, but not stopped."""
         daemon = self.config.daemon
-        return retry_delay(daemon.retry_backoff, daemon.retry_backoff_max, task["retry_count"])
+        strain = 2 ** min(self.breaker.transient_streak // TRANSIENT_DEGRADED_STREAK, 10)
+        return retry_delay(daemon.retry_backoff * strain, daemon.retry_backoff_max,
+                           task["retry_count"])
+
+    # -- claim pause and circuit breaker -------------------------------------------------------
+
+    def pause_claims(self, seconds: float | None, reason: str) -> float:
+        """Claim nothing new for `seconds` (None: RATE_LIMIT_PAUSE_S; capped at
+        RATE_LIMIT_PAUSE_MAX_S); a longer pause already in force stays. Running creators go
+        on. The one place the pool is paused: rate_limited failures and pacing use it.
+        Returns the pause applied, in seconds."""
+        seconds = min(max(RATE_LIMIT_PAUSE_S if seconds is None else seconds, 0.0),
+                      RATE_LIMIT_PAUSE_MAX_S)
+        until = self.clock() + timedelta(seconds=seconds)
+        if self.claims_paused_until is None or until > self.claims_paused_until:
+            self.claims_paused_until, self.pause_reason = until, reason
+            log.warning("claims_paused", seconds=seconds, reason=reason[:300])
+        self.wake()
+        return seconds
+
+    def claim_pause_remaining(self) -> float:
+        """Seconds until claiming resumes; 0 when it is not paused."""
+        if self.claims_paused_until is None:
+            return 0.0
+        remaining = (self.claims_paused_until - self.clock()).total_seconds()
+        if remaining <= 0:
+            self.claims_paused_until = self.pause_reason = None
+            return 0.0
+        return remaining
+
+    def _probe_when_due(self) -> float | None:
+        """With the breaker open: start the probe once due (the health_command, else one
+        task), else sleep until it is."""
+        breaker = self.breaker
+        if breaker.state != "open" or breaker.probe_at is None:
+            return None
+        remaining = (breaker.probe_at - self.clock()).total_seconds()
+        if remaining > 0:
+            return remaining
+        breaker.begin_probe()
+        if not self.config.creator.health_command:
+            log.info("creator_probe", by="one task")
+            return 0.0
+        self._health_probe = asyncio.create_task(self._probe_health(), name="creator-probe")
+        return None
+
+    async def _probe_health(self) -> None:
+        ok, detail = await self.run_health_command()
+        self.breaker.probe_result(ok, detail)
+        (log.info if ok else log.warning)("creator_probe", by="health_command", ok=ok,
+                                          detail=detail[:300])
+        self.wake()
+
+    async def run_health_command(self) -> tuple[bool, str]:
+        """The creator's health_command with a short timeout: (ok, its last line or why not)."""
+        creator = self.config.creator
+        if not creator.health_command:
+            return True, f"{creator.kind} (no health_command)"
+        try:
+            result = await run_process(creator.health_command, cwd=self.creator_cwd,
+                                       env=self.creator_env_bytes, timeout=creator.health_timeout,
+                                       max_output=1 << 16)
+        except OSError as exc:
+            return False, f"cannot run {creator.health_command[0]}: {exc}"
+        if result.exit_code == 0 and not result.timed_out:
+            return True, (strip_ansi(result.stdout).strip().splitlines() or [""])[-1]
+        if result.timed_out:
+            return False, f"timed out after {creator.health_timeout:g}s"
+        detail = strip_ansi(result.stderr).strip()
+        env_problem = _cc_env_failure(detail)
+        return False, scrub_secrets(
+            f"exit {result.exit_code}: {env_problem or result.stderr_tail() or '(stderr empty)'}",
+            self.creator_env)
+
+    def creator_status(self) -> dict[str, Any]:
+        status = self.breaker.describe()
+        paused = self.claim_pause_remaining()
+        status.update(claims_paused_s=round(paused, 1) if paused else 0,
+                      pause_reason=self.pause_reason)
+        return status
+
+    def resume_creator(self) -> dict[str, Any]:
+        """`creator resume`: close the breaker and lift a claim pause; the queue drains."""
+        was = self.breaker.state
+        self.breaker.resume()
+        self.claims_paused_until = self.pause_reason = None
+        log.info("creator_resumed", was=was)
+        self.wake()
+        return {"was": was, **self.creator_status()}
 
     async def run_creator_command(self, template: list[str], task: dict[str, Any], *,
                                   timeout: float, stop: asyncio.Future | None = None,
@@ -6225,18 +6647,20 @@ class WorkerPool:
         except (OSError, ValueError) as exc:
             task_log.error("creator_spawn_failed", error=str(exc), argv0=template[0])
             if isinstance(exc, ValueError) or exc.errno == errno.E2BIG:
-                return await self.store.fail_attempt(
-                    task_id, attempt, self.clock(), "invalid_input", "the task's fields cannot"
-                    f" be passed to {template[0]} ({exc}); shorten the topic or requirements",
-                    None)
-            return await self.store.fail_attempt(task_id, attempt, self.clock(), "spawn_failed",
-                                                 f"cannot start {template[0]}: {exc}",
-                                                 self._retry_delay(task))
+                spawn_failure = CreatorFailure(
+                    "invalid_input", f"the task's fields cannot be passed to {template[0]}"
+                    f" ({exc}); shorten the topic or requirements", False)
+            else:  # a missing or unusable binary: every task would fail the same way
+                spawn_failure = CreatorFailure("spawn_failed",
+                                               f"cannot start {template[0]}: {exc}")
+            return await self.record_outcome(task, spawn_failure, ProcessResult(None, "", "", 0.0),
+                                             task_log, running)
         finally:
             for timer in timers:
                 timer.cancel()
         await asyncio.gather(*recording)
         if result.stopped:
+            self.breaker.release(task_id)
             if running.stop_reason == "shutdown":
                 await self.store.requeue_tasks([task_id], self.clock(), "daemon stopping")
                 task_log.info("task_interrupted", duration=round(result.duration, 3))
@@ -6278,11 +6702,16 @@ class WorkerPool:
             daemon = self.config.daemon
             now = self.clock()
             gate = budget_gate(self.config, now)
+            recovered = self.breaker.record_success(task_id)
+            if recovered:
+                log.info("creator_recovered", task_id=task_id)
             then_claim = ({"limit": 1, "timeout_s": daemon.task_timeout,
                            "per_account_limit": daemon.max_concurrent_per_account,
                            "budget": gate}
                           if running is not None and self._claiming
-                          and len(self.running) <= self.capacity and self.limiter.take(1)
+                          and len(self.running) <= self.capacity
+                          and self.breaker.claim_limit is None
+                          and self.claim_pause_remaining() <= 0 and self.limiter.take(1)
                           else None)
             content_id, claimed = await self.store.complete_task(
                 task_id, attempt, row, self._result_json(outcome, result), now,
@@ -6298,12 +6727,10 @@ class WorkerPool:
                           words=row["word_count"], duration=round(result.duration, 3),
                           **self._usage_fields(usage))
             return "completed" if content_id is not None else None
-        final = "timeout" if outcome.kind == "timeout" else "failed"
         outcome.message = scrub_secrets(outcome.message, self.creator_env)
-        status = await self.store.fail_attempt(
-            task_id, attempt, self.clock(), outcome.kind, outcome.message,
-            self._retry_delay(task) if outcome.retryable else None, final, usage)
-        task_log.warning("task_attempt_failed", error_kind=outcome.kind, status=status,
+        status = await self._record_failure(task, outcome, usage)
+        task_log.warning("task_attempt_failed", error_kind=outcome.kind,
+                         error_class=outcome.error_class, status=status,
                          exit_code=result.exit_code, duration=round(result.duration, 3),
                          error=outcome.message[:300], **self._usage_fields(usage))
         return status
@@ -6328,6 +6755,38 @@ class WorkerPool:
             return {}
         return {"tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out,
                 "model": usage.model, "cost": usage.cost}
+
+    async def _record_failure(self, task: dict[str, Any], outcome: CreatorFailure,
+                              usage: Usage | None) -> str | None:
+        """A failed attempt by its class: rate_limited pauses the pool and creator-wide
+        classes feed the circuit breaker, both without spending the task's retries; any other
+        class retries with backoff or fails."""
+        task_id, attempt = task["task_id"], task["attempt"]
+        now, error_class = self.clock(), outcome.error_class
+        spend_retry, tripped = self.breaker.record_failure(task_id, error_class, outcome.message)
+        if error_class == "rate_limited":
+            pause = self.pause_claims(outcome.retry_after, outcome.message)
+            return await self.store.release_attempt(
+                task_id, attempt, now, now + timedelta(seconds=pause), outcome.kind,
+                error_class, outcome.message, f"rate limited, claims paused {pause:g}s",
+                usage)
+        if error_class in CREATOR_WIDE_CLASSES and not spend_retry:
+            if tripped:
+                log.error("creator_tripped", error_class=error_class, tasks=BREAKER_TRIP_TASKS,
+                          reason=outcome.message, probe_in_s=self.breaker.probe_interval)
+            # Closed: this task waits its backoff while another task confirms or clears the
+            # failure. Open: it waits for the breaker, first in line again.
+            delay = self._retry_delay(task) if self.breaker.state == "closed" else 0.0
+            return await self.store.release_attempt(
+                task_id, attempt, now, now + timedelta(seconds=delay), outcome.kind,
+                error_class, outcome.message,
+                "creator-wide failure" if self.breaker.state == "closed"
+                else "circuit breaker open", usage)
+        retryable = outcome.retryable or error_class in CREATOR_WIDE_CLASSES
+        return await self.store.fail_attempt(
+            task_id, attempt, now, outcome.kind, outcome.message,
+            self._retry_delay(task) if retryable else None,
+            "timeout" if outcome.kind == "timeout" else "failed", usage, error_class)
 
     @staticmethod
     def _result_json(article: Article, result: ProcessResult) -> dict[str, Any]:
@@ -6368,6 +6827,9 @@ class WorkerPool:
         self.wake()
         if self._dispatcher is not None:
             await self._dispatcher
+        if self._health_probe is not None:
+            self._health_probe.cancel()
+            await asyncio.gather(self._health_probe, return_exceptions=True)
         if self.running:
             log.info("waiting_for_running_tasks", count=len(self.running), grace_s=grace)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -6588,7 +7050,7 @@ TIME_FIELDS = {"submitted_at", "started_at", "completed_at", "timeout_at", "next
                "added_at", "used_at"}
 JSON_FIELDS = {"images", "quality", "result", "params"}
 BOOL_FIELDS = {"auto_approve", "paused", "enabled"}
-COMMAND_GROUPS = ("content", "task", "monitor", "scheduler", "topics", "db")
+COMMAND_GROUPS = ("content", "task", "monitor", "scheduler", "topics", "db", "creator")
 #: Commands whose handler also gets the caller (uid, user name): they record who acted.
 PEER_COMMANDS = frozenset({"content.approve", "content.reject"})
 
@@ -7296,6 +7758,14 @@ class ControlServer:
         self.pool.wake()
         self.pool.publish(task_id, status="pending")
         return await self.store.get_task(task_id)
+
+    # -- commands: creator ---------------------------------------------------------------------
+
+    async def cmd_creator_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.pool.creator_status()
+
+    async def cmd_creator_resume(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.pool.resume_creator()
 
     # -- commands: monitor ---------------------------------------------------------------------
 
@@ -8094,6 +8564,9 @@ LLM_RETRY_AFTER_CAP_S = 30.0  #: a longer Retry-After is better handled by the d
 LLM_MAX_RESPONSE_BYTES = 16 << 20
 LLM_TEMPERATURE = 0.7
 LLM_RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})  #: plus every 5xx
+#: Other 4xx answers, by what they say about the creator (default: this task's request).
+LLM_STATUS_CLASSES = {401: "auth_failed", 403: "auth_failed", 402: "quota_exhausted",
+                      404: "misconfigured"}
 _THINK_BLOCK_RE = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
 _WRAPPING_FENCE_RE = re.compile(r"^\s*```[ \t]*(?:markdown|md)?[ \t]*\n(.*?)\n[ \t]*```\s*$",
                                 re.S | re.I)
@@ -8252,19 +8725,38 @@ _KEYWORD_SENTENCES = {
 
 
 class BuiltinCreatorError(Exception):
-    """Why `contenthubd create` gives up; `exit_code` tells the daemon whether to retry."""
+    """Why `contenthubd create` gives up: printed as the structured error object, with an exit
+    code that says the same to a daemon reading only exit codes (sysexits where one fits)."""
 
-    def __init__(self, message: str, exit_code: int = CREATOR_EXIT_PERMANENT) -> None:
+    def __init__(self, message: str, error_class: str = "invalid_input",
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.error_class = error_class
+        self.retry_after = retry_after
+
+    @property
+    def exit_code(self) -> int:
+        sysexit = {cls: code for code, cls in SYSEXITS_CLASSES.items()}.get(self.error_class)
+        if sysexit is not None:
+            return sysexit
+        return (CREATOR_EXIT_PERMANENT if self.error_class in PERMANENT_CLASSES
+                else CREATOR_EXIT_RETRYABLE)
+
+    def error_object(self, api_key: str) -> dict[str, Any]:
+        error: dict[str, Any] = {"kind": self.error_class, "message": _scrub(str(self), api_key)}
+        if self.retry_after is not None:
+            error["retry_after"] = self.retry_after
+        return {"error": error}
 
 
 class _RetryableLLMError(Exception):
     """One failed LLM attempt that another attempt may fix."""
 
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after_s: float | None = None,
+                 rate_limited: bool = False) -> None:
         super().__init__(reason)
         self.retry_after_s = retry_after_s
+        self.rate_limited = rate_limited
 
 
 @dataclass(frozen=True)
@@ -8522,12 +9014,13 @@ def _post_chat_completion(url: str, payload: bytes, api_key: str, timeout: float
         reason = f"HTTP {exc.code}" + (f": {detail}" if detail else "")
         if exc.code >= 500 or exc.code in LLM_RETRYABLE_STATUSES:
             retry_after = _retry_after_s(exc.headers.get("Retry-After"))
-            raise _RetryableLLMError(reason, retry_after) from None
-        raise BuiltinCreatorError(f"LLM rejected the request ({reason})") from None
+            raise _RetryableLLMError(reason, retry_after, exc.code == 429) from None
+        raise BuiltinCreatorError(f"LLM rejected the request ({reason})",
+                                  LLM_STATUS_CLASSES.get(exc.code, "invalid_input")) from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ssl.SSLCertVerificationError):
             raise BuiltinCreatorError(
-                f"TLS certificate of {url} not trusted: {exc.reason}") from None
+                f"TLS certificate of {url} not trusted: {exc.reason}", "misconfigured") from None
         if isinstance(exc.reason, TimeoutError):
             raise _RetryableLLMError(f"timed out after {timeout:g}s") from None
         raise _RetryableLLMError(f"cannot reach {url}: {exc.reason}") from None
@@ -8563,7 +9056,8 @@ def llm_article(brief: ArticleBrief, options: argparse.Namespace, api_key: str) 
     """Ask the OpenAI-compatible endpoint, retrying 429/5xx/network errors with backoff."""
     base_url = options.llm_base_url.strip().rstrip("/")
     if not re.match(r"https?://", base_url, re.I):
-        raise BuiltinCreatorError(f"--llm-base-url must be an http(s) URL, got {base_url!r}")
+        raise BuiltinCreatorError(f"--llm-base-url must be an http(s) URL, got {base_url!r}",
+                                  "misconfigured")
     url = f"{base_url}/chat/completions"
     payload = json.dumps({"model": options.llm_model, "messages": llm_messages(brief),
                           "temperature": LLM_TEMPERATURE, "stream": False},
@@ -8577,8 +9071,10 @@ def llm_article(brief: ArticleBrief, options: argparse.Namespace, api_key: str) 
             break
         except _RetryableLLMError as exc:
             if attempt == attempts:
-                raise BuiltinCreatorError(f"LLM request failed after {attempts} attempt(s): {exc}",
-                                          CREATOR_EXIT_RETRYABLE) from None
+                raise BuiltinCreatorError(
+                    f"LLM request failed after {attempts} attempt(s): {exc}",
+                    "rate_limited" if exc.rate_limited else "transient",
+                    exc.retry_after_s if exc.rate_limited else None) from None
             delay = (exc.retry_after_s if exc.retry_after_s is not None
                      else options.retry_backoff * 2 ** (attempt - 1))
             _emit_progress(20, _scrub(f"{exc}; retrying in {delay:g}s", api_key))
@@ -8644,7 +9140,8 @@ def _builtin_creator_parser() -> argparse.ArgumentParser:
         description="Write one article for the task given as a JSON object on stdin. Prints "
                     '{"progress", "stage"} lines, then the article as one JSON line. Without an '
                     "API key (or with --offline) the article is an offline draft from the "
-                    "task's fields. Exit 0 done, 1 retryable failure, 2 permanent failure.")
+                    "task's fields. Exit 0 done; on failure an {\"error\": {...}} line and exit"
+                    " 75 transient, 77 auth failed, 78 misconfigured, 2 bad task, 1 other.")
     parser.add_argument("--llm-base-url", default="https://api.deepseek.com/v1",
                         help="OpenAI-compatible API root; /chat/completions is appended")
     parser.add_argument("--llm-model", default="deepseek-chat",
@@ -8664,8 +9161,9 @@ def _builtin_creator_parser() -> argparse.ArgumentParser:
 
 
 def run_builtin_creator(argv: list[str]) -> int:
-    """`contenthubd create`: 0 = article printed, 1 = retryable failure, 2 = permanent failure
-    (bad arguments, bad task, or the LLM rejecting the request); the reason goes to stderr."""
+    """`contenthubd create`: 0 = article printed; on failure the reason goes to stderr and a
+    `{"error": {"kind", "message", "retry_after"}}` line to stdout, and the exit code is 75
+    (transient), 77 (auth_failed), 78 (misconfigured), 2 (this task cannot be done) or 1."""
     try:
         options = _builtin_creator_parser().parse_args(argv)
     except SystemExit as exc:
@@ -8683,6 +9181,7 @@ def run_builtin_creator(argv: list[str]) -> int:
         article = llm_article(brief, options, api_key) if api_key else offline_article(brief)
     except BuiltinCreatorError as exc:
         print(f"contenthubd create: {_scrub(str(exc), api_key)}", file=sys.stderr)
+        _print_json_line(exc.error_object(api_key))
         return exc.exit_code
     _emit_progress(100, "done")
     _print_json_line(article)
@@ -8724,8 +9223,8 @@ def research_messages(request: dict[str, Any]) -> list[dict[str, str]]:
 
 def run_builtin_research(argv: list[str]) -> int:
     """`contenthubd research-topics`: the research request as JSON on stdin, one chat
-    completion, the topics as a JSON array on stdout. 0 = printed, 1 = retryable failure,
-    2 = permanent failure (no API key, bad request, the LLM rejecting it)."""
+    completion, the topics as a JSON array on stdout. 0 = printed, else the exit codes of
+    `contenthubd create` (75 transient, 77/78 key or endpoint rejected, 2 bad request)."""
     parser = _builtin_creator_parser()
     parser.prog = "contenthubd research-topics"
     parser.description = ("Ask the OpenAI-compatible endpoint for new topics for the account in"
@@ -8758,8 +9257,7 @@ def run_builtin_research(argv: list[str]) -> int:
             except _RetryableLLMError as exc:
                 if attempt == attempts:
                     raise BuiltinCreatorError(f"LLM research failed after {attempts}"
-                                              f" attempt(s): {exc}", CREATOR_EXIT_RETRYABLE
-                                              ) from None
+                                              f" attempt(s): {exc}", "transient") from None
                 time.sleep(exc.retry_after_s if exc.retry_after_s is not None
                            else options.retry_backoff * 2 ** (attempt - 1))
                 continue
@@ -8948,6 +9446,10 @@ class App:
                 self._background.append(asyncio.create_task(self._watchdog_loop(interval),
                                                             name="sd-watchdog"))
         self.started_at = self.clock()
+        for warning in config_warnings(self.config, self.environ):
+            log.warning("config_warning", warning=warning)
+        self._background.append(asyncio.create_task(self._startup_health_check(),
+                                                    name="startup-health"))
         sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
         log.info("daemon_started", version=__version__, pid=os.getpid(),
                  database=str(self.store.path), socket=str(socket_path),
@@ -9291,22 +9793,33 @@ class App:
         return check, warnings
 
     async def _creator_health(self) -> dict[str, Any]:
-        creator = self.config.creator
-        if not creator.health_command:
-            return {"name": "creator", "ok": True, "detail": f"{creator.kind} (no health_command)"}
-        cwd = self.config.creator_cwd(self.environ)
-        env = child_environment(self.environ, {"DOTENV_CONFIG_QUIET": "true",
-                                               **expand_env(creator.env, self.environ)})
-        try:
-            result = await run_process(creator.health_command, cwd=cwd, env=env,
-                                       timeout=creator.health_timeout, max_output=1 << 16)
-        except OSError as exc:
-            return {"name": "creator", "ok": False, "detail": f"cannot run: {exc}"}
-        ok = result.exit_code == 0 and not result.timed_out
-        detail = (strip_ansi(result.stdout).strip().splitlines() or [""])[-1] if ok else (
-            "timed out" if result.timed_out else
-            f"exit {result.exit_code}: {result.stderr_tail(300) or '(stderr empty)'}")
+        """Not ok while the creator is known broken (breaker not closed, a run of transient
+        failures) or its health_command fails; the detail is the creator's message in full."""
+        breaker = self.pool.breaker
+        if breaker.state != "closed":
+            since = present({"since": to_db_time(breaker.since)},
+                            ZoneInfo(self.config.daemon.timezone))["since"]
+            return {"name": "creator", "ok": False,
+                    "detail": f"circuit breaker {breaker.state} since {since} after"
+                              f" {breaker.failures} {breaker.error_class} failure(s); nothing"
+                              f" is claimed (contenthubctl creator resume): {breaker.reason}"}
+        if breaker.transient_streak >= TRANSIENT_DEGRADED_STREAK:
+            return {"name": "creator", "ok": False,
+                    "detail": f"{breaker.transient_streak} transient failures in a row (retry"
+                              f" backoff raised); last: {breaker.last_transient}"}
+        ok, detail = await self.pool.run_health_command()
         return {"name": "creator", "ok": ok, "detail": detail}
+
+    async def _startup_health_check(self) -> None:
+        """Run the health_command once at start so a broken creator shows in the log at once."""
+        if not self.config.creator.health_command:
+            return
+        ok, detail = await self.pool.run_health_command()
+        if ok:
+            log.info("creator_health_ok", detail=detail[:300])
+        else:
+            log.warning("creator_health_failed", detail=detail,
+                        hint="tasks will fail until this is fixed; see monitor health")
 
 
     def _config_on_disk(self) -> tuple[str, Config]:
@@ -9405,11 +9918,13 @@ def main(argv: list[str] | None = None) -> int:
     environ = dict(os.environ)
     if options.check_config:
         try:
-            load_config(options.check_config, environ, check_schedules)
+            config = load_config(options.check_config, environ, check_schedules)
         except ConfigError as exc:
             for error in exc.errors:
                 print(f"error: {error}", file=sys.stderr)
             return 1
+        for warning in config_warnings(config, environ):
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{options.check_config}: OK")
         return 0
     path = options.config or environ.get("CONTENTHUB_CONFIG") or None

@@ -409,3 +409,6 @@ INSERT INTO counters
     SELECT 'last_success:' || schedule_name, CAST(strftime('%s', MAX(fired_at)) AS INTEGER)
     FROM schedule_runs WHERE status = 'fired' GROUP BY schedule_name
     ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+
+-- migration 8: error_class, the failure class (transient, rate_limited, ...) beside error_kind
+ALTER TABLE content_generation_tasks ADD COLUMN error_class TEXT;

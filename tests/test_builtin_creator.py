@@ -119,7 +119,7 @@ def test_key_present_but_offline_flag_writes_the_offline_draft():
 def test_unusable_task_on_stdin_exits_2_with_a_reason(stdin):
     result = run_creator(stdin)
     assert result.returncode == 2
-    assert result.stdout == b""
+    assert structured_error(result)["kind"] == "invalid_input"
     assert result.stderr.decode().startswith("contenthubd create: ")
 
 
@@ -243,44 +243,68 @@ def test_llm_429_waits_for_retry_after_instead_of_the_backoff(fake_llm):
     assert time.monotonic() - started < 8
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404])
-def test_llm_client_errors_are_permanent_and_never_reveal_the_key(fake_llm, status):
+def structured_error(result) -> dict:
+    """The `{"error": {...}}` object the creator printed as its last stdout line."""
+    last = json.loads(result.stdout.decode().splitlines()[-1])
+    assert set(last) == {"error"}, last
+    return last["error"]
+
+
+@pytest.mark.parametrize("status, error_class, exit_code", [
+    (400, "invalid_input", 2), (401, "auth_failed", 77), (402, "quota_exhausted", 1),
+    (403, "auth_failed", 77), (404, "misconfigured", 78)])
+def test_llm_client_errors_are_not_retried_report_their_class_and_never_reveal_the_key(
+        fake_llm, status, error_class, exit_code):
     fake_llm.responses = [{"status": status, "body": {
         "error": {"message": f"Incorrect API key provided: {API_KEY}"}}}]
     result = run_creator(TASK, *fake_llm.args(), api_key=API_KEY)
-    assert result.returncode == 2
+    assert result.returncode == exit_code
     assert len(fake_llm.requests) == 1
     stderr = result.stderr.decode()
     assert f"HTTP {status}" in stderr and "Incorrect API key provided" in stderr
     assert API_KEY not in stderr and API_KEY not in result.stdout.decode()
+    error = structured_error(result)
+    assert error["kind"] == error_class and f"HTTP {status}" in error["message"]
 
 
-def test_llm_that_never_answers_times_out_and_exits_1(fake_llm):
+def test_llm_429_after_the_last_attempt_is_rate_limited_with_retry_after(fake_llm):
+    limited = {"status": 429, "headers": {"Retry-After": "7"},
+               "body": {"error": {"message": "slow down"}}}
+    fake_llm.responses = [limited]
+    result = run_creator(TASK, *fake_llm.args("--retries", "0"), api_key=API_KEY)
+    assert result.returncode == 1
+    assert structured_error(result) == {
+        "kind": "rate_limited", "retry_after": 7.0,
+        "message": "LLM request failed after 1 attempt(s): HTTP 429: slow down"}
+
+
+def test_llm_that_never_answers_times_out_and_exits_75(fake_llm):
     fake_llm.responses = [{"hang": True}]
     started = time.monotonic()
     result = run_creator(TASK, *fake_llm.args("--timeout", "1", "--retries", "1",
                                               "--retry-backoff", "0.1"), api_key=API_KEY)
-    assert result.returncode == 1
+    assert result.returncode == 75  # EX_TEMPFAIL
+    assert structured_error(result)["kind"] == "transient"
     assert len(fake_llm.requests) == 2
     assert "timed out after 1s" in result.stderr.decode()
     assert time.monotonic() - started < 10
 
 
-def test_llm_unreachable_exits_1():
+def test_llm_unreachable_is_transient():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # bound, never listening: connections are refused
         result = run_creator(TASK, "--llm-base-url", f"http://127.0.0.1:{port}/v1",
                              "--retries", "0", api_key=API_KEY)
-    assert result.returncode == 1
-    assert "cannot reach" in result.stderr.decode()
+    assert result.returncode == 75
+    assert "cannot reach" in structured_error(result)["message"]
 
 
 def test_llm_response_without_choices_is_a_retryable_failure(fake_llm):
     fake_llm.responses = [{"status": 200, "body": {"choices": []}}]
     result = run_creator(TASK, *fake_llm.args("--retries", "1", "--retry-backoff", "0.05"),
                          api_key=API_KEY)
-    assert result.returncode == 1
+    assert result.returncode == 75
     assert len(fake_llm.requests) == 2
     assert "choices[0].message.content" in result.stderr.decode()
 

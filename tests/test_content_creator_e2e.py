@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import CREATORS
+from conftest import CREATORS, wait_until
 
 FAKE_CLI = CREATORS / "fake_content_creator.py"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "content-creator"
@@ -27,9 +27,9 @@ def cc_creator(health_command: list[str] | None = None,
                env: dict[str, str] | None = None) -> str:
     """contenthubd.toml's commented content-creator [creator] block, run on the fake."""
     command = [str(FAKE_CLI), "create", "--type", "content-creator", "--mode", "sync",
-               "-t", "{topic}", "-r", "{requirements}", "-a", "{target_audience}",
-               "--keywords", "{keywords}", "--tone", "{tone}",
-               "--min-words", "500", "--max-words", "2000", "--priority", "{priority_level}"]
+               "--topic={topic}", "--requirements={requirements}",
+               "--audience={target_audience}", "--keywords={keywords}", "--tone={tone}",
+               "--min-words=500", "--max-words=2000", "--priority={priority_level}"]
     env_lines = "\n".join(f"{key} = {json.dumps(value)}"
                           for key, value in (ENV_REFERENCES if env is None else env).items())
     return f"""
@@ -59,13 +59,16 @@ def start(daemon_factory, tmp_path: Path, scenario: str = "success", *,
     return daemon.start()
 
 
-def argv_log(tmp_path: Path) -> list[list[str]]:
-    return [json.loads(line) for line in
+def argv_log(tmp_path: Path, health: bool = False) -> list[list[str]]:
+    """The fake CLI's runs; without `health`, not the health_command the daemon runs at start."""
+    runs = [json.loads(line) for line in
             (tmp_path / "argv.jsonl").read_text(encoding="utf-8").splitlines()]
+    return runs if health else [argv for argv in runs if argv != ["--version"]]
 
 
 def option(argv: list[str], flag: str) -> str | None:
-    return argv[argv.index(flag) + 1] if flag in argv else None
+    """The value bound to `flag` as one `--flag=value` element."""
+    return next((arg.split("=", 1)[1] for arg in argv if arg.startswith(flag + "=")), None)
 
 
 def captured_article(topic: str) -> str:
@@ -107,12 +110,12 @@ def test_sync_run_stores_the_article_images_and_quality(daemon_factory, tmp_path
 
     [argv] = argv_log(tmp_path)
     assert argv[:5] == ["create", "--type", "content-creator", "--mode", "sync"]
-    assert option(argv, "-t") == topic
-    assert option(argv, "-r") == DEFAULT_REQUIREMENTS  # the task had none
+    assert option(argv, "--topic") == topic
+    assert option(argv, "--requirements") == DEFAULT_REQUIREMENTS  # the task had none
     assert option(argv, "--keywords") == "电池,续航"
     assert option(argv, "--priority") == "high"  # priority 7
-    assert "--target-audience" not in argv and "-a" not in argv  # no audience: pair dropped
-    assert "--tone" not in argv  # no tone: pair dropped, the CLI uses its default
+    assert option(argv, "--audience") is None  # no audience: dropped
+    assert option(argv, "--tone") is None  # no tone: dropped, the CLI uses its default
     assert "" not in argv
 
 
@@ -122,11 +125,22 @@ def test_task_fields_reach_the_cli_as_its_options(daemon_factory, tmp_path):
                             tone="轻松", priority=9)
     daemon.wait_status(task_id, "completed", timeout=20)
     [argv] = argv_log(tmp_path)
-    assert option(argv, "-r") == "写一篇短评"
-    assert option(argv, "-a") == "车主"
+    assert option(argv, "--requirements") == "写一篇短评"
+    assert option(argv, "--audience") == "车主"
     assert option(argv, "--tone") == "轻松"
     assert option(argv, "--priority") == "urgent"
-    assert "--keywords" not in argv
+    assert option(argv, "--keywords") is None
+
+
+@pytest.mark.parametrize("topic", ["--version", "-h", "--topic=x"])
+def test_a_topic_that_looks_like_an_option_reaches_the_cli_as_the_topic(daemon_factory,
+                                                                         tmp_path, topic):
+    daemon = start(daemon_factory, tmp_path)
+    task_id = daemon.submit(topic)
+    daemon.wait_status(task_id, "completed", timeout=20)
+    [argv] = argv_log(tmp_path)
+    assert option(argv, "--topic") == topic
+    assert content(daemon, task_id)["title"] == topic
 
 
 def test_failed_status_with_exit_zero_is_retried_then_creator_failed(daemon_factory, tmp_path):
@@ -167,24 +181,37 @@ def test_repo_head_images_are_absolute_paths_under_the_creator_cwd(daemon_factor
 # Environment ###################################################################################
 
 
-def test_missing_env_var_fails_with_the_stderr_tail(daemon_factory, tmp_path):
+def test_missing_env_var_opens_the_breaker_after_two_tasks_naming_the_variable(
+        daemon_factory, tmp_path):
     references = {k: v for k, v in ENV_REFERENCES.items() if k != "TAVILY_API_KEY"}
     daemon = start(daemon_factory, tmp_path, creator=cc_creator(env=references),
-                   daemon_env={"TAVILY_API_KEY": None}, max_retries=1)
-    task = daemon.wait_status(daemon.submit("缺少密钥"), "failed", timeout=20)
-    assert task["error_kind"] == "exit_code"
-    assert "exited 1" in task["error_message"]
-    assert "TAVILY_API_KEY" in task["error_message"]
-    assert "Configuration validation failed" in task["error_message"]
+                   daemon_env={"TAVILY_API_KEY": None}, workers=1, retry_backoff="1s")
+    task_ids = [daemon.submit(f"缺少密钥 {i}") for i in range(5)]
+    status = wait_until(lambda: (s := json.loads(daemon.ctl(
+        "--format", "json", "creator", "status").stdout))["state"] == "open" and s)
+    assert status["error_class"] == "misconfigured" and status["failures"] == 2
+    assert "TAVILY_API_KEY (Invalid input: expected string, received undefined)" in \
+        status["reason"]
+    assert len(argv_log(tmp_path)) == 2
+    for task_id in task_ids:
+        task = daemon.task(task_id)
+        assert task["status"] == "pending" and task["retry_count"] == 0
+        assert task["error_kind"] in (None, "env_invalid")
+    health = json.loads(daemon.ctl("--format", "json", "monitor", "health").stdout)
+    [creator] = [check for check in health["checks"] if check["name"] == "creator"]
+    assert health["status"] != "ok" and not creator["ok"]
+    assert "TAVILY_API_KEY (Invalid input" in creator["detail"]
 
 
-def test_env_reference_to_an_unset_variable_fails_with_the_stderr_tail(daemon_factory,
-                                                                       tmp_path):
+def test_env_reference_to_an_unset_variable_fails_a_lone_task_naming_it(daemon_factory,
+                                                                        tmp_path):
     daemon = start(daemon_factory, tmp_path, daemon_env={"TAVILY_API_KEY": None},
                    max_retries=0)
     task = daemon.wait_status(daemon.submit("空密钥"), "failed", "completed", timeout=20)
-    assert task["status"] == "failed" and task["error_kind"] == "exit_code"
+    assert task["status"] == "failed" and task["error_kind"] == "env_invalid"
+    assert task["error_class"] == "misconfigured"
     assert "TAVILY_API_KEY" in task["error_message"]
+    assert len(argv_log(tmp_path)) == 2  # the first run spent no retry
 
 
 # Health ########################################################################################
@@ -198,7 +225,7 @@ def test_health_runs_the_version_command(daemon_factory, tmp_path):
     [creator] = [check for check in report["checks"] if check["name"] == "creator"]
     assert creator["ok"] is True and creator["detail"] == "0.1.0"
     assert report["status"] == "ok"
-    assert ["--version"] in argv_log(tmp_path)
+    assert ["--version"] in argv_log(tmp_path, health=True)
 
 
 def test_failing_health_command_is_degraded_and_exits_1(daemon_factory, tmp_path):

@@ -99,9 +99,14 @@ def test_usage_errors_are_invalid_arguments_and_not_retried(name):
     assert capture(name)[1].strip() in result["error_message"]
 
 
-def test_missing_env_is_an_exit_code_failure_carrying_the_stderr_tail():
+def test_missing_env_is_misconfigured_naming_the_variables_and_carrying_the_stderr_tail():
     result = parse("missing-env")
-    assert_failure(result, "exit_code", True)
+    assert_failure(result, "env_invalid", True)
+    assert result["error_class"] == "misconfigured"
+    assert result["error_message"].startswith(
+        "content-creator refused its environment: LLM_API_KEY (Invalid input: expected string,"
+        " received undefined), LLM_BASE_URL (")
+    assert "TAVILY_API_KEY (Invalid input" in result["error_message"]
     assert "exited 1" in result["error_message"]
     assert "Configuration validation failed" in result["error_message"]
     assert "ARK_API_KEY" in result["error_message"]
@@ -298,7 +303,7 @@ def test_fake_without_env_replays_missing_env(workdir):
     run = run_fake(workdir, CAPTURED_ARGV, cc_env=False)
     assert run.returncode == 1
     assert run.stderr == (FIXTURES / "missing-env.stderr").read_bytes()
-    assert_failure(parse_run(run, workdir), "exit_code", True)
+    assert_failure(parse_run(run, workdir), "env_invalid", True)
 
 
 def test_fake_success_is_accepted_by_the_parser_and_logs_its_argv(workdir):
