@@ -1361,6 +1361,14 @@ CLOSE_WAIT_S = 10.0  #: how long close() lets the writer retry before failing wh
 #: this attempt's to change.
 OWNED_BY_ATTEMPT = "task_id = ? AND attempt = ? AND status IN ('running', 'submitted')"
 TRANSIENT_DB_ERRORS = ("locked", "busy", "disk is full", "disk i/o error", "unable to open")
+#: Errors that retrying cannot cure: the file is damaged or cannot be written.
+DAMAGE_DB_ERRORS = ("malformed", "corrupt", "not a database", "readonly")
+#: The start's PRAGMA quick_check stops after this; a huge file is then checked only in part.
+QUICK_CHECK_BUDGET_S = 5.0
+#: What an operator does about a damaged database (README "Damaged database").
+DAMAGE_NEXT_STEP = ("stop the daemon and restore the newest `contenthubctl db backup` copy, or"
+                    " salvage the file with the recover procedure in README (Damaged"
+                    " database)")
 
 
 #: JSON text as stored: UTF-8 as is (Chinese stays readable in sqlite3), one encoder for all.
@@ -1392,6 +1400,14 @@ def _fsync_directory(path: Path) -> None:
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
     return {column[0]: value for column, value in zip(cursor.description, row)}
+
+
+def _damage(exc: BaseException) -> str | None:
+    """The message of an SQLite error that says the file is damaged or read-only, else None."""
+    if isinstance(exc, sqlite3.DatabaseError) and any(
+            marker in str(exc).lower() for marker in DAMAGE_DB_ERRORS):
+        return str(exc)
+    return None
 
 
 def _is_transient(exc: sqlite3.Error) -> bool:
@@ -1525,6 +1541,9 @@ class Store:
         self.on_events_written: Callable[[], None] = lambda: None
         self._events_written = False  #: set on the writer thread by enqueue_event
         self.wal_warning: str | None = None  #: set while readers keep the WAL from shrinking
+        #: the first damage error a read or write met (malformed, corrupt, read-only): health
+        #: stays not ok until a restart, since retrying cannot cure it
+        self.damage: str | None = None
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -1555,10 +1574,21 @@ class Store:
             self._closing = True
             await asyncio.to_thread(thread.join)
 
-    @staticmethod
-    async def _run(connection: aiosqlite.Connection, work: Callable[..., Any], *args: Any) -> Any:
+    async def _run(self, connection: aiosqlite.Connection, work: Callable[..., Any],
+                   *args: Any) -> Any:
         # aiosqlite's own worker-thread queue: the whole unit of work is one round trip.
-        return await connection._execute(work, connection._conn, *args)
+        try:
+            return await connection._execute(work, connection._conn, *args)
+        except sqlite3.DatabaseError as exc:
+            self._note_damage(exc)
+            raise
+
+    def _note_damage(self, exc: BaseException) -> None:
+        found = _damage(exc)
+        if found is not None and self.damage is None:
+            self.damage = found
+            self.log.error("database_damaged", error=found, database=str(self.path),
+                           next_step=DAMAGE_NEXT_STEP)
 
     # -- the writer thread ---------------------------------------------------------------------
 
@@ -1570,10 +1600,14 @@ class Store:
             conn.create_function("topic_key", 1, topic_key, deterministic=True)
             for pragma in WRITER_PRAGMAS + DB_PRAGMAS:
                 conn.execute(f"PRAGMA {pragma}")
+            self._quick_check(conn)
             self._apply_schema(conn)
         except Exception as exc:
             if conn is not None:
                 conn.close()
+            if _damage(exc) is not None:
+                exc = StartupError(f"database {self.path} is unusable: {exc}; {DAMAGE_NEXT_STEP}",
+                                   EX_CONFIG)
             loop.call_soon_threadsafe(_settle, opened, False, exc)
             return
         loop.call_soon_threadsafe(_settle, opened, True, None)
@@ -1596,6 +1630,25 @@ class Store:
                     next_truncate = time.monotonic() + WAL_TRUNCATE_RETRY_S
         finally:
             conn.close()
+
+    def _quick_check(self, conn: sqlite3.Connection) -> None:
+        """PRAGMA quick_check, stopped after QUICK_CHECK_BUDGET_S: a damaged file refuses to
+        start (exit 78) instead of starting "ok" and failing every query."""
+        deadline = time.monotonic() + QUICK_CHECK_BUDGET_S
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.OperationalError as exc:
+            if "interrupted" not in str(exc):
+                raise
+            self.log.warning("quick_check_incomplete", budget_s=QUICK_CHECK_BUDGET_S,
+                             hint="run contenthubctl db check for a full check")
+            return
+        finally:
+            conn.set_progress_handler(None, 0)
+        if problems != ["ok"]:
+            raise StartupError(f"database {self.path} is damaged (quick_check:"
+                               f" {'; '.join(problems)}); {DAMAGE_NEXT_STEP}", EX_CONFIG)
 
     def _truncate_wal(self, conn: sqlite3.Connection) -> bool:
         """Checkpoint and truncate a WAL over WAL_TRUNCATE_BYTES; False if a reader held it."""
@@ -1646,6 +1699,7 @@ class Store:
                 return outcomes
             except sqlite3.Error as exc:
                 if not _is_transient(exc) or self._closing:
+                    self._note_damage(exc)
                     return [(False, exc)] * len(batch)
                 self.last_write_error = str(exc)
             except Exception as exc:  # a bug here must fail the batch, not the thread
@@ -9319,11 +9373,7 @@ def write_atomically(path: Path, text: str, *, unchanged_from: str | None = None
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
-    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    _fsync_directory(target.parent)
 
 def without_schedule_block(text: str, index: int) -> str:
     """`text` without its `index`-th [[schedules]] block: from that header up to the next
@@ -9388,6 +9438,16 @@ class App:
             log.error("startup_failed", error=str(exc))
             await self._stop_components()
             return exc.exit_code
+        except sqlite3.DatabaseError as exc:
+            if _damage(exc) is None:
+                log.exception("startup_crashed")
+                await self._stop_components()
+                raise
+            # Met after the open (a read-only file already in WAL mode fails its first write).
+            log.error("startup_failed", error=f"database {self.store.path} is unusable: {exc};"
+                      f" {DAMAGE_NEXT_STEP}")
+            await self._stop_components()
+            return EX_CONFIG
         except BaseException:
             log.exception("startup_crashed")
             await self._stop_components()
@@ -9691,9 +9751,11 @@ class App:
     async def cmd_health(self, args: dict[str, Any]) -> dict[str, Any]:
         checks = [
             {"name": "database",
-             "ok": self.store.last_write_error is None and self.store.wal_warning is None,
-             "detail": (self.store.last_write_error or self.store.wal_warning
-                        or str(self.store.path))},
+             "ok": (self.store.damage is None and self.store.last_write_error is None
+                    and self.store.wal_warning is None),
+             "detail": (f"damaged: {self.store.damage}; {DAMAGE_NEXT_STEP}"
+                        if self.store.damage else self.store.last_write_error
+                        or self.store.wal_warning or str(self.store.path))},
             self._config_health(),
             {"name": "workers", "ok": True,
              "detail": f"{len(self.pool.running)}/{self.pool.capacity} busy"},

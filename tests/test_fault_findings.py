@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -398,3 +399,64 @@ def test_recovery_kills_leftovers_of_ended_tasks_and_spares_foreign_ids(daemon_f
         for proc in (leftover, foreign):
             proc.kill()
             proc.wait()
+
+
+# -- 7. a damaged database is reported, not served -------------------------------------------
+
+def overwrite_page(db_path: Path, table: str) -> None:
+    """Fill the root page of `table` with garbage, as a bad disk sector would."""
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        [root] = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+    with open(db_path, "r+b") as handle:
+        handle.seek((root[0] - 1) * page_size)
+        handle.write(b"\xff" * page_size)
+
+
+def assert_refuses_in_one_line(daemon, expected: str) -> None:
+    daemon.start(wait=False)
+    assert daemon.proc.wait(30) == 78  # EX_CONFIG: Restart=on-failure does not loop on it
+    log = daemon.log()
+    assert "Traceback" not in log
+    [line] = [json.loads(line) for line in log.splitlines()
+              if '"startup_failed"' in line and expected in line]
+    assert "db backup" in line["error"] and "README" in line["error"]
+
+
+def test_unusable_or_damaged_database_files_exit_78_with_one_line(daemon_factory):
+    daemon = daemon_factory().start()
+    daemon.submit()
+    assert daemon.stop() == 0
+    original = daemon.db_path.read_bytes()
+    # A corrupt tasks-table root page: 0.1.0 started "ok" and failed every query.
+    overwrite_page(daemon.db_path, "content_generation_tasks")
+    assert_refuses_in_one_line(daemon, "damaged")
+    # A corrupt header: 0.1.0 died with a 25-line traceback and exit 1 (a restart loop).
+    daemon.db_path.write_bytes(b"this is not sqlite" * 8 + original[144:])
+    assert_refuses_in_one_line(daemon, "not a database")
+    # A read-only file (immutable, since root writes through mode bits).
+    daemon.db_path.write_bytes(original)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{daemon.db_path}{suffix}").unlink(missing_ok=True)
+    if subprocess.run(["chattr", "+i", str(daemon.db_path)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        assert_refuses_in_one_line(daemon, "readonly")
+    finally:
+        subprocess.run(["chattr", "-i", str(daemon.db_path)], check=True)
+    daemon.start()
+    assert daemon.call("monitor.health")["status"] == "ok"
+
+
+def test_damage_met_while_running_turns_health_not_ok_with_the_next_step(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("instant_article.sh")).start()
+    daemon.wait_status(daemon.submit(), "completed")
+    overwrite_page(daemon.db_path, "contents")
+    reply = daemon.request("content.list", {"review_status": "any"})
+    assert reply["ok"] is False and "malformed" in reply["error"]["message"]
+    health = daemon.call("monitor.health")
+    [database] = [c for c in health["checks"] if c["name"] == "database"]
+    assert health["status"] != "ok" and database["ok"] is False
+    assert "malformed" in database["detail"] and "db backup" in database["detail"]
+    assert '"database_damaged"' in daemon.log()
