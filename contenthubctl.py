@@ -1262,7 +1262,9 @@ def cmd_bulk_import(session: Session, options) -> int:
             raise
         session.err.write("".join(bulk_error_line(options.file, error) + "\n"
                                   for error in errors))
-        session.warn(f"nothing imported: {len(errors)} bad row(s) in {options.file}")
+        rows = len({error.get("line") for error in errors})
+        session.warn(f"nothing imported: {rows} bad row(s), {len(errors)} error(s)"
+                     f" in {options.file}")
         return EXIT_FAILED
     if session.format == "table":
         ids = result["task_ids"]
@@ -1304,7 +1306,9 @@ def cmd_topics_import(session: Session, options) -> int:
             raise
         session.err.write("".join(bulk_error_line(options.file, error) + "\n"
                                   for error in errors))
-        session.warn(f"nothing imported: {len(errors)} bad row(s) in {options.file}")
+        rows = len({error.get("line") for error in errors})
+        session.warn(f"nothing imported: {rows} bad row(s), {len(errors)} error(s)"
+                     f" in {options.file}")
         return EXIT_FAILED
     return show_topics_added(session, result)
 

@@ -7196,6 +7196,11 @@ CSV_TRUE = ("true", "1", "yes", "y")
 CSV_FALSE = ("false", "0", "no", "n", "")
 
 
+def bad_rows(errors: list[dict[str, Any]]) -> int:
+    """Rows with at least one error: a row with three bad fields is one bad row."""
+    return len({error["line"] for error in errors})
+
+
 def parse_task_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
                                                            list[dict[str, Any]]]:
     """Tasks from a bulk-import CSV (seed columns + requirements, tone, category,
@@ -7941,7 +7946,7 @@ class ControlServer:
         tasks, errors = parse_task_csv(text.lstrip("\ufeff"),
                                        {a.id for a in self.config.accounts if a.enabled})
         if errors:
-            raise InvalidRequest(f"{filename}: {len(errors)} bad row(s); nothing imported",
+            raise InvalidRequest(f"{filename}: {bad_rows(errors)} bad row(s); nothing imported",
                                  data={"errors": errors})
         if not tasks:
             raise InvalidRequest(f"{filename}: no rows to import")
@@ -7986,7 +7991,7 @@ class ControlServer:
         topics, errors = parse_topic_csv(text.lstrip("\ufeff"),
                                          {a.id for a in self.config.accounts if a.enabled})
         if errors:
-            raise InvalidRequest(f"{filename}: {len(errors)} bad row(s); nothing imported",
+            raise InvalidRequest(f"{filename}: {bad_rows(errors)} bad row(s); nothing imported",
                                  data={"errors": errors})
         if not topics:
             raise InvalidRequest(f"{filename}: no rows to import")
@@ -9536,7 +9541,9 @@ class App:
     async def shutdown(self) -> None:
         """The graceful stop; a second stop signal meanwhile kills the creators' groups and
         exits 1 at once (the next start's recovery requeues their tasks)."""
-        log.info("daemon_stopping", running=len(self.pool.running))
+        log.info("daemon_stopping", running=len(self.pool.running),
+                 hint="press Ctrl-C again to force (or send a second SIGTERM): creators are"
+                      " killed and their tasks requeued at the next start")
         sd_notify("STOPPING=1", environ=self.environ)
         steps = asyncio.ensure_future(self._stop_components())
         forced = asyncio.ensure_future(self.force_exit.wait())

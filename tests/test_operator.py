@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -352,3 +353,25 @@ def test_attempt_success_rate_shows_failures_that_tasks_hide(daemon_factory):
     assert metrics["attempts_total"] == 4 and metrics["attempt_success_rate"] == 0.5
     shown = dict(line.split(":", 1) for line in daemon.ctl("monitor", "metrics").stdout.splitlines())
     assert shown["attempt_success_rate"].strip() == "50.0%"
+
+
+def test_bulk_import_counts_bad_rows_not_errors(daemon_factory, tmp_path):
+    daemon = daemon_factory().start()
+    tasks = tmp_path / "tasks.csv"
+    tasks.write_text("account_id,topic,priority\n49,好题目,5\nx,,11\n77,,\n", encoding="utf-8")
+    result = daemon.ctl("bulk-import", "--file", str(tasks))
+    assert result.returncode == 1
+    assert f"nothing imported: 2 bad row(s), 5 error(s) in {tasks}" in result.stderr
+    assert daemon.call("task.list") == []
+
+
+def test_first_stop_signal_says_how_to_force_and_the_second_is_logged(daemon_factory):
+    daemon = daemon_factory(creator=command_creator("slow_article_with_pid.py"),
+                            env={"CREATOR_SLEEP": "600"}, shutdown_grace="60s").start()
+    task_id = daemon.submit()
+    daemon.wait_status(task_id, "running")
+    daemon.signal(signal.SIGINT)
+    wait_until(lambda: "press Ctrl-C again to force" in daemon.log(), 10)
+    daemon.signal(signal.SIGINT)
+    assert daemon.proc.wait(30) == 1
+    assert "forced_exit" in daemon.log()
