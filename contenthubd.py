@@ -1328,6 +1328,10 @@ TASK_FIELDS = ("task_id", "content_id", "account_id", "topic", "keywords", "cate
                "dedup_key", "created_at", "updated_at")
 TASK_COLUMNS = ", ".join(f"t.{name}" for name in TASK_FIELDS) + ", a.name AS account_name"
 TASK_FROM = "content_generation_tasks t LEFT JOIN accounts a ON a.id = t.account_id"
+#: The orders list_tasks offers, by name.
+TASK_ORDERS = {"newest": "t.id DESC", "submitted": "t.submitted_at, t.id",
+               "recently_updated": "t.updated_at DESC",
+               "queue": "t.priority DESC, t.next_attempt_at, t.id"}
 #: A claimed task as UPDATE ... RETURNING gives it (RETURNING cannot join).
 CLAIM_RETURNING = (", ".join(TASK_FIELDS) + ", (SELECT name FROM accounts"
                    " WHERE accounts.id = account_id) AS account_name")
@@ -1819,7 +1823,7 @@ class Store:
             raise RuntimeError("the store is closed")
         return await self._run(self._reader, work, *args)
 
-    async def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
+    async def _query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
         def fetch(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             cursor = conn.execute(sql, params)
             return [_row_dict(cursor, row) for row in cursor.fetchall()]
@@ -1844,7 +1848,7 @@ class Store:
         await self._write(sync)
 
     async def get_account(self, account_id: int) -> dict[str, Any] | None:
-        rows = await self.query("SELECT * FROM accounts WHERE id = ?", (account_id,))
+        rows = await self._query("SELECT * FROM accounts WHERE id = ?", (account_id,))
         return rows[0] if rows else None
 
     # -- tasks: writes -------------------------------------------------------------------------
@@ -2042,7 +2046,7 @@ class Store:
         return admit
 
     async def next_due_at(self) -> datetime | None:
-        rows = await self.query("SELECT MIN(next_attempt_at) AS due FROM content_generation_tasks"
+        rows = await self._query("SELECT MIN(next_attempt_at) AS due FROM content_generation_tasks"
                                 " WHERE status = 'pending'")
         return from_db_time(rows[0]["due"]) if rows else None
 
@@ -2288,13 +2292,13 @@ class Store:
         found: set[str] = set()
         for start in range(0, len(task_ids), 500):
             chunk = task_ids[start:start + 500]
-            rows = await self.query("SELECT task_id FROM content_generation_tasks WHERE task_id"
+            rows = await self._query("SELECT task_id FROM content_generation_tasks WHERE task_id"
                                     f" IN ({', '.join('?' * len(chunk))})", tuple(chunk))
             found.update(row["task_id"] for row in rows)
         return found
 
     async def running_task_ids(self) -> list[str]:
-        rows = await self.query("SELECT task_id FROM content_generation_tasks"
+        rows = await self._query("SELECT task_id FROM content_generation_tasks"
                                 " WHERE status = 'running'")
         return [row["task_id"] for row in rows]
 
@@ -2336,24 +2340,25 @@ class Store:
 
     async def list_tasks(self, *, status: str | list[str] | None = None,
                          account_id: int | None = None, limit: int = 50,
-                         order: str = "t.id DESC") -> list[dict[str, Any]]:
+                         order: str = "newest") -> list[dict[str, Any]]:
+        """Tasks in one of TASK_ORDERS (by name: callers never pass SQL)."""
         clause, params = self._task_filter(status, account_id)
-        return await self.query(f"SELECT {TASK_COLUMNS} FROM {TASK_FROM} {clause}"
-                                f" ORDER BY {order} LIMIT ?", (*params, limit))
+        return await self._query(f"SELECT {TASK_COLUMNS} FROM {TASK_FROM} {clause}"
+                                 f" ORDER BY {TASK_ORDERS[order]} LIMIT ?", (*params, limit))
 
     async def count_tasks(self, *, status: str | list[str] | None = None,
                           account_id: int | None = None) -> int:
         """How many rows list_tasks would return without its limit."""
         clause, params = self._task_filter(status, account_id)
-        rows = await self.query(f"SELECT COUNT(*) AS n FROM content_generation_tasks t {clause}",
-                                tuple(params))
+        rows = await self._query(
+            f"SELECT COUNT(*) AS n FROM content_generation_tasks t {clause}", tuple(params))
         return rows[0]["n"]
 
     async def find_task_ids(self, abbreviation: str, limit: int) -> list[str]:
         """Task ids that start with `abbreviation`, or whose random part (after
         `task-<ms>-`) does: what narrow tables show."""
         end = abbreviation + "\U0010ffff"
-        rows = await self.query(
+        rows = await self._query(
             "SELECT task_id FROM content_generation_tasks WHERE task_id >= ? AND task_id < ?"
             " UNION SELECT task_id FROM content_generation_tasks"
             " WHERE substr(task_id, 20) >= ? AND substr(task_id, 20) < ?"
@@ -2362,7 +2367,7 @@ class Store:
         return [row["task_id"] for row in rows]
 
     async def status_counts(self) -> dict[str, int]:
-        rows = await self.query("SELECT substr(name, 6) AS status, value FROM counters"
+        rows = await self._query("SELECT substr(name, 6) AS status, value FROM counters"
                                 " WHERE name LIKE 'task:%' AND value > 0")
         return {row["status"]: row["value"] for row in rows}
 
@@ -2452,20 +2457,20 @@ class Store:
         return await self._write(delete)
 
     async def existing_content_ids(self, ids: list[int]) -> set[int]:
-        rows = await self.query("SELECT id FROM contents WHERE id IN"
+        rows = await self._query("SELECT id FROM contents WHERE id IN"
                                 " (SELECT value FROM json_each(?))", (json_text(ids),))
         return {row["id"] for row in rows}
 
     # -- media ---------------------------------------------------------------------------------
 
     async def due_media(self, now: datetime, limit: int) -> list[dict[str, Any]]:
-        return await self.query(
+        return await self._query(
             "SELECT id, content_id, position, url, attempts FROM content_media"
             " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id"
             " LIMIT ?", (to_db_time(now), limit))
 
     async def next_media_due(self) -> datetime | None:
-        rows = await self.query("SELECT MIN(next_attempt_at) AS due FROM content_media"
+        rows = await self._query("SELECT MIN(next_attempt_at) AS due FROM content_media"
                                 " WHERE status = 'pending'")
         return from_db_time(rows[0]["due"]) if rows else None
 
@@ -2491,7 +2496,7 @@ class Store:
                              review_status: str | None = None, since: str | None = None,
                              ids: list[int] | None = None) -> int:
         clause, params = self._content_filter(account_id, review_status, since, ids)
-        rows = await self.query(f"SELECT COUNT(*) AS n FROM contents c {clause}", tuple(params))
+        rows = await self._query(f"SELECT COUNT(*) AS n FROM contents c {clause}", tuple(params))
         return rows[0]["n"]
 
     async def review_contents(self, ids: list[int], status: str, reason: str | None,
@@ -2732,13 +2737,13 @@ class Store:
     async def list_topics(self, account_id: int | None, status: str | None,
                           limit: int) -> list[dict[str, Any]]:
         clause, params = self._topic_filter(account_id, status)
-        return await self.query("SELECT id, account_id, topic, keywords, status, task_id,"
+        return await self._query("SELECT id, account_id, topic, keywords, status, task_id,"
                                 f" added_at, used_at, source FROM topics {clause}"
                                 " ORDER BY id LIMIT ?", (*params, limit))
 
     async def count_topics(self, account_id: int | None, status: str | None) -> int:
         clause, params = self._topic_filter(account_id, status)
-        rows = await self.query(f"SELECT COUNT(*) AS n FROM topics {clause}", tuple(params))
+        rows = await self._query(f"SELECT COUNT(*) AS n FROM topics {clause}", tuple(params))
         return rows[0]["n"]
 
     async def skip_topics(self, ids: list[int], now: datetime) -> dict[str, Any]:
@@ -2761,14 +2766,14 @@ class Store:
         return await self._write(skip)
 
     async def queued_topic_counts(self) -> dict[int, int]:
-        rows = await self.query("SELECT account_id, COUNT(*) AS n FROM topics"
+        rows = await self._query("SELECT account_id, COUNT(*) AS n FROM topics"
                                 " WHERE status = 'queued' GROUP BY account_id")
         return {row["account_id"]: row["n"] for row in rows}
 
     async def topics_to_avoid(self, account_id: int, limit: int) -> list[str]:
         """What a research request lists as taken: the account's queued topics, its latest
         topics and its latest article titles, `limit` of each at most, each once."""
-        rows = await self.query(
+        rows = await self._query(
             "SELECT topic AS text FROM (SELECT topic FROM topics WHERE account_id = ? AND"
             " status = 'queued' ORDER BY id LIMIT ?) UNION ALL"
             " SELECT * FROM (SELECT topic FROM topic_history WHERE account_id = ?"
@@ -2858,7 +2863,7 @@ class Store:
 
     async def usage_totals(self, task_id: str) -> dict[str, Any]:
         """What a task's attempts spent: `task status` and `content show` show it."""
-        [row] = await self.query(
+        [row] = await self._query(
             "SELECT COUNT(*) AS attempts, COALESCE(SUM(tokens_in), 0) AS tokens_in,"
             " COALESCE(SUM(tokens_out), 0) AS tokens_out, SUM(cost) AS cost,"
             " MAX(currency) AS currency, SUM(cost IS NULL) AS unpriced_attempts"
@@ -2877,29 +2882,29 @@ class Store:
                 " ROUND(COALESCE(SUM(u.cost), 0), 6) AS cost,"
                 " SUM(u.cost IS NULL) AS unpriced_attempts")
         params = {"since": since, "offset": offset}
-        rows = await self.query(
+        rows = await self._query(
             f"SELECT {columns}, {sums} FROM task_usage u LEFT JOIN accounts a"
             f" ON a.id = u.account_id WHERE u.at >= :since GROUP BY {key} ORDER BY {key}",
             params)
-        [totals] = await self.query(f"SELECT {sums} FROM task_usage u WHERE u.at >= :since",
+        [totals] = await self._query(f"SELECT {sums} FROM task_usage u WHERE u.at >= :since",
                                     params)
         return {**totals, "rows": rows}
 
     async def spend_totals(self) -> dict[str, list[dict[str, Any]]]:
         """Tokens per account, model and direction, and cost per account and currency, over
         every attempt ever recorded."""
-        tokens = await self.query(
+        tokens = await self._query(
             "SELECT account_id, COALESCE(model, '') AS model, SUM(tokens_in) AS tokens_in,"
             " SUM(tokens_out) AS tokens_out FROM task_usage GROUP BY account_id, model"
             " ORDER BY account_id, model")
-        cost = await self.query(
+        cost = await self._query(
             "SELECT account_id, currency, ROUND(SUM(cost), 6) AS cost FROM task_usage"
             " WHERE cost IS NOT NULL GROUP BY account_id, currency ORDER BY account_id, currency")
         return {"tokens": tokens, "cost": cost}
 
     async def spend_since(self, day_start: str, month_start: str) -> dict[str, Any]:
         """Spend of the current day and month, in total and per account."""
-        rows = await self.query(
+        rows = await self._query(
             "SELECT account_id, COALESCE(SUM(CASE WHEN at >= ? THEN cost END), 0) AS day,"
             " COALESCE(SUM(cost), 0) AS month FROM task_usage WHERE at >= ?"
             " GROUP BY account_id", (day_start, month_start))
@@ -2908,7 +2913,7 @@ class Store:
 
     async def task_stats(self) -> dict[str, Any]:
         by_status = await self.status_counts()
-        by_account = await self.query(
+        by_account = await self._query(
             "SELECT t.account_id, a.name AS account_name, COUNT(*) AS total,"
             " SUM(t.status = 'completed') AS completed,"
             f" SUM(t.status IN ('failed', 'timeout')) AS failed FROM {TASK_FROM}"
@@ -3024,7 +3029,7 @@ class Store:
     # -- schedules -----------------------------------------------------------------------------
 
     async def schedule_states(self) -> dict[str, dict[str, Any]]:
-        return {row["name"]: row for row in await self.query("SELECT * FROM schedule_state")}
+        return {row["name"]: row for row in await self._query("SELECT * FROM schedule_state")}
 
     async def save_schedule_state(self, name: str, **values: Any) -> None:
         columns = ", ".join(values)
@@ -3124,7 +3129,7 @@ class Store:
         await self._write(record)
 
     async def interrupted_runs(self) -> list[dict[str, Any]]:
-        return await self.query("SELECT * FROM schedule_runs WHERE status = 'firing'"
+        return await self._query("SELECT * FROM schedule_runs WHERE status = 'firing'"
                                 " ORDER BY id")
 
     @staticmethod
@@ -3138,17 +3143,17 @@ class Store:
 
     async def count_runs(self, name: str | None) -> int:
         if name is None:
-            rows = await self.query("SELECT COUNT(*) AS n FROM schedule_runs")
+            rows = await self._query("SELECT COUNT(*) AS n FROM schedule_runs")
         else:
-            rows = await self.query("SELECT COUNT(*) AS n FROM schedule_runs"
+            rows = await self._query("SELECT COUNT(*) AS n FROM schedule_runs"
                                     " WHERE schedule_name = ?", (name,))
         return rows[0]["n"]
 
     async def list_runs(self, name: str | None, limit: int) -> list[dict[str, Any]]:
         if name is None:
-            return await self.query("SELECT * FROM schedule_runs ORDER BY id DESC LIMIT ?",
+            return await self._query("SELECT * FROM schedule_runs ORDER BY id DESC LIMIT ?",
                                     (limit,))
-        return await self.query("SELECT * FROM schedule_runs WHERE schedule_name = ?"
+        return await self._query("SELECT * FROM schedule_runs WHERE schedule_name = ?"
                                 " ORDER BY id DESC LIMIT ?", (name, limit))
 
     async def counter_values(self) -> dict[str, int]:
@@ -3160,24 +3165,24 @@ class Store:
         """The newest run of each schedule (of `names`, or all), by schedule name."""
         columns = "schedule_name, scheduled_for, fired_at, status"
         if names is None:
-            rows = await self.query(
+            rows = await self._query(
                 f"SELECT {columns} FROM schedule_runs"
                 " WHERE id IN (SELECT MAX(id) FROM schedule_runs GROUP BY schedule_name)")
         else:
-            rows = [row for name in names for row in await self.query(
+            rows = [row for name in names for row in await self._query(
                 f"SELECT {columns} FROM schedule_runs WHERE schedule_name = ?"
                 " ORDER BY id DESC LIMIT 1", (name,))]
         return {row["schedule_name"]: row for row in rows}
 
     async def tasks_for_run(self, run_id: int) -> list[dict[str, Any]]:
-        return await self.query(f"SELECT {TASK_COLUMNS} FROM {TASK_FROM}"
+        return await self._query(f"SELECT {TASK_COLUMNS} FROM {TASK_FROM}"
                                 " WHERE t.schedule_run_id = ? ORDER BY t.id", (run_id,))
 
     # -- publishing ----------------------------------------------------------------------------
 
     async def due_for_publish(self, now: datetime, max_attempts: int,
                               limit: int) -> list[dict[str, Any]]:
-        return await self.query(
+        return await self._query(
             f"SELECT {CONTENT_LIST_COLUMNS}, c.body FROM {CONTENT_FROM}"
             " WHERE c.review_status = 'approved' AND c.publish_status IN ('draft', 'scheduled')"
             " AND (c.scheduled_publish_at IS NULL OR c.scheduled_publish_at <= ?)"
@@ -3345,7 +3350,7 @@ class Store:
                              exclude: list[int]) -> list[dict[str, Any]]:
         """Due pending deliveries, oldest first, at most `per_target` of each target (so a
         backlog for a dead receiver never hides the others'), leaving out `exclude`."""
-        return await self.query(
+        return await self._query(
             "SELECT o.id, o.event_id, o.target, o.attempts, e.event, e.at, e.data FROM"
             " (SELECT id, ROW_NUMBER() OVER (PARTITION BY target ORDER BY next_attempt_at, id)"
             " AS n FROM notify_outbox WHERE status = 'pending' AND next_attempt_at <= ?"
@@ -3357,7 +3362,7 @@ class Store:
 
     async def next_delivery_at(self, exclude: list[int]) -> datetime | None:
         """When the next pending delivery falls due, leaving out those being sent."""
-        rows = await self.query("SELECT MIN(next_attempt_at) AS due FROM notify_outbox"
+        rows = await self._query("SELECT MIN(next_attempt_at) AS due FROM notify_outbox"
                                 " WHERE status = 'pending' AND id NOT IN"
                                 " (SELECT value FROM json_each(?))", (json_text(exclude),))
         return from_db_time(rows[0]["due"]) if rows else None
@@ -3419,7 +3424,7 @@ class Store:
 
     async def list_deliveries(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         where = "WHERE o.status = ?" if status else ""
-        return await self.query(
+        return await self._query(
             "SELECT o.id, o.target, e.event, o.status, o.attempts, o.next_attempt_at,"
             " o.last_response, o.last_error, o.event_id, e.at, o.sent_at"
             " FROM notify_outbox o JOIN notify_events e ON e.event_id = o.event_id"
@@ -6930,7 +6935,7 @@ class PollLoop(BackgroundLoop):
             config = self.pool.config
             if config.creator.status_command:
                 submitted = await self.store.list_tasks(status="submitted", limit=10_000,
-                                                        order="t.submitted_at, t.id")
+                                                        order="submitted")
                 slots = asyncio.Semaphore(config.daemon.max_concurrent_tasks)
 
                 async def check(task: dict[str, Any], slots: asyncio.Semaphore = slots) -> None:
@@ -7859,11 +7864,10 @@ class ControlServer:
         return await self._task_listing(args, None, "t.updated_at DESC")
 
     async def cmd_monitor_failed(self, args: dict[str, Any]) -> Any:
-        return await self._task_listing(args, ["failed", "timeout"], "t.updated_at DESC")
+        return await self._task_listing(args, ["failed", "timeout"], "recently_updated")
 
     async def cmd_monitor_pending(self, args: dict[str, Any]) -> Any:
-        return await self._task_listing(args, ["pending", "submitted", "running"],
-                                        "t.priority DESC, t.next_attempt_at, t.id")
+        return await self._task_listing(args, ["pending", "submitted", "running"], "queue")
 
     async def _task_listing(self, args: dict[str, Any], statuses: list[str] | None,
                             order: str) -> Any:
@@ -9428,6 +9432,9 @@ class App:
         self.started_at: datetime | None = None
         self.last_reload_error: str | None = None
         self._lock_fd: int | None = None
+        #: Reloads and schedule edits read, write and apply the file across awaits: one at a
+        #: time, so a SIGHUP cannot interleave with `scheduler create`.
+        self._config_lock = asyncio.Lock()
         self._background: list[asyncio.Task] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -9632,7 +9639,13 @@ class App:
         log.warning("tasks_recovered", count=count)
 
     async def reload(self) -> dict[str, Any]:
-        """Validate the whole file first; on any error the running config stays as it was."""
+        """SIGHUP and `contenthubctl reload`; one at a time with schedule edits."""
+        async with self._config_lock:
+            return await self._reload_file()
+
+    async def _reload_file(self) -> dict[str, Any]:
+        """Validate the whole file first; on any error the running config stays as it was.
+        The caller holds _config_lock."""
         sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
                   environ=self.environ)
         try:
@@ -9677,9 +9690,8 @@ class App:
         self.metrics_dirty.set()
 
     async def _status_line(self) -> str:
-        rows = await self.store.query("SELECT COUNT(*) AS n FROM content_generation_tasks"
-                                      " WHERE status = 'pending'")
-        return f"{len(self.pool.running)} running, {rows[0]['n']} pending"
+        pending = await self.store.count_tasks(status="pending")
+        return f"{len(self.pool.running)} running, {pending} pending"
 
     async def _watchdog_loop(self, interval: float) -> None:
         """WATCHDOG=1 at half of WATCHDOG_USEC from the event loop itself: a stuck loop stops
@@ -9911,6 +9923,14 @@ class App:
                 data={"errors": exc.errors}) from None
 
     async def cmd_scheduler_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        async with self._config_lock:
+            return await self._create_schedule(args)
+
+    async def cmd_scheduler_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        async with self._config_lock:
+            return await self._delete_schedule(args)
+
+    async def _create_schedule(self, args: dict[str, Any]) -> dict[str, Any]:
         """Append a validated [[schedules]] block to the config file as it is on disk, then
         reload. The rest of the file stays byte for byte; the write is atomic (temp file +
         rename, through a symlink to its target)."""
@@ -9936,10 +9956,10 @@ class App:
                 f"schedule {name!r} is not valid; the config file is unchanged:", *exc.errors]),
                 data={"errors": exc.errors}) from None
         write_atomically(Path(self.config.path), new_text, unchanged_from=text)
-        await self.reload()
+        await self._reload_file()
         return (await self.scheduler.describe_many([self.scheduler.get(name)]))[0]
 
-    async def cmd_scheduler_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _delete_schedule(self, args: dict[str, Any]) -> dict[str, Any]:
         """Remove a [[schedules]] block from the config file, then reload: the rest of the
         file stays byte for byte, the write is atomic. Its runs stay in the history."""
         if not self.config.path:
@@ -9961,7 +9981,7 @@ class App:
             raise Conflict(f"cannot tell where schedule {name!r} ends in {self.config.path};"
                            " remove it by hand and run contenthubctl reload")
         write_atomically(Path(self.config.path), new_text, unchanged_from=text)
-        await self.reload()
+        await self._reload_file()
         return {"deleted": name, "config_path": self.config.path}
 
 # CLI entry #####################################################################################

@@ -7,6 +7,7 @@ import json
 import random
 import signal
 import textwrap
+import threading
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -263,3 +264,30 @@ async def test_cron_fires_at_injected_clock_instant(tmp_path):
     finally:
         app.should_exit.set()
         await app.shutdown()
+
+
+def test_concurrent_schedule_edits_and_reloads_take_turns(daemon_factory):
+    """scheduler create, `reload` and SIGHUP arriving together all land: every created
+    schedule is in the file once and in the running config, and health stays ok."""
+    many = "".join(f'[[schedules]]\nname = "existing-{i}"\nexecutor = "cleanup"\n'
+                   f'every = "{i + 1}m"\n\n' for i in range(300))
+    daemon = daemon_factory(extra=many).start()
+    replies: list[dict] = []
+
+    def create(i: int) -> None:
+        replies.append(daemon.request("scheduler.create", {
+            "name": f"并发-{i}", "executor": "cleanup", "every": f"{i + 1}h"}))
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    threads += [threading.Thread(target=daemon.request, args=("reload",)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+        daemon.signal(signal.SIGHUP)
+    for thread in threads:
+        thread.join(60)
+    assert [r for r in replies if not r["ok"]] == []
+    names = {s["name"] for s in daemon.call("scheduler.list")}
+    assert {f"并发-{i}" for i in range(8)} <= names
+    text = daemon.config_path.read_text(encoding="utf-8")
+    assert all(text.count(f'name = "并发-{i}"') == 1 for i in range(8))
+    assert daemon.call("monitor.health")["status"] == "ok"
