@@ -3158,7 +3158,7 @@ class Store:
 
     async def counter_values(self) -> dict[str, int]:
         """Every row of `counters` (schema.sql says what each name counts)."""
-        rows = await self.query("SELECT name, value FROM counters")
+        rows = await self._query("SELECT name, value FROM counters")
         return {row["name"]: row["value"] for row in rows}
 
     async def last_runs(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
