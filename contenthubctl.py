@@ -780,7 +780,8 @@ TASK_ORDER = ("task_id", "status", "waiting", "waiting_reason", "progress", "sta
               "started_at", "completed_at", "next_attempt_at", "timeout_at")
 CONTENT_ORDER = ("id", "task_id", "title", "generator", "model", "account_id", "account_name",
                  "topic", "keywords", "category", "review_status", "review_reason",
-                 "publish_status", "word_count", "cost", "images", "summary", "created_at")
+                 "publish_status", "published_url", "word_count", "cost", "images", "summary",
+                 "created_at")
 METRICS_ORDER = ("total", "pending", "submitted", "running", "completed", "failed_count",
                  "timeout_count", "cancelled_count", "success_rate", "attempts_total",
                  "attempt_success_rate", "avg_completion_seconds")
@@ -956,6 +957,21 @@ def cmd_content_approve(session: Session, options) -> int:
 
 def cmd_content_reject(session: Session, options) -> int:
     return review(session, "content.reject", options)
+
+
+def cmd_content_publish(session: Session, options) -> int:
+    result = session.call("content.publish", without_none({
+        "id": content_key(options.id), "force": options.force or None}))
+    if session.format != "table":
+        session.show(result)
+    elif result["publish_status"] == "published":
+        where = f" at {result['published_url']}" if result.get("published_url") else ""
+        session.write_lines([f"content {result['content_id']} published{where}"])
+    if result.get("error"):
+        session.warn(f"content {result['content_id']} not published"
+                     f" ({result['publish_status']}): {result['error']}")
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def cmd_content_delete(session: Session, options) -> int:
@@ -1494,6 +1510,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                          help="default: approved (any, when IDs are given)")
         sub.add_argument("--since", metavar="ISO")
         add_limit(sub)
+        sub = command(content, "publish", cmd_content_publish,
+                      "publish one approved content now with [publish] command")
+        sub.add_argument("id", metavar="ID", help="content id, or the id of the task that made it")
+        sub.add_argument("--force", action="store_true",
+                         help="publish again, or before its images are all downloaded")
         sub = command(content, "delete", cmd_content_delete,
                       "delete contents with their history and saved images")
         sub.add_argument("ids", metavar="ID", type=int, nargs="+")

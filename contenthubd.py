@@ -103,6 +103,7 @@ PROGRESS_LINE_MAX = 4096  #: longer stdout lines are never progress reports
 PID_RECORD_DELAY_S = 1.0  #: a creator running longer than this gets its pid in the database
 PIPE_WATCH_DELAY_S = 0.05  #: a creator's pipes are read live once it has run this long
 STDERR_TAIL_CHARS = 2000
+MEDIA_DIR = "media"  #: under state_dir: media/<content_id>/<position>-<name>.<ext>
 EX_CONFIG = 78  #: sysexits.h; the unit's RestartPreventExitStatus= stops restarts on it
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 ENV_REF_RE = re.compile(r"\$\{(\w+)\}")  #: `${VAR}` in creator.env and [[notify]]
@@ -1339,7 +1340,7 @@ CONTENT_LIST_COLUMNS = ("c.id, c.task_id, c.account_id, a.name AS account_name, 
                         " c.summary, c.word_count, c.images, c.quality, c.review_status,"
                         " c.review_reason, c.publish_status, c.scheduled_publish_at,"
                         " c.published_at, c.created_at, c.generator, c.model, c.keywords,"
-                        " c.category, c.cost")
+                        " c.category, c.cost, c.published_url, c.publish_error")
 CONTENT_FROM = ("contents c LEFT JOIN content_generation_tasks t ON t.task_id = c.task_id"
                 " LEFT JOIN accounts a ON a.id = c.account_id")
 #: Every connection's settings. NORMAL in WAL mode: a commit survives a process crash
@@ -3182,27 +3183,53 @@ class Store:
 
     async def due_for_publish(self, now: datetime, max_attempts: int,
                               limit: int) -> list[dict[str, Any]]:
-        return await self._query(
-            f"SELECT {CONTENT_LIST_COLUMNS}, c.body FROM {CONTENT_FROM}"
-            " WHERE c.review_status = 'approved' AND c.publish_status IN ('draft', 'scheduled')"
-            " AND (c.scheduled_publish_at IS NULL OR c.scheduled_publish_at <= ?)"
-            " AND c.publish_attempts < ? ORDER BY c.id LIMIT ?",
-            (to_db_time(now), max_attempts, limit))
+        """Approved contents whose time has come and whose images are all settled (saved or
+        given up): a publisher gets the files, not URLs that are still downloading."""
+        def fetch(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            cursor = conn.execute(
+                f"SELECT {CONTENT_LIST_COLUMNS}, c.body FROM {CONTENT_FROM}"
+                " WHERE c.review_status = 'approved'"
+                " AND c.publish_status IN ('draft', 'scheduled')"
+                " AND (c.scheduled_publish_at IS NULL OR c.scheduled_publish_at <= ?)"
+                " AND c.publish_attempts < ? AND NOT EXISTS (SELECT 1 FROM content_media m"
+                " WHERE m.content_id = c.id AND m.status = 'pending') ORDER BY c.id LIMIT ?",
+                (to_db_time(now), max_attempts, limit))
+            contents = [_row_dict(cursor, row) for row in cursor.fetchall()]
+            media = self._media_of(conn, [content["id"] for content in contents])
+            for content in contents:
+                content["media"] = media.get(content["id"], [])
+            return contents
+
+        return await self._read(fetch)
 
     async def record_publish(self, content_id: int, ok: bool, error: str | None,
-                             max_attempts: int, now: datetime) -> str:
+                             max_attempts: int, now: datetime, *, url: str | None = None,
+                             actor: tuple[int | None, str] = (None, "contenthubd")) -> str:
+        """One publish attempt's outcome, with its content_events row; returns the new
+        publish_status (a failure stays retryable until `max_attempts`)."""
+
         def record(conn: sqlite3.Connection) -> str:
+            before = conn.execute("SELECT publish_status FROM contents WHERE id = ?",
+                                  (content_id,)).fetchone()
+            if before is None:
+                raise NotFound(f"no content {content_id}")
             if ok:
                 conn.execute("UPDATE contents SET publish_status = 'published', published_at = ?,"
-                             " publish_error = NULL, publish_attempts = publish_attempts + 1"
-                             " WHERE id = ?", (to_db_time(now), content_id))
-                return "published"
-            conn.execute("UPDATE contents SET publish_attempts = publish_attempts + 1,"
-                         " publish_error = ?, publish_status = CASE WHEN publish_attempts + 1"
-                         " >= ? THEN 'failed' ELSE publish_status END WHERE id = ?",
-                         (error, max_attempts, content_id))
-            return conn.execute("SELECT publish_status FROM contents WHERE id = ?",
-                                (content_id,)).fetchone()[0]
+                             " published_url = ?, publish_error = NULL,"
+                             " publish_attempts = publish_attempts + 1 WHERE id = ?",
+                             (to_db_time(now), url, content_id))
+            else:
+                conn.execute("UPDATE contents SET publish_attempts = publish_attempts + 1,"
+                             " publish_error = ?, publish_status = CASE WHEN publish_attempts"
+                             " + 1 >= ? THEN 'failed' ELSE publish_status END WHERE id = ?",
+                             (error, max_attempts, content_id))
+            status = conn.execute("SELECT publish_status FROM contents WHERE id = ?",
+                                  (content_id,)).fetchone()[0]
+            conn.execute("INSERT INTO content_events (content_id, at, action, actor_uid, actor,"
+                         " from_status, to_status, reason) VALUES (?, ?, 'publish', ?, ?, ?,"
+                         " ?, ?)", (content_id, to_db_time(now), *actor, before[0], status,
+                                    url if ok else (error or "")[:500]))
+            return status
 
         return await self._write(record)
 
@@ -4962,6 +4989,49 @@ def _template_topic(fmt: str, account_name: str, category: str) -> Callable[[int
     return render
 
 
+def _published_url(stdout: str) -> str | None:
+    """The `url` of the last JSON object a publisher printed, if any (docs/creators.md)."""
+    data = _last_json_object(stdout)
+    url = data.get("url") if data else None
+    return url[:2000] if isinstance(url, str) and url.strip() else None
+
+
+async def publish_content(store: Store, config: Config, environ: dict[str, str],
+                          content: dict[str, Any], now: datetime,
+                          actor: tuple[int | None, str] = (None, "contenthubd")
+                          ) -> dict[str, Any]:
+    """Run `[publish] command` for one content and record the outcome. The publisher reads
+    the article as JSON on stdin, its saved images by absolute path (docs/creators.md)."""
+    publish = config.publish
+    media_dir = config.state_dir(environ) / MEDIA_DIR / str(content["id"])
+    article = {**content, "media_dir": str(media_dir), "media": [
+        {**item, "path": str(config.state_dir(environ) / item["path"]) if item["path"]
+         else None} for item in content.get("media", ())]}
+    argv = render_argv(publish.command, {
+        "content_id": content["id"], "task_id": content["task_id"],
+        "account_id": content["account_id"], "title": content["title"]})
+    error = url = None
+    try:
+        result = await run_process(
+            argv, stdin=json.dumps(article, ensure_ascii=False, default=str).encode(),
+            env=child_environment(environ, {"CONTENTHUB_CONTENT_ID": str(content["id"]),
+                                            "CONTENTHUB_MEDIA_DIR": str(media_dir)}),
+            timeout=publish.timeout)
+        if result.exit_code != 0 or result.timed_out:
+            error = (f"timed out after {publish.timeout:.0f}s" if result.timed_out else
+                     f"exit {result.exit_code}: {result.stderr_tail(500)}")
+        else:
+            url = _published_url(result.stdout)
+    except OSError as exc:
+        error = f"cannot run {argv[0]}: {exc}"
+    status = await store.record_publish(content["id"], error is None, error,
+                                        publish.max_attempts, now, url=url, actor=actor)
+    log.info("content_publish_attempted", content_id=content["id"], status=status, url=url,
+             error=error, by=actor[1])
+    return {"content_id": content["id"], "publish_status": status, "published_url": url,
+            "error": error}
+
+
 class PublishExecutor(Executor):
     """Runs `[publish] command` for approved contents that are due, with retries."""
 
@@ -4985,25 +5055,13 @@ class PublishExecutor(Executor):
         counts = {"published": 0, "failed": 0, "retrying": 0}
         errors = []
         for content in due:
-            argv = render_argv(publish.command, {
-                "content_id": content["id"], "task_id": content["task_id"],
-                "account_id": content["account_id"], "title": content["title"]})
-            error = None
-            try:
-                result = await run_process(
-                    argv, stdin=json.dumps(content, ensure_ascii=False).encode(),
-                    env=child_environment(ctx.environ, {}), timeout=publish.timeout)
-                if result.exit_code != 0 or result.timed_out:
-                    error = ("timed out" if result.timed_out else
-                             f"exit {result.exit_code}: {result.stderr_tail(500)}")
-            except OSError as exc:
-                error = f"cannot run {argv[0]}: {exc}"
-            status = await ctx.store.record_publish(content["id"], error is None, error,
-                                                    publish.max_attempts, ctx.now)
+            outcome = await publish_content(ctx.store, ctx.config, ctx.environ, content,
+                                            ctx.now)
+            status = outcome["publish_status"]
             counts["published" if status == "published" else
                    "failed" if status == "failed" else "retrying"] += 1
-            if error:
-                errors.append({"content_id": content["id"], "error": error})
+            if outcome["error"]:
+                errors.append({"content_id": content["id"], "error": outcome["error"]})
         return ExecutionResult(not errors, f"published {counts['published']} of {len(due)}",
                                {**counts, "errors": errors})
 
@@ -5899,7 +5957,6 @@ class Scheduler(BackgroundLoop):
 
 # Media capture #################################################################################
 
-MEDIA_DIR = "media"  #: under state_dir: media/<content_id>/<position>-<name>.<ext>
 MEDIA_CHUNK_BYTES = 64 << 10
 MEDIA_RETRY_CAP_S = 6 * 3600.0  #: the longest wait between two attempts at one image
 MEDIA_NAME_MAX = 60  #: characters of the source's own file name kept in the saved name
@@ -7111,7 +7168,7 @@ JSON_FIELDS = {"images", "quality", "result", "params"}
 BOOL_FIELDS = {"auto_approve", "paused", "enabled"}
 COMMAND_GROUPS = ("content", "task", "monitor", "scheduler", "topics", "db", "creator")
 #: Commands whose handler also gets the caller (uid, user name): they record who acted.
-PEER_COMMANDS = frozenset({"content.approve", "content.reject"})
+PEER_COMMANDS = frozenset({"content.approve", "content.reject", "content.publish"})
 
 
 def present(value: Any, tz: ZoneInfo) -> Any:
@@ -7752,6 +7809,31 @@ class ControlServer:
         content = self._media_files(await self.store.get_content(key, with_history=True))
         content["usage"] = await self.store.usage_totals(content["task_id"])
         return content
+
+    async def cmd_content_publish(self, args: dict[str, Any],
+                                  peer: tuple[int, str]) -> dict[str, Any]:
+        """Publish one approved content now with `[publish] command`, whatever its schedule."""
+        if not self.config.publish.command:
+            raise InvalidRequest("[publish] command is not set in the config")
+        key = arg(args, "id", (int, str), required=True)
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19:
+            key = int(key)
+        if isinstance(key, str):
+            key = await self.task_id({"task_id": key})
+        force = arg(args, "force", bool, default=False)
+        content = await self.store.get_content(key)
+        if content["review_status"] != "approved":
+            raise Conflict(f"content {content['id']} is {content['review_status']}; only"
+                           " approved contents are published")
+        pending = sum(item["status"] == "pending" for item in content["media"])
+        if not force and content["publish_status"] == "published":
+            raise Conflict(f"content {content['id']} was published at"
+                           f" {content['published_at']}; --force publishes it again")
+        if not force and pending:
+            raise Conflict(f"content {content['id']} has {pending} image(s) still downloading;"
+                           " wait for them (content show) or --force")
+        return await publish_content(self.store, self.config, self.pool.environ, content,
+                                     self.pool.clock(), actor=peer)
 
     async def cmd_content_delete(self, args: dict[str, Any]) -> dict[str, Any]:
         ids = content_ids(arg(args, "ids", list, required=True))

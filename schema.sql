@@ -412,3 +412,6 @@ INSERT INTO counters
 
 -- migration 8: error_class, the failure class (transient, rate_limited, ...) beside error_kind
 ALTER TABLE content_generation_tasks ADD COLUMN error_class TEXT;
+
+-- migration 9: where a publisher put an article (the URL its command printed)
+ALTER TABLE contents ADD COLUMN published_url TEXT;

@@ -11,7 +11,7 @@ import re
 import threading
 from pathlib import Path
 
-from conftest import command_creator, wait_until
+from conftest import CREATORS, command_creator, wait_until
 
 from contenthubd import plain_summary
 
@@ -353,3 +353,44 @@ def test_export_defaults_to_approved_articles(daemon_factory, tmp_path):
     assert exported("--review-status", "pending_review") == [ids[2]]
     assert exported("--review-status", "any") == sorted(ids)
     assert exported(str(ids[2])) == [ids[2]]
+
+
+def test_content_publish_hands_the_publisher_the_saved_images(daemon_factory, tmp_path):
+    images = {"post.png": png(9)}
+    server = ImageServer(images)
+    try:
+        publish = f"""
+[publish]
+command = ["{CREATORS / 'publisher.py'}", "--id", "{{content_id}}"]
+"""
+        daemon = media_daemon(daemon_factory, [server.url("post.png")],
+                              extra=MEDIA_TEST_CONFIG + publish).start()
+        task_id = daemon.submit("手动发布", auto_approve=True)
+        [saved] = saved_media(daemon, task_id, 1)
+        waiting = daemon.submit("待审核不能发布")  # its copy of the image meets a 403
+        daemon.wait_status(waiting, "completed")
+        content_id = daemon.call("content.show", {"id": task_id})["id"]
+
+        refused = daemon.ctl("content", "publish", waiting)
+        assert refused.returncode == 1 and "pending_review" in refused.stderr
+        published = daemon.ctl("content", "publish", str(content_id))
+        assert published.returncode == 0, published.stderr
+        assert f"https://example.invalid/posts/{content_id}" in published.stdout
+        [record] = [json.loads(line) for line in
+                    (tmp_path / "published.jsonl").read_text().splitlines()]
+        assert record["media"] == [{"path": saved["path"], "size": len(images["post.png"])}]
+        assert record["media_dir"] == str(daemon.state / "media" / str(content_id))
+        assert record["env_id"] == str(content_id)
+        content = daemon.call("content.show", {"id": content_id})
+        assert content["publish_status"] == "published"
+        assert content["published_url"] == f"https://example.invalid/posts/{content_id}"
+        event = content["history"][-1]
+        assert (event["action"], event["from_status"], event["to_status"], event["actor"]) == (
+            "publish", "draft", "published", pwd.getpwuid(os.getuid()).pw_name)
+
+        again = daemon.ctl("content", "publish", str(content_id))
+        assert again.returncode == 1 and "--force" in again.stderr
+        assert daemon.ctl("content", "publish", str(content_id), "--force").returncode == 0
+        assert len((tmp_path / "published.jsonl").read_text().splitlines()) == 2
+    finally:
+        server.close()

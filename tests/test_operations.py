@@ -131,7 +131,8 @@ def test_publish_executor_publishes_approved_contents(daemon_factory, tmp_path):
     assert run["result"]["data"]["published"] == 1
     published = [json.loads(line) for line in (tmp_path / "published.jsonl").read_text().splitlines()]
     content = daemon.call("content.show", {"id": task_id})
-    assert published == [{"id": content["id"], "argv": ["--id", str(content["id"])]}]
+    assert [(p["id"], p["argv"]) for p in published] == [
+        (content["id"], ["--id", str(content["id"])])]
     assert content["publish_status"] == "published" and content["published_at"]
 
 
