@@ -3108,24 +3108,34 @@ class Store:
         await self._write(finish)
 
     async def record_missed_runs(self, name: str, instants: list[datetime], now: datetime,
-                                 trigger: str, skipped: int) -> None:
+                                 trigger: str, total: int, first: datetime,
+                                 rows_max: int) -> None:
+        """Record `total` missed instants, from `first` to the last of `instants` (the
+        newest ones, in order): a 'missed' run per instant while there are at most
+        `rows_max`, else one summary run at the last instant whose result holds the count,
+        the first and the last. Either way nothing missed goes unrecorded."""
+        last = instants[-1]
+
         def record(conn: sqlite3.Connection) -> None:
-            note = json.dumps({"missed_not_listed": skipped}) if skipped else None
-            conn.executemany(
-                "INSERT INTO schedule_runs (schedule_name, scheduled_for, fired_at, trigger,"
-                " status, result) VALUES (?, ?, ?, ?, 'missed', ?) ON CONFLICT DO NOTHING",
-                [(name, to_db_time(i), to_db_time(now), trigger, note) for i in instants])
-            if instants:
-                conn.execute("UPDATE schedule_state SET last_scheduled_for = ? WHERE name = ?"
-                             " AND (last_scheduled_for IS NULL OR last_scheduled_for < ?)",
-                             (to_db_time(instants[-1]), name, to_db_time(instants[-1])))
-            if instants or skipped:
-                # One event per misfire decision, however many instants it skipped.
-                self.enqueue_event(conn, "schedule.missed", {
-                    "schedule": name, "missed": len(instants) + skipped,
-                    "first_missed": to_db_time(instants[0]) if instants else None,
-                    "last_missed": to_db_time(instants[-1]) if instants else None},
-                    now)
+            sql = ("INSERT INTO schedule_runs (schedule_name, scheduled_for, fired_at, trigger,"
+                   " status, result) VALUES (?, ?, ?, ?, 'missed', ?) ON CONFLICT DO NOTHING")
+            if total <= rows_max:
+                conn.executemany(sql, [(name, to_db_time(i), to_db_time(now), trigger, None)
+                                       for i in instants])
+            else:
+                conn.execute(sql, (name, to_db_time(last), to_db_time(now), trigger, json_text({
+                    "success": False, "error": "missed",
+                    "message": f"{total} instants missed, {to_db_time(first)} to"
+                               f" {to_db_time(last)}",
+                    "data": {"missed": total, "first_missed": to_db_time(first),
+                             "last_missed": to_db_time(last)}})))
+            conn.execute("UPDATE schedule_state SET last_scheduled_for = ? WHERE name = ?"
+                         " AND (last_scheduled_for IS NULL OR last_scheduled_for < ?)",
+                         (to_db_time(last), name, to_db_time(last)))
+            # One event per misfire decision, however many instants it skipped.
+            self.enqueue_event(conn, "schedule.missed", {
+                "schedule": name, "missed": total, "first_missed": to_db_time(first),
+                "last_missed": to_db_time(last)}, now)
 
         await self._write(record)
 
@@ -5853,18 +5863,24 @@ class Scheduler(BackgroundLoop):
 
     async def _fire_due(self, entry: PlannedSchedule, now: datetime) -> None:
         schedule = entry.config
+        catch_up = self.config.daemon.max_catch_up
+        # One instant more than `all` may fire: the newest of those not fired is then always
+        # in the list, so the record of what was missed can name its last instant.
         missed, total = missed_instants(entry.trigger, entry.last_scheduled_for, now,
-                                        self.config.daemon.max_catch_up)
+                                        catch_up + 1)
         if not missed:
             return
         grace = timedelta(seconds=schedule.misfire_grace) if schedule.misfire_grace else None
-        plan = plan_misfires(schedule.misfire, missed, total, now, grace,
-                             self.config.daemon.max_catch_up)
-        if plan.missed or plan.more_missed:
+        plan = plan_misfires(schedule.misfire, missed, total, now, grace, catch_up)
+        if plan.missed:
+            count = len(plan.missed) + plan.more_missed
+            last = entry.last_scheduled_for or missed[0]
             log.warning("schedule_misfire", schedule=schedule.name, policy=schedule.misfire,
-                        missed=len(plan.missed) + plan.more_missed, firing=len(plan.fire))
-            await self.store.record_missed_runs(schedule.name, list(plan.missed), now,
-                                                entry.trigger_kind, plan.more_missed)
+                        missed=count, firing=len(plan.fire))
+            await self.store.record_missed_runs(
+                schedule.name, list(plan.missed), now, entry.trigger_kind, count,
+                plan.missed[0] if not plan.more_missed else entry.trigger.next_after(last, last),
+                catch_up)
         for instant in plan.fire:
             on_time = instant == missed[-1] and now - instant <= ON_TIME_TOLERANCE
             await self.fire(entry, instant, entry.trigger_kind if on_time else "catch_up")

@@ -18,7 +18,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -460,3 +460,53 @@ def test_damage_met_while_running_turns_health_not_ok_with_the_next_step(daemon_
     assert health["status"] != "ok" and database["ok"] is False
     assert "malformed" in database["detail"] and "db backup" in database["detail"]
     assert '"database_damaged"' in daemon.log()
+
+
+# -- 9. missed instants beyond max_catch_up leave a summary run ------------------------------
+
+def test_missed_instants_beyond_max_catch_up_are_recorded_as_one_summary_run(daemon_factory):
+    extra = """
+[[schedules]]
+name = "skip-minutely"
+executor = "cleanup"
+cron = "* * * * *"
+misfire = "skip"
+params = { days = 30 }
+
+[[schedules]]
+name = "all-minutely"
+executor = "cleanup"
+every = "1m"
+misfire = "all"
+params = { days = 30 }
+"""
+    daemon = daemon_factory(extra=extra).start()
+    daemon.stop()
+    # Three hours down (or a +3 h clock jump): 180 instants of each schedule.
+    three_hours_ago = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=3)
+    with daemon.db() as conn:
+        conn.execute("UPDATE schedule_state SET last_scheduled_for = ?",
+                     (three_hours_ago.isoformat(timespec="milliseconds")[:-6] + "Z",))
+    daemon.start()
+
+    def runs(name: str) -> list[dict]:
+        return daemon.call("scheduler.history", {"name": name, "limit": 1000})
+
+    def summary(name: str) -> dict:
+        [run] = [r for r in runs(name) if r["status"] == "missed"]
+        return run
+
+    wait_until(lambda: sum(r["status"] == "fired" for r in runs("all-minutely")) >= 24,
+               message="the catch-up firings")
+    # 0.1.0 kept 24 rows at most and the other 156 instants vanished.
+    fired = [r for r in runs("all-minutely") if r["status"] == "fired"]
+    missed = summary("all-minutely")["result"]["data"]
+    assert len(fired) + missed["missed"] in (180, 181)
+    assert missed["first_missed"] == (three_hours_ago + timedelta(minutes=1)).isoformat(
+        timespec="milliseconds")[:-6] + "Z"
+    first_fired = min(datetime.fromisoformat(r["scheduled_for"]) for r in fired)
+    assert datetime.fromisoformat(missed["last_missed"]) == first_fired - timedelta(minutes=1)
+    skipped = summary("skip-minutely")
+    data = skipped["result"]["data"]
+    assert data["missed"] >= 179 and "instants missed" in skipped["result"]["message"]
+    assert data["first_missed"] == missed["first_missed"]
