@@ -6553,7 +6553,14 @@ class WorkerPool:
         # worker wakes us) or for money: the next day (or a reload) may bring some. Only a
         # retry due in the future, or a budget window ending, needs a timer.
         due = await self.store.next_due_at()
-        remaining = (due - self.clock()).total_seconds() if due is not None else 0.0
+        if due is not None and due > now:
+            # Not due when claimed; it may be by now (a short backoff on a busy host), and
+            # waiting for a wake-up would then sleep past it: claim again at once.
+            remaining = max((due - self.clock()).total_seconds(), 0.0)
+            if remaining == 0.0:
+                return 0.0
+        else:
+            remaining = 0.0
         if self.budget_holds:
             _, _, next_day = budget_windows(now, ZoneInfo(self.config.daemon.timezone))
             until_window = (next_day - now).total_seconds()

@@ -318,3 +318,4 @@ def test_startup_logs_env_warnings_and_the_health_command_result(daemon_factory,
     log = daemon.log()
     assert "${SERVICE_KEY_UNSET} is not set" in log
     assert "exit 78: broken" in log
+
