@@ -13,7 +13,7 @@ The file reads top to bottom; each section uses only the ones above it:
     Failure classes         the error-class vocabulary, structured errors, the circuit breaker
     Store                   schema.sql, the one writer connection, every SQL statement
     Creator runner          argv templates, process groups, capped capture, output adapters
-    Spend                   usage per attempt, prices, budget windows, the creator rate limit
+    Spend                   usage per attempt, prices, budget windows, creator pacing
     Executors               the registry scheduled work runs through (content, research, publish,
                             cleanup)
     Scheduler               the cron loop: fire, misfire and overlap policies
@@ -4685,6 +4685,42 @@ def budget_gate(config: Config, now: datetime) -> BudgetGate | None:
                       budget.monthly, accounts, budget.estimate, budget.currency)
 
 
+class AdaptiveConcurrency:
+    """How many creators may run while a provider's limit is unknown: a rate_limited result
+    halves it (once per pause: the results of one burst arrive together), and every `limit`
+    completions in a row without one add a slot back, up to the pool's size. Additive
+    increase, multiplicative decrease, as TCP probes a link: the pool settles just under the
+    limit instead of meeting it with every worker at once."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.ceiling: int | None = None  #: None: the whole pool
+        self._completions = 0
+        self._cut_until = 0.0
+
+    def limit(self, capacity: int) -> int:
+        return capacity if self.ceiling is None else min(self.ceiling, capacity)
+
+    def rate_limited(self, capacity: int, pause_s: float) -> int:
+        """A creator was refused by its provider; the pool pauses `pause_s`. Returns the
+        new limit."""
+        now = self.clock()
+        if now >= self._cut_until:
+            self.ceiling = max(1, self.limit(capacity) // 2)
+            self._cut_until = now + max(pause_s, 1.0)
+        self._completions = 0
+        return self.limit(capacity)
+
+    def completed(self, capacity: int) -> None:
+        if self.ceiling is None:
+            return
+        self._completions += 1
+        if self._completions >= self.ceiling:
+            self.ceiling, self._completions = self.ceiling + 1, 0
+            if self.ceiling >= capacity:
+                self.ceiling = None
+
+
 class RateLimiter:
     """A token bucket for creator starts, shared by the whole pool: `rate` starts per second,
     evenly spaced (a bucket of one token), so a provider's per-second limit is never met in a
@@ -6439,6 +6475,8 @@ class WorkerPool:
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self.on_finished: Callable[[str, str], None] | None = None  #: (task_id, status) hook
         self.limiter = RateLimiter()
+        #: fewer workers than `capacity` after a provider said rate_limited, growing back
+        self.pacing = AdaptiveConcurrency()
         #: budgets that keep tasks waiting now ("daemon" or "account:<id>" -> why), from the
         #: latest claim
         self.budget_holds: dict[str, str] = {}
@@ -6521,7 +6559,7 @@ class WorkerPool:
     async def _claim_free_slots(self) -> float | None:
         """Start workers for due tasks; return how long the dispatcher may sleep (None: until
         woken, 0: claim again at once)."""
-        free = self.capacity - len(self.running)
+        free = self.pacing.limit(self.capacity) - len(self.running)
         if free <= 0 or not self._claiming:
             return None
         paused = self.claim_pause_remaining()
@@ -6844,11 +6882,16 @@ class WorkerPool:
             recovered = self.breaker.record_success(task_id)
             if recovered:
                 log.info("creator_recovered", task_id=task_id)
+            before = self.pacing.limit(self.capacity)
+            self.pacing.completed(self.capacity)
+            if self.pacing.limit(self.capacity) != before:
+                log.info("concurrency_raised", workers=self.pacing.limit(self.capacity),
+                         of=self.capacity)
             then_claim = ({"limit": 1, "timeout_s": daemon.task_timeout,
                            "per_account_limit": daemon.max_concurrent_per_account,
                            "budget": gate}
                           if running is not None and self._claiming
-                          and len(self.running) <= self.capacity
+                          and len(self.running) <= self.pacing.limit(self.capacity)
                           and self.breaker.claim_limit is None
                           and self.claim_pause_remaining() <= 0 and self.limiter.take(1)
                           else None)
@@ -6905,6 +6948,10 @@ class WorkerPool:
         spend_retry, tripped = self.breaker.record_failure(task_id, error_class, outcome.message)
         if error_class == "rate_limited":
             pause = self.pause_claims(outcome.retry_after, outcome.message)
+            before = self.pacing.limit(self.capacity)
+            if self.pacing.rate_limited(self.capacity, pause) != before:
+                log.warning("concurrency_reduced", workers=self.pacing.limit(self.capacity),
+                            of=self.capacity, hint="grows back as tasks complete")
             return await self.store.release_attempt(
                 task_id, attempt, now, now + timedelta(seconds=pause), outcome.kind,
                 error_class, outcome.message, f"rate limited, claims paused {pause:g}s",
@@ -9231,10 +9278,13 @@ def llm_article(brief: ArticleBrief, options: argparse.Namespace, api_key: str) 
                           "temperature": LLM_TEMPERATURE, "stream": False},
                          ensure_ascii=False).encode()
     attempts = options.retries + 1
+    reported: list[dict[str, Any]] = []  #: the usage of every answer, a useless one too
     for attempt in range(1, attempts + 1):
         _emit_progress(20, f"calling LLM {options.llm_model} (attempt {attempt} of {attempts})")
         try:
             data = _post_chat_completion(url, payload, api_key, options.timeout)
+            if isinstance(data.get("usage"), dict):
+                reported.append(data["usage"])
             content = _completion_markdown(data)
             break
         except _RetryableLLMError as exc:
@@ -9248,12 +9298,20 @@ def llm_article(brief: ArticleBrief, options: argparse.Namespace, api_key: str) 
             _emit_progress(20, _scrub(f"{exc}; retrying in {delay:g}s", api_key))
             time.sleep(delay)
     _emit_progress(90, "formatting article")
-    usage = data.get("usage")
     return {"title": markdown_title(content) or brief.topic, "content": content,
             "summary": plain_summary(content), "word_count": count_words(content), "images": [],
             "quality_score": None, "generator": "llm",
-            "model": data.get("model") or options.llm_model,
-            "usage": usage if isinstance(usage, dict) else {}}
+            "model": data.get("model") or options.llm_model, "usage": summed_usage(reported)}
+
+
+def summed_usage(reported: list[dict[str, Any]]) -> dict[str, Any]:
+    """One answer's usage as the API gave it; several (an empty article was asked again)
+    summed, since each one was billed."""
+    if len(reported) == 1:
+        return reported[0]
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {key: sum(u[key] for u in reported if isinstance(u.get(key), int)) for key in keys
+            if any(key in u for u in reported)}
 
 
 def offline_article(brief: ArticleBrief) -> dict[str, Any]:
@@ -9882,7 +9940,9 @@ class App:
                         or self.store.wal_warning or str(self.store.path))},
             self._config_health(),
             {"name": "workers", "ok": True,
-             "detail": f"{len(self.pool.running)}/{self.pool.capacity} busy"},
+             "detail": f"{len(self.pool.running)}/{self.pool.capacity} busy" + (
+                 f"; {self.pool.pacing.limit(self.pool.capacity)} allowed since the provider"
+                 " rate-limited" if self.pool.pacing.ceiling is not None else "")},
             {"name": "hooks", "ok": self.notifier.last_hook_error is None,
              "detail": self.notifier.last_hook_error or f"{len(self.config.hooks)} configured"},
             {"name": "scheduler", "ok": self.scheduler.is_running,

@@ -9,6 +9,7 @@ import pytest
 from conftest import command_creator, wait_until
 
 from contenthubd import (
+    AdaptiveConcurrency,
     BudgetConfig,
     ModelPrice,
     RateLimiter,
@@ -116,6 +117,22 @@ def test_rate_limiter_spaces_starts_evenly():
     limiter.give_back(1)
     assert limiter.take(1) == 1
     assert RateLimiter(0.0).take(8) == 8
+
+
+def test_adaptive_concurrency_halves_once_per_burst_and_grows_back():
+    now = [0.0]
+    pacing = AdaptiveConcurrency(clock=lambda: now[0])
+    assert pacing.limit(8) == 8
+    assert pacing.rate_limited(8, pause_s=2.0) == 4
+    assert pacing.rate_limited(8, pause_s=2.0) == 4  # the same burst's other refusals
+    now[0] = 3.0
+    assert pacing.rate_limited(8, pause_s=2.0) == 2
+    for _ in range(2):
+        pacing.completed(8)
+    assert pacing.limit(8) == 3
+    for _ in range(3 + 4 + 5 + 6 + 7):
+        pacing.completed(8)
+    assert pacing.ceiling is None and pacing.limit(8) == 8
 
 
 # -- usage in the database -----------------------------------------------------------------
@@ -392,3 +409,45 @@ model = "paced-model"
     assert server.refused == 0 and server.served == 10
     # The built-in creator's API usage is what the database counts.
     assert tokens == (100, 200, "paced-model")
+
+
+@pytest.fixture
+def fake_llm():
+    """test_builtin_creator's scripted OpenAI-compatible server."""
+    from test_builtin_creator import FakeLLM
+
+    fake = FakeLLM()
+    fake.thread.start()
+    yield fake
+    fake.release.set()
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+def test_builtin_creator_sums_the_usage_of_every_billed_answer(fake_llm):
+    from test_builtin_creator import API_KEY, ARTICLE_MD, TASK, article_of, completion, run_creator
+
+    fake_llm.responses = [completion("   "), completion(ARTICLE_MD)]  # an empty article first
+    article = article_of(run_creator(TASK, *fake_llm.args("--retry-backoff", "0.05"),
+                                     api_key=API_KEY))
+    assert len(fake_llm.requests) == 2
+    assert article["usage"] == {"prompt_tokens": 240, "completion_tokens": 160,
+                                "total_tokens": 400}
+
+
+def test_rate_limited_halves_the_pool_then_grows_it_back_without_spending_retries(
+        daemon_factory):
+    daemon = daemon_factory(creator=command_creator("rate_limited_once.py"), workers=4,
+                            env={"CREATOR_SLEEP": "0.05", "RETRY_AFTER": "0.3"})
+    daemon.start()
+    task_ids = [daemon.submit(f"限流 {i}") for i in range(16)]
+    for task_id in task_ids:
+        daemon.wait_status(task_id, "completed")
+    assert sum(daemon.task(t)["retry_count"] for t in task_ids) == 0
+    events = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    reduced = [e for e in events if e.get("event") == "concurrency_reduced"]
+    raised = [e["workers"] for e in events if e.get("event") == "concurrency_raised"]
+    assert [(e["workers"], e["of"]) for e in reduced] == [(2, 4)]
+    assert raised == [3, 4]  # one slot back per round of completions, up to the whole pool
+    assert "allowed since" not in next(c for c in daemon.call("monitor.health")["checks"]
+                                       if c["name"] == "workers")["detail"]
