@@ -1133,8 +1133,8 @@ def cmd_monitor_health(session: Session, options) -> int:
 
 
 def cmd_notify_list(session: Session, options) -> int:
-    session.show(session.call("notify.list", without_none({
-        "status": options.status, "limit": options.limit})), DELIVERY_COLUMNS)
+    show_listing(session, "notify.list", without_none({
+        "status": options.status, "limit": options.limit}), DELIVERY_COLUMNS)
     return EXIT_OK
 
 

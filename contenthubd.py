@@ -3467,6 +3467,12 @@ class Store:
             " FROM notify_outbox o JOIN notify_events e ON e.event_id = o.event_id"
             f" {where} ORDER BY o.id DESC LIMIT ?", (*([status] if status else []), limit))
 
+    async def count_deliveries(self, status: str | None) -> int:
+        rows = await self._query("SELECT COUNT(*) AS n FROM notify_outbox"
+                                 + (" WHERE status = ?" if status else ""),
+                                 (status,) if status else ())
+        return rows[0]["n"]
+
     async def retry_delivery(self, delivery_id: int, now: datetime) -> dict[str, Any]:
         """A dead (or sent) delivery back to pending with fresh attempts, due now."""
 
@@ -7233,10 +7239,11 @@ def prometheus_text(metrics: dict[str, Any], counters: dict[str, int],
 TIME_FIELDS = {"submitted_at", "started_at", "completed_at", "timeout_at", "next_attempt_at",
                "created_at", "updated_at", "at", "scheduled_publish_at", "published_at",
                "scheduled_for", "fired_at", "last_scheduled_for", "next_fire_at", "cutoff",
-               "added_at", "used_at"}
+               "added_at", "used_at", "sent_at"}
 JSON_FIELDS = {"images", "quality", "result", "params"}
 BOOL_FIELDS = {"auto_approve", "paused", "enabled"}
-COMMAND_GROUPS = ("content", "task", "monitor", "scheduler", "topics", "db", "creator")
+COMMAND_GROUPS = ("content", "task", "monitor", "scheduler", "topics", "db", "creator",
+                  "notify")
 #: Commands whose handler also gets the caller (uid, user name): they record who acted.
 PEER_COMMANDS = frozenset({"content.approve", "content.reject", "content.publish"})
 
@@ -8170,6 +8177,14 @@ class ControlServer:
         if not ids:
             raise InvalidRequest("argument 'ids' must be a non-empty list of topic ids")
         return await self.store.skip_topics(ids, self.pool.clock())
+
+    # -- commands: notify ----------------------------------------------------------------------
+
+    async def cmd_notify_list(self, args: dict[str, Any]) -> Any:
+        status = arg(args, "status", str, choices=("pending", "sent", "dead"))
+        limit = arg(args, "limit", int, default=50, minimum=1, maximum=10_000)
+        return await self._with_total(args, await self.store.list_deliveries(status, limit),
+                                      limit, lambda: self.store.count_deliveries(status))
 
     # -- commands: scheduler -------------------------------------------------------------------
 
@@ -9658,8 +9673,7 @@ class App:
             "version": self.cmd_version, "reload": self.cmd_reload, "config": self.cmd_config,
             "monitor.health": self.cmd_health, "scheduler.create": self.cmd_scheduler_create,
             "scheduler.delete": self.cmd_scheduler_delete,
-            "notify.list": self.cmd_notify_list, "notify.test": self.cmd_notify_test,
-            "notify.retry": self.cmd_notify_retry})
+            "notify.test": self.cmd_notify_test, "notify.retry": self.cmd_notify_retry})
         await self.control.start()
         self.pool.on_finished = self._task_finished
         self.pool.on_media_queued = self.media.wake
@@ -9911,11 +9925,6 @@ class App:
                 f"reload rejected, the running config is unchanged; {len(exc.errors)} error(s)"
                 f" in {self.config.path or 'the config'}:", *exc.errors]),
                 data={"errors": exc.errors}) from None
-
-    async def cmd_notify_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        status = arg(args, "status", str, choices=("pending", "sent", "dead"))
-        limit = arg(args, "limit", int, default=50, minimum=1, maximum=10_000)
-        return await self.store.list_deliveries(status, limit)
 
     async def cmd_notify_test(self, args: dict[str, Any]) -> dict[str, Any]:
         return await self.notifier.test(arg(args, "name", str, required=True))

@@ -433,3 +433,5 @@ def test_a_burst_is_one_chat_message_per_event_kind(daemon_factory, receivers):
     assert "contenthubctl monitor failed" in failed
     assert ready.startswith("【ContentHub】手动任务：3 篇新文章")
     assert "任务 3 个：完成 3，失败 0" in ready
+    listing = daemon.ctl("notify", "list", "--limit", "2")
+    assert listing.returncode == 0 and "showing 2 of 6 (use --limit)" in listing.stderr
