@@ -1352,13 +1352,14 @@ DB_PRAGMAS = ("synchronous = NORMAL", "foreign_keys = ON", "busy_timeout = 5000"
 #: write. Past this size the writer tries a TRUNCATE checkpoint whenever its queue is empty,
 #: waiting at most WAL_TRUNCATE_WAIT_MS for readers (writes wait meanwhile), and again
 #: WAL_TRUNCATE_RETRY_S later if one still holds on; `monitor health` says so until it
-#: succeeds. journal_size_limit trims the file after SQLite's own resets too. A reader that
+#: succeeds. journal_size_limit trims the file to WAL_KEEP_BYTES after SQLite's own resets. A reader that
 #: opens each snapshot the instant it closes the last can still hold the WAL: no checkpoint
 #: mode can reset a WAL that some snapshot always needs.
 WAL_TRUNCATE_BYTES = 64 << 20
 WAL_TRUNCATE_WAIT_MS = 500
 WAL_TRUNCATE_RETRY_S = 5.0
-WRITER_PRAGMAS = ("journal_mode = WAL", f"journal_size_limit = {WAL_TRUNCATE_BYTES}")
+WAL_KEEP_BYTES = 16 << 20  #: journal_size_limit: what a reset WAL file is trimmed to
+WRITER_PRAGMAS = ("journal_mode = WAL", f"journal_size_limit = {WAL_KEEP_BYTES}")
 #: The copies the backup executor writes and rotates: contenthub-20261201T080000.000Z.db
 BACKUP_NAME_RE = re.compile(r"^contenthub-\d{8}T\d{6}\.\d{3}Z\.db$")
 CLOSE_WAIT_S = 10.0  #: how long close() lets the writer retry before failing what is queued
