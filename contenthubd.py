@@ -1352,9 +1352,9 @@ DB_PRAGMAS = ("synchronous = NORMAL", "foreign_keys = ON", "busy_timeout = 5000"
 #: write. Past this size the writer tries a TRUNCATE checkpoint whenever its queue is empty,
 #: waiting at most WAL_TRUNCATE_WAIT_MS for readers (writes wait meanwhile), and again
 #: WAL_TRUNCATE_RETRY_S later if one still holds on; `monitor health` says so until it
-#: succeeds. journal_size_limit trims the file to WAL_KEEP_BYTES after SQLite's own resets. A reader that
-#: opens each snapshot the instant it closes the last can still hold the WAL: no checkpoint
-#: mode can reset a WAL that some snapshot always needs.
+#: succeeds. journal_size_limit trims the file to WAL_KEEP_BYTES after SQLite's own resets.
+#: A reader that opens each snapshot the instant it closes the last can still hold the WAL:
+#: no checkpoint mode can reset a WAL that some snapshot always needs.
 WAL_TRUNCATE_BYTES = 64 << 20
 WAL_TRUNCATE_WAIT_MS = 500
 WAL_TRUNCATE_RETRY_S = 5.0
