@@ -14,6 +14,7 @@ Sections, in order (`grep '^# .*###' contenthubctl.py`):
                     text, export files, the --wait progress line; all pure functions
     Commands        one function per subcommand: build the args, call, print, exit code
     Main            the argparse tree and main()
+    Completion      bash and zsh completion scripts generated from that tree
 
 Exit codes: 0 ok, 1 the command failed, 2 usage error, 69 contenthubd unreachable.
 """
@@ -1647,6 +1648,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         command(db, "stats", cmd_db_stats, "file and WAL size, pages, rows per table")
     command(commands, "reload", cmd_reload, "re-read the config file (like SIGHUP)")
     command(commands, "config", cmd_config, "effective settings and where each came from")
+    sub = commands.add_parser("completion", help="print a bash or zsh completion script",
+                              description="print a bash or zsh completion script (see README:"
+                                          " Install as a service)")
+    sub.add_argument("shell", choices=("bash", "zsh"))
+    sub.set_defaults(handler=None)
     return parser
 
 
@@ -1682,6 +1688,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--format prometheus is only valid for: monitor metrics")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE if exc.code else EXIT_OK
+    if options.command == "completion":  # needs no daemon
+        out.write(completion_script(options.shell, build_parser()))
+        return EXIT_OK
     try:
         socket_path, config_path = discover_socket(
             options.socket, options.config, os.environ, os.getcwd(),
@@ -1711,6 +1720,121 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         err.write(f"contenthubctl: {type(exc).__name__}: {exc}\n")
         return EXIT_FAILED
+
+
+# Completion ####################################################################################
+
+
+def completion_tree(parser: argparse.ArgumentParser) -> dict[str, dict]:
+    """Every command path of the parser ("" for the top level, "task list", …) with the words
+    that may follow it (subcommands, then options), the options that take a value, and the
+    choices of those that have them."""
+    tree: dict[str, dict] = {}
+
+    def walk(path: str, node: argparse.ArgumentParser) -> None:
+        entry: dict = {"words": [], "takes_value": [], "choices": {}}
+        tree[path] = entry
+        for action in node._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    entry["words"].append(name)
+                    walk(f"{path} {name}".strip(), child)
+            elif action.option_strings:
+                long_names = [o for o in action.option_strings if o.startswith("--")]
+                entry["words"] += long_names or action.option_strings
+                if action.nargs != 0:
+                    entry["takes_value"] += action.option_strings
+                    if action.choices:
+                        for option in action.option_strings:
+                            entry["choices"][option] = [str(c) for c in action.choices]
+            elif action.choices:  # a positional with choices: `completion bash`
+                entry["words"] += [str(c) for c in action.choices]
+    walk("", parser)
+    return tree
+
+
+def _shell_words(words) -> str:
+    return " ".join(words)
+
+
+def _case_pattern(case: str) -> str:
+    """`*|--format` matches any path; anything else is matched literally."""
+    return f'*"{case[1:]}"' if case.startswith("*") else f'"{case}"'
+
+
+def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
+    """A bash or zsh completion function for every command, option and option choice the
+    parser has: regenerate it after an upgrade (README: Install as a service)."""
+    tree = completion_tree(parser)
+    paths = [path for path in tree if path]
+    value_options = sorted({o for entry in tree.values() for o in entry["takes_value"]})
+    # An option with the same choices wherever it appears (--format) gets one case for all.
+    by_option: dict[str, set] = {}
+    for entry in tree.values():
+        for option, choices in entry["choices"].items():
+            by_option.setdefault(option, set()).add(tuple(choices))
+    choice_cases = [(f"*|{option}", list(next(iter(variants))))
+                    for option, variants in by_option.items() if len(variants) == 1]
+    choice_cases += [(f"{path}|{option}", choices) for path, entry in tree.items()
+                     for option, choices in entry["choices"].items()
+                     if len(by_option[option]) > 1]
+    if shell == "bash":
+        lines = ["# bash completion for contenthubctl: `contenthubctl completion bash`",
+                 "_contenthubctl() {",
+                 '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"',
+                 '    local cmdpath="" i word',
+                 "    for ((i = 1; i < COMP_CWORD; i++)); do",
+                 '        word="${COMP_WORDS[i]}"',
+                 '        case "$word" in',
+                 f"            {'|'.join(value_options)}) ((i++)); continue ;;",
+                 "            -*) continue ;;",
+                 "        esac",
+                 '        case "${cmdpath:+$cmdpath }$word" in',
+                 "            " + "|".join(f'"{p}"' for p in paths)
+                 + ') cmdpath="${cmdpath:+$cmdpath }$word" ;;',
+                 "        esac",
+                 "    done",
+                 '    case "$cmdpath|$prev" in']
+        lines += [f'        {_case_pattern(case)})'
+                  f' COMPREPLY=($(compgen -W "{_shell_words(choices)}" -- "$cur")); return ;;'
+                  for case, choices in choice_cases]
+        lines += ["    esac",
+                  '    case "$prev" in',
+                  f"        {'|'.join(value_options)}) return ;;  # a value: files, by -o default",
+                  "    esac",
+                  '    case "$cmdpath" in']
+        lines += [f'        "{path}") COMPREPLY=($(compgen -W "{_shell_words(entry["words"])}"'
+                  ' -- "$cur")) ;;' for path, entry in tree.items()]
+        lines += ["    esac", "}", "complete -o default -F _contenthubctl contenthubctl", ""]
+        return "\n".join(lines)
+    lines = ["#compdef contenthubctl",
+             "# zsh completion for contenthubctl: `contenthubctl completion zsh`",
+             "_contenthubctl() {",
+             '    local cmdpath="" word i',
+             "    for (( i = 2; i < CURRENT; i++ )); do",
+             '        word="${words[i]}"',
+             '        case "$word" in',
+             f"            ({'|'.join(value_options)}) (( i++ )); continue ;;",
+             "            (-*) continue ;;",
+             "        esac",
+             '        case "${cmdpath:+$cmdpath }$word" in',
+             "            (" + "|".join(f'"{p}"' for p in paths)
+             + ') cmdpath="${cmdpath:+$cmdpath }$word" ;;',
+             "        esac",
+             "    done",
+             '    local prev="${words[CURRENT-1]}"',
+             '    case "$cmdpath|$prev" in']
+    lines += [f'        ({_case_pattern(case)}) compadd -- {_shell_words(choices)}; return ;;'
+              for case, choices in choice_cases]
+    lines += ["    esac",
+              '    case "$prev" in',
+              f"        ({'|'.join(value_options)}) _files; return ;;",
+              "    esac",
+              '    case "$cmdpath" in']
+    lines += [f'        ("{path}") compadd -- {_shell_words(entry["words"])} ;;'
+              for path, entry in tree.items()]
+    lines += ["    esac", "}", '_contenthubctl "$@"', ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

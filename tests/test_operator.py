@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -375,3 +377,35 @@ def test_first_stop_signal_says_how_to_force_and_the_second_is_logged(daemon_fac
     daemon.signal(signal.SIGINT)
     assert daemon.proc.wait(30) == 1
     assert "forced_exit" in daemon.log()
+
+
+# 9. Shell completion generated from contenthubctl's parser ################################
+
+def complete(script: str, *words: str) -> list[str]:
+    """What bash offers for the last of `words`, with the generated script loaded."""
+    probe = script + textwrap.dedent(f"""
+        COMP_WORDS=({" ".join(shlex.quote(w) for w in ("contenthubctl", *words))})
+        COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))
+        _contenthubctl
+        printf '%s\\n' "${{COMPREPLY[@]}}"
+        """)
+    result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_bash_completion_knows_every_command_option_and_choice(tmp_path):
+    generated = subprocess.run([sys.executable, str(CTL), "completion", "bash"],
+                               capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert generated.returncode == 0 and generated.stderr == ""  # no daemon needed
+    script = generated.stdout
+    assert {"task", "scheduler", "monitor", "completion"} <= set(complete(script, ""))
+    assert complete(script, "sch") == ["scheduler"]
+    assert "delete" in complete(script, "scheduler", "")
+    assert complete(script, "--socket", "/run/x.sock", "task", "list", "--st") == ["--status"]
+    assert "timeout" in complete(script, "task", "list", "--status", "")
+    assert complete(script, "monitor", "metrics", "--format", "pro") == ["prometheus"]
+    assert complete(script, "task", "status", "abc", "--f") == ["--format"]
+    zsh = subprocess.run([sys.executable, str(CTL), "completion", "zsh"],
+                         capture_output=True, text=True, timeout=30).stdout
+    assert zsh.startswith("#compdef contenthubctl\n") and '("scheduler delete")' in zsh
