@@ -1031,8 +1031,8 @@ def cmd_task_cancel(session: Session, options) -> int:
 def cmd_task_retry(session: Session, options) -> int:
     task = session.call("task.retry", {"task_id": options.task_id})
     if session.format == "table":
-        session.write_lines([f"{task['task_id']} {task['status']} again (follow it with:"
-                             f" contenthubctl task status {short_task_id(task['task_id'])})"])
+        session.write_lines([f"{task['task_id']} queued again, now {task['status']} (follow it"
+                             f" with: contenthubctl task status {short_task_id(task['task_id'])})"])
     else:
         session.show(task, order=TASK_ORDER)
     return EXIT_OK
