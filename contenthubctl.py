@@ -89,6 +89,19 @@ class DaemonUnreachable(CtlError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class OutcomeUnknown(DaemonUnreachable):
+    """The request went out but no reply came: the daemon may or may not have applied it."""
+
+
+#: How to find out what happened to a request whose reply was lost, per command.
+OUTCOME_CHECKS = {
+    "bulk_import": "run the same bulk-import again: its idempotency key (the file's hash, or"
+                   " --idempotency-key) makes a repeat import nothing twice",
+    "content.generate": "repeat it with the same --idempotency-key (safe), or look for the task"
+                        " with: contenthubctl task list --limit 5",
+}
+
+
 class CommandFailed(CtlError):
     """The daemon answered `ok: false`."""
 
@@ -234,8 +247,8 @@ class ControlClient:
             while True:
                 raw = self._lines.readline()
                 if not raw:
-                    raise DaemonUnreachable(f"contenthubd at {self.path} closed the connection"
-                                            " before replying (did it stop?)")
+                    raise self._unknown(cmd, f"contenthubd at {self.path} closed the connection"
+                                        " before replying (did it stop?)")
                 message = self._decode(raw)
                 if message.get("id") not in (request_id, None):
                     continue
@@ -253,11 +266,17 @@ class ControlClient:
                 raise CommandFailed(error.get("code", "error"),
                                     error.get("message", "(no message)"), error.get("data"))
         except TimeoutError:
-            raise DaemonUnreachable(f"contenthubd at {self.path} did not reply within"
-                                    f" {timeout:g} s") from None
+            raise self._unknown(cmd, f"contenthubd at {self.path} did not reply within"
+                                f" {timeout:g} s") from None
         except (BrokenPipeError, ConnectionResetError):
-            raise DaemonUnreachable(f"lost the connection to contenthubd at {self.path}"
-                                    " (did it stop?)") from None
+            raise self._unknown(cmd, f"lost the connection to contenthubd at {self.path}"
+                                " (did it stop?)") from None
+
+    @staticmethod
+    def _unknown(cmd: str, what: str) -> OutcomeUnknown:
+        check = OUTCOME_CHECKS.get(cmd, "check before repeating it")
+        return OutcomeUnknown(f"{what}; the request was sent, so whether {cmd} was applied is"
+                              f" unknown: {check}")
 
     @staticmethod
     def _decode(raw: bytes) -> dict:
@@ -871,7 +890,7 @@ def cmd_content_generate(session: Session, options) -> int:
         "keywords": options.keywords, "requirements": options.requirements,
         "tone": options.tone, "category": options.category,
         "target_audience": options.target_audience, "priority": options.priority,
-        "auto_approve": options.auto_approve}))
+        "auto_approve": options.auto_approve, "idempotency_key": options.idempotency_key}))
     if not options.wait:
         session.show({key: submitted.get(key) for key in ("task_id", "status", "message")})
         return EXIT_OK
@@ -1196,6 +1215,8 @@ def cmd_scheduler_trigger(session: Session, options) -> int:
     run = session.call("scheduler.trigger", {"name": options.name})
     if session.format != "table":
         session.show(run)
+    elif run.get("merged"):
+        session.write_lines([f"{options.name}: {run.get('message')}"])
     else:
         summary = run_result_of(run)
         session.write_lines([f"{options.name}: run {run.get('run_id')} {run.get('status')}"
@@ -1269,9 +1290,14 @@ def read_csv_file(path: str) -> str:
 
 
 def cmd_bulk_import(session: Session, options) -> int:
+    """The idempotency key defaults to the file's SHA-256: importing a file again after an
+    ambiguous failure (exit 69, outcome unknown) never doubles its rows."""
+    import hashlib
+
     text = read_csv_file(options.file)
+    key = options.idempotency_key or "sha256:" + hashlib.sha256(text.encode()).hexdigest()
     try:
-        result = session.call("bulk_import", {"csv": text,
+        result = session.call("bulk_import", {"csv": text, "idempotency_key": key,
                                               "filename": os.path.basename(options.file)})
     except CommandFailed as exc:
         errors = exc.data.get("errors") if isinstance(exc.data, dict) else None
@@ -1283,7 +1309,12 @@ def cmd_bulk_import(session: Session, options) -> int:
         session.warn(f"nothing imported: {rows} bad row(s), {len(errors)} error(s)"
                      f" in {options.file}")
         return EXIT_FAILED
-    if session.format == "table":
+    if session.format == "table" and result.get("duplicate"):
+        session.write_lines([
+            f"already imported: {result['first_imported']} tasks from this content at"
+            f" {result['first_seen_at']} (idempotency key {key}); nothing imported now. To"
+            " import it again on purpose, pass --idempotency-key with a new value"])
+    elif session.format == "table":
         ids = result["task_ids"]
         span = f": {ids[0]} … {ids[-1]}" if len(ids) > 1 else f": {ids[0]}" if ids else ""
         session.write_lines([f"imported {result['imported']} tasks from {options.file}{span}"])
@@ -1485,6 +1516,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                          help="accepted for compatibility: generation is always asynchronous")
         sub.add_argument("--wait", action="store_true",
                          help="follow the task to its end; exit 0 only if it completed")
+        sub.add_argument("--idempotency-key", metavar="KEY",
+                         help="a repeat with the same key queues nothing new: safe to retry")
         sub = command(content, "list", cmd_content_list, "list contents (without bodies)")
         sub.add_argument("--account-id", type=int)
         sub.add_argument("--review-status", choices=REVIEW_STATUSES)
@@ -1635,6 +1668,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                           " [,requirements,tone,category]")
     sub.add_argument("--async", dest="async_mode", action="store_true",
                      help="accepted for compatibility: generation is always asynchronous")
+    sub.add_argument("--idempotency-key", metavar="KEY",
+                     help="default: the file's SHA-256, so importing a file twice imports it"
+                          " once; give a new key to import the same rows again")
     db = group("db", "back up, check and measure the database file")
     if wanted("db"):
         sub = command(db, "backup", cmd_db_backup,

@@ -1907,6 +1907,31 @@ class Store:
     async def add_tasks(self, tasks: list[dict[str, Any]], now: datetime) -> list[str]:
         return await self._write(self.insert_tasks, tasks, now)
 
+    async def add_tasks_once(self, tasks: list[dict[str, Any]], now: datetime, key: str | None,
+                             command: str, reply: Callable[[list[str]], dict[str, Any]]
+                             ) -> tuple[dict[str, Any], bool]:
+        """add_tasks under an idempotency key: the tasks, the key and the reply they got are
+        one transaction. A key seen before adds nothing and returns its first reply, with
+        True: so a request repeated after an ambiguous failure cannot double its tasks."""
+
+        def add(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            if key is not None:
+                row = conn.execute("SELECT command, reply, created_at FROM idempotency_keys"
+                                   " WHERE key = ?", (key,)).fetchone()
+                if row is not None:
+                    if row[0] != command:
+                        raise Conflict(f"idempotency key {key!r} was used by {row[0]} at"
+                                       f" {row[2]}; use another key")
+                    return {**json.loads(row[1]), "first_seen_at": row[2]}, True
+            result = reply(self.insert_tasks(conn, tasks, now))
+            if key is not None:
+                conn.execute("INSERT INTO idempotency_keys (key, command, reply, created_at)"
+                             " VALUES (?, ?, ?, ?)", (key, command, json_text(result),
+                                                      to_db_time(now)))
+            return result, False
+
+        return await self._write(add)
+
     async def claim_next_tasks(self, limit: int, now: datetime, timeout_s: float,
                                per_account_limit: int = 0, budget: BudgetGate | None = None
                                ) -> list[dict[str, Any]]:
@@ -5936,6 +5961,12 @@ class Scheduler(BackgroundLoop):
         run_id, state, busy = await self.store.begin_run(
             entry.config.name, scheduled_for, now, trigger,
             check_overlap=entry.config.overlap == "skip")
+        if state != "new" and trigger == "manual":
+            # Two triggers in one millisecond claim one instant: the second started nothing,
+            # and says so rather than reporting the other's run as its own.
+            return {"run_id": run_id, "status": state, "merged": True,
+                    "message": f"another trigger in the same millisecond started run {run_id};"
+                    " this one started nothing"}
         if state not in ("new", "firing"):
             return {"run_id": run_id, "status": state}
         if busy:
@@ -7330,6 +7361,18 @@ def peer_allowed(sock: socket.socket, group: str) -> tuple[bool, int]:
     return False, uid
 
 
+IDEMPOTENCY_KEY_MAX = 200
+
+
+def idempotency_key(args: dict[str, Any]) -> str | None:
+    """The optional `idempotency_key` argument: 1-200 printable characters."""
+    key = arg(args, "idempotency_key", str)
+    if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isprintable()):
+        raise InvalidRequest(f"argument 'idempotency_key' must be 1-{IDEMPOTENCY_KEY_MAX}"
+                             " printable characters")
+    return key
+
+
 CSV_COLUMNS = ("account_id", "topic", "keywords", "priority", "auto_approve", "requirements",
                "tone", "category", "target_audience")
 CSV_TRUE = ("true", "1", "yes", "y")
@@ -7808,12 +7851,23 @@ class ControlServer:
     # -- commands: content ---------------------------------------------------------------------
 
     async def cmd_content_generate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """With `idempotency_key`, a repeat (after an ambiguous failure) returns the task the
+        first request queued, marked `"duplicate": true`, and queues nothing."""
+        key = idempotency_key(args)
         task = await self.validate_new_task(args)
-        [task_id] = await self.store.add_tasks([task], self.pool.clock())
+        result, duplicate = await self.store.add_tasks_once(
+            [task], self.pool.clock(), key, "content.generate",
+            lambda ids: {"task_id": ids[0], "status": "pending",
+                         "message": "task queued; follow it with: contenthubctl task status "
+                         + ids[0]})
+        if duplicate:
+            return {**result, "duplicate": True,
+                    "message": f"already queued as {result['task_id']} by an earlier request"
+                    f" with idempotency key {key!r}; nothing new was queued"}
         self.pool.wake()
-        log.info("task_submitted", task_id=task_id, account_id=task["account_id"], origin="ctl")
-        return {"task_id": task_id, "status": "pending",
-                "message": "task queued; follow it with: contenthubctl task status " + task_id}
+        log.info("task_submitted", task_id=result["task_id"], account_id=task["account_id"],
+                 origin="ctl")
+        return result
 
     async def validate_new_task(self, args: dict[str, Any]) -> dict[str, Any]:
         account_id = arg(args, "account_id", int, required=True)
@@ -8114,12 +8168,18 @@ class ControlServer:
                                  data={"errors": errors})
         if not tasks:
             raise InvalidRequest(f"{filename}: no rows to import")
+        key = idempotency_key(args)
         max_retries = self.config.daemon.max_retries
-        task_ids = await self.store.add_tasks([{**t, "max_retries": max_retries} for t in tasks],
-                                              self.pool.clock())
+        result, duplicate = await self.store.add_tasks_once(
+            [{**t, "max_retries": max_retries} for t in tasks], self.pool.clock(), key,
+            "bulk_import", lambda ids: {"imported": len(ids), "task_ids": ids})
+        if duplicate:
+            log.info("bulk_import_repeated", idempotency_key=key, file=filename)
+            return {**result, "first_imported": result["imported"], "imported": 0,
+                    "duplicate": True}
         self.pool.wake()
-        log.info("bulk_imported", count=len(task_ids), file=filename)
-        return {"imported": len(task_ids), "task_ids": task_ids}
+        log.info("bulk_imported", count=result["imported"], file=filename)
+        return result
 
     # -- commands: topics ----------------------------------------------------------------------
 

@@ -415,3 +415,11 @@ ALTER TABLE content_generation_tasks ADD COLUMN error_class TEXT;
 
 -- migration 9: where a publisher put an article (the URL its command printed)
 ALTER TABLE contents ADD COLUMN published_url TEXT;
+
+-- migration 10: idempotency keys: a repeated bulk-import or content generate returns the first reply
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key         TEXT PRIMARY KEY,
+    command     TEXT NOT NULL,
+    reply       TEXT NOT NULL,   -- JSON: the result the first request got
+    created_at  TEXT NOT NULL
+);

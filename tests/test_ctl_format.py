@@ -4,6 +4,7 @@ and how it talks to the socket (exit codes, streamed --wait), against a tiny fak
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import socketserver
@@ -356,5 +357,7 @@ def test_bulk_import_reports_every_bad_row_by_line(fake_daemon, tmp_path, capsys
     err = capsys.readouterr().err.splitlines()
     assert err[:2] == [f"{tasks}:3: column account_id: not an integer: 'x'",
                        f"{tasks}:3: column topic: must not be empty"]
-    assert server.requests[0]["args"] == {"csv": "account_id,topic\n49,AI技术\nx,\n",
-                                          "filename": "tasks.csv"}
+    text = "account_id,topic\n49,AI技术\nx,\n"
+    assert server.requests[0]["args"] == {
+        "csv": text, "filename": "tasks.csv",
+        "idempotency_key": "sha256:" + hashlib.sha256(text.encode()).hexdigest()}

@@ -16,13 +16,15 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import command_creator, pid_alive, wait_until
+from conftest import CTL, command_creator, pid_alive, wait_until
 
 NOGROUP = 65534
 
@@ -510,3 +512,106 @@ params = { days = 30 }
     data = skipped["result"]["data"]
     assert data["missed"] >= 179 and "instants missed" in skipped["result"]["message"]
     assert data["first_missed"] == missed["first_missed"]
+
+
+# -- 10. ambiguous outcomes: idempotency keys, the truth about merged triggers ---------------
+
+class ReplyDroppingProxy:
+    """A socket in front of the daemon's that passes a request on, reads the daemon's reply,
+    and hangs up without passing it back: to the client, the daemon went away mid-request."""
+
+    def __init__(self, target: Path, path: Path):
+        self.target, self.path = target, path
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        self.thread = threading.Thread(target=self._serve_one, daemon=True)
+        self.thread.start()
+
+    def _serve_one(self) -> None:
+        client, _ = self.server.accept()
+        with client, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as upstream:
+            upstream.connect(str(self.target))
+            request = b""
+            while not request.endswith(b"\n"):
+                request += client.recv(1 << 16)
+            upstream.sendall(request)
+            reply = b""
+            while not reply.endswith(b"\n"):
+                reply += upstream.recv(1 << 16)
+        self.server.close()
+
+
+def test_bulk_import_repeated_after_an_ambiguous_failure_imports_once(daemon_factory, tmp_path):
+    daemon = daemon_factory().start()
+    csv_path = tmp_path / "tasks.csv"
+    csv_path.write_text("account_id,topic\n" + "".join(f"49,幂等导入 {i}\n" for i in range(500)),
+                        encoding="utf-8")
+    proxy = ReplyDroppingProxy(daemon.socket, tmp_path / "lossy.sock")
+    lost = subprocess.run([sys.executable, str(CTL), "--socket", str(proxy.path),
+                           "bulk-import", "--file", str(csv_path)],
+                          capture_output=True, text=True, timeout=60, env=daemon.env)
+    proxy.thread.join(10)
+    # 0.1.0 said "unreachable" and a second import doubled the rows.
+    assert lost.returncode == 69, lost.stderr
+    assert "unknown" in lost.stderr and "bulk-import again" in lost.stderr
+    assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks") == 500
+    again = daemon.ctl("bulk-import", "--file", str(csv_path))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("already imported: 500 tasks")
+    assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks") == 500
+    # A new key imports the same rows on purpose.
+    fresh = daemon.ctl("bulk-import", "--file", str(csv_path), "--idempotency-key", "第二批")
+    assert fresh.returncode == 0 and fresh.stdout.startswith("imported 500 tasks")
+    assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks") == 1000
+
+
+def test_content_generate_with_an_idempotency_key_queues_once(daemon_factory):
+    daemon = daemon_factory().start()
+    args = ("--format", "json", "content", "generate", "-a", "49", "-t", "幂等生成",
+            "--idempotency-key", "req-42")
+    first, second = (json.loads(daemon.ctl(*args).stdout) for _ in range(2))
+    assert first["task_id"] == second["task_id"]
+    assert "nothing new was queued" in second["message"]
+    assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks") == 1
+    reused = daemon.request("bulk_import", {"csv": "account_id,topic\n49,x\n",
+                                            "idempotency_key": "req-42"})
+    assert reused["error"]["code"] == "conflict", reused
+
+
+def test_triggers_in_the_same_millisecond_tell_each_caller_what_happened(daemon_factory):
+    daemon = daemon_factory(extra=CLEANUP_BLOCK.format(name="手动", every="1h")).start()
+    line = request_line("scheduler.trigger", {"name": "手动"})
+    merged_seen = False
+    seen_runs: set[int] = set()
+    for _ in range(30):
+        socks = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        for sock in socks:
+            sock.connect(str(daemon.socket))
+        for sock in socks:  # back to back: the daemon reads both in one loop iteration
+            sock.send(line)
+        replies = [answer_of(sock) for sock in socks]
+        runs = [r["result"]["run_id"] for r in replies]
+        seen_runs.update(runs)
+        merged = [bool(r["result"].get("merged")) for r in replies]
+        if runs[0] == runs[1]:
+            # 0.1.0 told both callers "fired" for the one run.
+            assert sorted(merged) == [False, True], replies
+            merged_seen = True
+            break
+        assert merged == [False, False]
+    assert merged_seen, "no two triggers landed in one millisecond in 30 tries"
+    manual_runs = daemon.scalar("SELECT COUNT(*) FROM schedule_runs WHERE trigger = 'manual'")
+    assert manual_runs == len(seen_runs), "every run a caller was told of, and no other"
+
+
+def answer_of(sock: socket.socket) -> dict:
+    sock.settimeout(30)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    return json.loads(data)
