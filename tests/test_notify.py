@@ -435,3 +435,16 @@ def test_a_burst_is_one_chat_message_per_event_kind(daemon_factory, receivers):
     assert "任务 3 个：完成 3，失败 0" in ready
     listing = daemon.ctl("notify", "list", "--limit", "2")
     assert listing.returncode == 0 and "showing 2 of 6 (use --limit)" in listing.stderr
+
+
+def test_the_example_configs_notify_block_is_valid(tmp_path):
+    text = (DAEMON.parent / "contenthubd.toml").read_text(encoding="utf-8")
+    block = text[text.index("# [[notify]]"):]
+    uncommented = text.replace(block, "".join(
+        line[2:] + "\n" for line in block.splitlines() if line.startswith("# ")))
+    config = tmp_path / "contenthubd.toml"
+    config.write_text(uncommented, encoding="utf-8")
+    check = subprocess.run([sys.executable, str(DAEMON), "--check-config", str(config)],
+                           capture_output=True, text=True, env={"WECOM_KEY": "k", "PATH": ""})
+    assert check.returncode == 0, check.stderr
+    assert "[[notify]]\nname = \"editors\"" in uncommented
