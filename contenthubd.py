@@ -2221,11 +2221,13 @@ class Store:
 
     async def release_attempt(self, task_id: str, attempt: int, now: datetime,
                               next_attempt_at: datetime, error_kind: str, error_class: str,
-                              message: str, why: str, usage: Usage | None = None
+                              message: str, why: str, usage: Usage | None = None,
+                              notify: tuple[str, dict[str, Any]] | None = None
                               ) -> str | None:
         """running/submitted -> pending WITHOUT spending a retry: the failure was the
         creator's (rate limit, circuit breaker), not the task's. Returns "pending", None if
-        the attempt no longer owns the task. The attempt's `usage` is recorded all the same."""
+        the attempt no longer owns the task. The attempt's `usage` is recorded all the same,
+        and `notify` (event, data) is enqueued in the same transaction."""
 
         def release(conn: sqlite3.Connection) -> str | None:
             stamp = to_db_time(now)
@@ -2241,9 +2243,15 @@ class Store:
                                        message, stamp, task_id))
             self._event(conn, task_id, stamp, row[0], "pending",
                         f"{why}, no retry spent: {error_class}: {message}"[:500])
+            if notify is not None:
+                self.enqueue_event(conn, notify[0], notify[1], now)
             return "pending"
 
         return await self._write(release)
+
+    async def notify_creator(self, event: str, data: dict[str, Any], now: datetime) -> None:
+        """creator.recovered (or tripped) when no task changes with it: resume, a probe."""
+        await self._write(lambda conn: self.enqueue_event(conn, event, data, now))
 
     async def mark_submitted(self, task_id: str, attempt: int, external_id: str,
                              now: datetime) -> bool:
@@ -6762,9 +6770,17 @@ class WorkerPool:
         self._health_probe = asyncio.create_task(self._probe_health(), name="creator-probe")
         return None
 
+    async def _recovered(self, how: str) -> None:
+        log.info("creator_recovered", how=how)
+        await self.store.notify_creator("creator.recovered", {
+            "message": f"内容生成器已恢复（{how}），继续领取任务", "how": how}, self.clock())
+
     async def _probe_health(self) -> None:
         ok, detail = await self.run_health_command()
+        was = self.breaker.state
         self.breaker.probe_result(ok, detail)
+        if was != "closed" and self.breaker.state == "closed":
+            await self._recovered("health_command probe succeeded")
         (log.info if ok else log.warning)("creator_probe", by="health_command", ok=ok,
                                           detail=detail[:300])
         self.wake()
@@ -6797,12 +6813,14 @@ class WorkerPool:
                       pause_reason=self.pause_reason)
         return status
 
-    def resume_creator(self) -> dict[str, Any]:
+    async def resume_creator(self) -> dict[str, Any]:
         """`creator resume`: close the breaker and lift a claim pause; the queue drains."""
         was = self.breaker.state
         self.breaker.resume()
         self.claims_paused_until = self.pause_reason = None
         log.info("creator_resumed", was=was)
+        if was != "closed":
+            await self._recovered("operator resume")
         self.wake()
         return {"was": was, **self.creator_status()}
 
@@ -6917,9 +6935,8 @@ class WorkerPool:
             daemon = self.config.daemon
             now = self.clock()
             gate = budget_gate(self.config, now)
-            recovered = self.breaker.record_success(task_id)
-            if recovered:
-                log.info("creator_recovered", task_id=task_id)
+            if self.breaker.record_success(task_id):
+                await self._recovered(f"task {task_id} completed")
             before = self.pacing.limit(self.capacity)
             self.pacing.completed(self.capacity)
             if self.pacing.limit(self.capacity) != before:
@@ -6995,9 +7012,15 @@ class WorkerPool:
                 error_class, outcome.message, f"rate limited, claims paused {pause:g}s",
                 usage)
         if error_class in CREATOR_WIDE_CLASSES and not spend_retry:
+            notify = None
             if tripped:
                 log.error("creator_tripped", error_class=error_class, tasks=BREAKER_TRIP_TASKS,
                           reason=outcome.message, probe_in_s=self.breaker.probe_interval)
+                notify = ("creator.tripped", {
+                    "message": f"内容生成器已熔断（{error_class}），暂停领取任务："
+                               f"{outcome.message}"[:500],
+                    "error_class": error_class, "reason": outcome.message,
+                    "failures": self.breaker.failures})
             # Closed: this task waits its backoff while another task confirms or clears the
             # failure. Open: it waits for the breaker, first in line again.
             delay = self._retry_delay(task) if self.breaker.state == "closed" else 0.0
@@ -7005,7 +7028,7 @@ class WorkerPool:
                 task_id, attempt, now, now + timedelta(seconds=delay), outcome.kind,
                 error_class, outcome.message,
                 "creator-wide failure" if self.breaker.state == "closed"
-                else "circuit breaker open", usage)
+                else "circuit breaker open", usage, notify)
         retryable = outcome.retryable or error_class in CREATOR_WIDE_CLASSES
         return await self.store.fail_attempt(
             task_id, attempt, now, outcome.kind, outcome.message,
@@ -8043,7 +8066,7 @@ class ControlServer:
         return self.pool.creator_status()
 
     async def cmd_creator_resume(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.pool.resume_creator()
+        return await self.pool.resume_creator()
 
     # -- commands: monitor ---------------------------------------------------------------------
 

@@ -319,3 +319,28 @@ def test_startup_logs_env_warnings_and_the_health_command_result(daemon_factory,
     assert "${SERVICE_KEY_UNSET} is not set" in log
     assert "exit 78: broken" in log
 
+
+
+def test_tripped_and_recovered_are_notified(daemon_factory, tmp_path):
+    from test_notify import Receiver, notify_block
+
+    receiver = Receiver()
+    try:
+        daemon = topic_daemon(daemon_factory, workers=1, retry_backoff="1s", extra="")
+        daemon.config_path.write_text(daemon.config_path.read_text(encoding="utf-8")
+                                      + notify_block(receiver.url, events=[
+                                          "creator.tripped", "creator.recovered"]),
+                                      encoding="utf-8")
+        daemon.start()
+        for _ in range(3):
+            daemon.submit("needs-key")
+        wait_until(lambda: receiver.bodies("creator.tripped"), message="tripped notified")
+        [tripped] = receiver.bodies("creator.tripped")
+        assert tripped["data"]["error_class"] == "misconfigured"
+        assert "SERVICE_KEY is empty" in tripped["data"]["message"]
+        (tmp_path / "key").touch()
+        assert daemon.ctl("creator", "resume").returncode == 0
+        wait_until(lambda: receiver.bodies("creator.recovered"), message="recovered notified")
+        assert receiver.bodies("creator.recovered")[0]["data"]["how"] == "operator resume"
+    finally:
+        receiver.close()
