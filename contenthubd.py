@@ -2170,6 +2170,11 @@ class Store:
                 " WHERE task_id = ?", (content_id, stamp, result_text, stamp, task_id))
             self._task_finished_events(conn, task_id, "completed", now)
             self._record_usage(conn, task_id, attempt, usage, "completed", stamp)
+            if usage is not None:
+                # What the article cost: every attempt's spend, failed ones included.
+                conn.execute("UPDATE contents SET cost = COALESCE((SELECT SUM(cost) FROM"
+                             " task_usage WHERE task_id = ?), cost), model = COALESCE(model, ?)"
+                             " WHERE id = ?", (task_id, usage.model, content_id))
             return content_id
 
         return await self._write(complete_and_claim)
@@ -6128,7 +6133,7 @@ class MediaFetcher:
         target_dir = self.state_dir / MEDIA_DIR / str(content_id)
         if re.match(r"(?i)https?://", source):
             return self._download(source, target_dir, position)
-        if _CC_URL_RE.match(source) and not re.match(r"[A-Za-z]:[\\/]", source):
+        if _CC_URL_RE.match(source):  # data:, ftp:, file: ...
             raise MediaFailure(f"unsupported image reference {source[:80]!r}", False)
         return self._copy_local(source, target_dir, position)
 
@@ -6148,7 +6153,7 @@ class MediaFetcher:
                 return self._store(target_dir, _media_name(position, source, content_type),
                                    content_type, iter(lambda: file.read(MEDIA_CHUNK_BYTES), b""))
         except FileNotFoundError:
-            raise MediaFailure(f"local image {path} does not exist", True) from None
+            raise MediaFailure(f"local image {path} does not exist", False) from None
         except IsADirectoryError:
             raise MediaFailure(f"local image {path} is a directory", False) from None
         except PermissionError as exc:
@@ -6381,7 +6386,10 @@ class MediaCapture(BackgroundLoop):
                                          content_type=saved.content_type):
             media_log.info("media_saved", path=saved.path, bytes=saved.size)
         else:  # the article was deleted while its image downloaded
-            (self.state_dir / saved.path).unlink(missing_ok=True)
+            saved_file = self.state_dir / saved.path
+            saved_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                saved_file.parent.rmdir()  # only if nothing else is left in it
 
     async def _failed(self, item: dict[str, Any], failure: MediaFailure, media_log: Any) -> None:
         attempts = item["attempts"] + 1

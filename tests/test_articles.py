@@ -394,3 +394,23 @@ command = ["{CREATORS / 'publisher.py'}", "--id", "{{content_id}}"]
         assert len((tmp_path / "published.jsonl").read_text().splitlines()) == 2
     finally:
         server.close()
+
+
+def test_export_front_matter_carries_model_and_the_cost_of_every_attempt(daemon_factory,
+                                                                         tmp_path):
+    prices = ('[budget]\ncurrency = "CNY"\n[budget.prices]\n'
+              '"deepseek-chat" = { input = 2.0, output = 8.0 }\n')
+    daemon = daemon_factory(creator=command_creator("usage_article.py"), extra=prices, env={
+        "USAGE_MODEL": "deepseek-chat", "USAGE_FAIL_FIRST": "1", "USAGE_STYLE": "camel"})
+    daemon.start()
+    task_id = daemon.submit("成本 测试", keywords="预算", auto_approve=True)
+    daemon.wait_status(task_id, "completed")
+    out = tmp_path / "export"
+    assert daemon.ctl("content", "export", "--dir", str(out)).returncode == 0
+    [document] = out.glob("*.md")
+    front = document.read_text(encoding="utf-8").split("\n---\n", 1)[0]
+    fields = dict(line.split(": ", 1) for line in front.splitlines()[1:])
+    # Two attempts of 1000 in + 500 out at 2.0/8.0 per million tokens: 0.006 each.
+    assert abs(json.loads(fields["cost"]) - 0.012) < 1e-9
+    assert json.loads(fields["model"]) == "deepseek-chat"
+    assert json.loads(fields["keywords"]) == "预算" and json.loads(fields["category"]) == "技术"

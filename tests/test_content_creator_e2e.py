@@ -176,6 +176,21 @@ def test_repo_head_images_are_absolute_paths_under_the_creator_cwd(daemon_factor
         path = Path(image)
         assert path.is_absolute() and path.parent == cwd / "data" / "images", image
         assert path.is_file()  # the CLI downloaded it there
+    # Media capture copies them out of the creator's directory, which is not ours to keep;
+    # the export links the copies where the body linked data/images/….
+    media = wait_until(lambda: (m := content(daemon, task_id)["media"])
+                       and all(item["status"] == "saved" for item in m) and m)
+    assert [Path(m["path"]).read_bytes() for m in media] == [Path(i).read_bytes()
+                                                             for i in images]
+    out = tmp_path / "export"
+    assert daemon.ctl("content", "export", "--dir", str(out), "--review-status",
+                      "any").returncode == 0
+    [document] = out.glob("*.md")
+    body = document.read_text(encoding="utf-8").split("\n---\n\n", 1)[1]
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body)
+    assert len(links) == 2 and "data/images" not in body
+    assert [(out / link).read_bytes() for link in links] == [Path(m["path"]).read_bytes()
+                                                            for m in media]
 
 
 # Environment ###################################################################################
