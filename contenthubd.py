@@ -8349,7 +8349,7 @@ NOTIFY_RETRY_CAP_S = 3600.0  #: the longest wait between two attempts of one del
 NOTIFY_RESPONSE_MAX = 64 << 10  #: bytes of a receiver's answer that are read
 NOTIFY_ROUTE_BATCH = 500  #: events turned into outbox rows per transaction
 NOTIFY_MAX_TITLES = 10  #: article titles (or failed tasks) listed in one chat message
-NOTIFY_MAX_MERGED = 50  #: due rows read per target and round; at most one chat message's
+NOTIFY_MAX_MERGED = 50  #: due rows read per target and round, and the most one message carries
 #: Events whose due rows for one chat target go as one message, however many there are.
 MERGED_EVENTS = ("task.failed", "content.ready")
 NOTIFY_PRUNE_EVERY = timedelta(hours=1)  #: how often events past retention_days are deleted
