@@ -3082,6 +3082,38 @@ class Store:
 
         await self._write(save)
 
+    async def rewind_schedule_states(self, now: datetime) -> None:
+        """After a backward clock jump: no schedule's last instant lies in the future."""
+
+        def rewind(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE schedule_state SET last_scheduled_for = ?"
+                         " WHERE last_scheduled_for > ?", (to_db_time(now), to_db_time(now)))
+
+        await self._write(rewind)
+
+    async def shift_wall_deadlines(self, seconds: float, now: datetime) -> int:
+        """After a backward clock jump of `seconds` (< 0): retries (`next_attempt_at`) and
+        timeouts (`timeout_at`) still ahead were set on the old clock; move them by the jump,
+        never before `now`. Returns how many tasks moved."""
+        stamp = to_db_time(now)
+
+        def shift(conn: sqlite3.Connection) -> int:
+            moved = 0
+            for column, statuses in (("next_attempt_at", ("pending",)),
+                                     ("timeout_at", ("running", "submitted"))):
+                rows = conn.execute(
+                    f"SELECT task_id, {column} FROM content_generation_tasks WHERE status IN"
+                    f" ({', '.join('?' * len(statuses))}) AND {column} > ?",
+                    (*statuses, stamp)).fetchall()
+                conn.executemany(
+                    f"UPDATE content_generation_tasks SET {column} = ? WHERE task_id = ?",
+                    [(to_db_time(max(now, from_db_time(value) + timedelta(seconds=seconds))),
+                      task_id) for task_id, value in rows])
+                moved += len(rows)
+            return moved
+
+        return await self._write(shift)
+
     async def restart_schedule_states(self, rows: list[tuple[str, int, str, str | None]]
                                       ) -> None:
         """New or edited schedules (name, paused, config_hash, last_scheduled_for) start
@@ -5753,6 +5785,27 @@ def plan_misfires(
 #: The loop never sleeps longer than this, so a wall-clock jump or a host that slept is
 #: noticed within a minute; monotonic sleeps stop while the host is suspended.
 MAX_SLEEP_S = 60.0
+#: Wall minus monotonic time moving by more than this between two looks is a clock jump.
+CLOCK_JUMP_THRESHOLD_S = 5.0
+
+
+class ClockWatch:
+    """Notices wall-clock jumps. Wall time minus monotonic time stays put while the clock just
+    runs (NTP slews it by milliseconds); settimeofday, a large NTP step or a resumed host moves
+    it at once."""
+
+    def __init__(self, clock: Callable[[], datetime]):
+        self.clock = clock
+        self._offset = self._measure()
+
+    def _measure(self) -> float:
+        return self.clock().timestamp() - time.monotonic()
+
+    def jumped(self) -> float:
+        """Seconds the wall clock jumped since the last look (< 0: backwards), or 0.0."""
+        offset = self._measure()
+        jump, self._offset = offset - self._offset, offset
+        return jump if abs(jump) > CLOCK_JUMP_THRESHOLD_S else 0.0
 
 
 def schedule_trigger(schedule: ScheduleConfig, default_tz: str) -> Trigger:
@@ -5868,6 +5921,9 @@ class Scheduler(BackgroundLoop):
         self.wake_pool = wake_pool
         self.clock = clock
         self.schedules: dict[str, PlannedSchedule] = {}
+        self.clock_watch = ClockWatch(clock)
+        #: told of a backward jump (seconds, now), to move the deadlines other parts keep
+        self.on_clock_jump: Callable[[float, datetime], Awaitable[None]] | None = None
 
     async def _resume_interrupted(self) -> None:
         """Finish the firings a crash interrupted. The loop does it first, so a long one (a
@@ -5916,11 +5972,35 @@ class Scheduler(BackgroundLoop):
         last = entry.last_scheduled_for or now
         entry.next_fire_at = entry.trigger.next_after(last, last)
 
+    async def _clock_jumped(self, jump: float, now: datetime) -> None:
+        """A forward jump is a misfire like any other (this look records or fires what it
+        skipped). After a backward one, instants planned on the old clock would all come
+        late by the jump: every schedule's last instant is brought back to now and its next
+        one planned from there. Instants that already fired keep their runs, so
+        UNIQUE(schedule_name, scheduled_for) stops them firing twice as the clock repeats."""
+        log.warning("clock_jump", seconds=round(jump, 1),
+                    direction="backward" if jump < 0 else "forward")
+        if jump > 0:
+            return
+        for entry in self.schedules.values():
+            if entry.last_scheduled_for is not None and entry.last_scheduled_for > now:
+                entry.last_scheduled_for = now
+            self._plan_next(entry, now)
+        await self.store.rewind_schedule_states(now)
+        if self.on_clock_jump is not None:
+            await self.on_clock_jump(jump, now)
+
     async def _loop(self) -> None:
         await self._resume_interrupted()
         while self._running:
             self._wake.clear()
             now = self.clock()
+            jump = self.clock_watch.jumped()
+            if jump:
+                try:
+                    await self._clock_jumped(jump, now)
+                except sqlite3.Error:
+                    log.exception("clock_jump_not_applied")
             due = [e for e in self.schedules.values()
                    if not e.paused and e.next_fire_at is not None and e.next_fire_at <= now]
             for entry in due:
@@ -9768,6 +9848,7 @@ class App:
             "notify.test": self.cmd_notify_test, "notify.retry": self.cmd_notify_retry})
         await self.control.start()
         self.pool.on_finished = self._task_finished
+        self.scheduler.on_clock_jump = self._clock_jumped
         self.pool.on_media_queued = self.media.wake
         await self.media.start()
         await self.pool.start()
@@ -9906,6 +9987,12 @@ class App:
         count = await self.store.requeue_tasks(stale, self.clock(),
                                                "recovered after daemon restart")
         log.warning("tasks_recovered", count=count)
+
+    async def _clock_jumped(self, seconds: float, now: datetime) -> None:
+        """Backward clock jump: retries and timeouts set on the old clock move with it."""
+        moved = await self.store.shift_wall_deadlines(seconds, now)
+        log.warning("task_deadlines_moved", seconds=round(seconds, 1), tasks=moved)
+        self.pool.wake()
 
     async def reload(self) -> dict[str, Any]:
         """SIGHUP and `contenthubctl reload`; one at a time with schedule edits."""

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import CTL, command_creator, pid_alive, wait_until
+from conftest import CREATORS, CTL, command_creator, pid_alive, wait_until
 
 NOGROUP = 65534
 
@@ -615,3 +615,47 @@ def answer_of(sock: socket.socket) -> dict:
         data += chunk
     sock.close()
     return json.loads(data)
+
+
+# -- 8. a backward clock jump neither silences schedules nor delays retries -------------------
+
+LIBFAKETIME = next((path for path in (Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
+                                      Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"),
+                                      Path("/usr/lib/faketime/libfaketime.so.1"))
+                    if path.exists()), None)
+
+
+@pytest.mark.skipif(LIBFAKETIME is None, reason="libfaketime (Debian package faketime) missing")
+def test_backward_clock_jump_keeps_schedules_and_retries_on_time(daemon_factory, tmp_path):
+    offset_file = tmp_path / "faketime"
+    offset_file.write_text("+0\n")
+    # Only the daemon's wall clock is faked; the creator runs without libfaketime (its sleep
+    # would fail with the real monotonic clock libfaketime is told to leave alone).
+    creator = f"""
+[creator]
+kind = "command"
+command = ["env", "-u", "LD_PRELOAD", "{CREATORS / 'article_then_exit_1.sh'}"]
+"""
+    daemon = daemon_factory(creator=creator, max_retries=3,
+                            extra=CLEANUP_BLOCK.format(name="tick", every="2s"),
+                            env={"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_NO_CACHE": "1",
+                                 "FAKETIME_TIMESTAMP_FILE": str(offset_file),
+                                 "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+    daemon.config_path.write_text(daemon.config_path.read_text(encoding="utf-8").replace(
+        'retry_backoff = "0.1s"\nretry_backoff_max = "1s"',
+        'retry_backoff = "10s"\nretry_backoff_max = "10s"'), encoding="utf-8")
+    daemon.start()
+    task_id = daemon.submit()
+    wait_until(lambda: daemon.task(task_id)["attempt"] == 1
+               and daemon.task(task_id)["status"] == "pending", message="the first failure")
+    wait_until(lambda: fired_instants(daemon, "tick"), message="the first tick")
+    ticks = len(fired_instants(daemon, "tick"))
+    offset_file.write_text("-3600\n")  # the wall clock goes back one hour
+    # 0.1.0 fired nothing for the hour and left the retry an hour late.
+    wait_until(lambda: len(fired_instants(daemon, "tick")) >= ticks + 2, 30,
+               message="ticks after the jump")
+    wait_until(lambda: daemon.task(task_id)["attempt"] >= 2, 40,
+               message="the retry within its 10 s backoff, not an hour later")
+    log = daemon.log()
+    assert '"clock_jump"' in log and '"direction": "backward"' in log
+    assert '"task_deadlines_moved"' in log
