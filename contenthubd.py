@@ -2509,6 +2509,18 @@ class Store:
             " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id"
             " LIMIT ?", (to_db_time(now), limit))
 
+    async def media_counts(self, since: datetime) -> dict[str, Any]:
+        """Images waiting for a download, and those given up on since `since` (with the
+        newest such article, for the operator to look at)."""
+        [row] = await self._query(
+            "SELECT SUM(status = 'pending') AS pending,"
+            " SUM(status = 'failed' AND updated_at >= :since) AS failed,"
+            " MAX(CASE WHEN status = 'failed' AND updated_at >= :since THEN content_id END)"
+            " AS latest_failed FROM content_media WHERE status IN ('pending', 'failed')",
+            {"since": to_db_time(since)})
+        return {"pending": row["pending"] or 0, "failed": row["failed"] or 0,
+                "latest_failed": row["latest_failed"]}
+
     async def next_media_due(self) -> datetime | None:
         rows = await self._query("SELECT MIN(next_attempt_at) AS due FROM content_media"
                                 " WHERE status = 'pending'")
@@ -10144,6 +10156,13 @@ class App:
         topics, warnings = await self._topics_health()
         checks.append(topics)
         warnings += unpriced
+        media = await self.store.media_counts(self.clock() - timedelta(days=1))
+        checks.append({"name": "media", "ok": True, "detail": (
+            f"{'on' if self.config.media.enabled else 'off'}; {media['pending']} image(s)"
+            f" waiting, {media['failed']} given up in the last day")})
+        if media["failed"]:
+            warnings.append(f"{media['failed']} image(s) could not be saved in the last day;"
+                            f" see contenthubctl content show {media['latest_failed']}")
         return {"status": "ok" if all(c["ok"] for c in checks) else "degraded",
                 "checks": checks, "warnings": warnings}
 

@@ -290,8 +290,12 @@ def test_refused_images_fail_without_retries_and_do_not_block_completion(daemon_
         big, page = saved_media(daemon, task_id, 2)
         assert big["status"] == "failed" and "max_bytes" in big["error"]
         assert big["attempts"] == 1
-        # Served once: the second image's one download was used up, a retry meets a 403.
         assert page["status"] == "saved"
+        health = daemon.call("monitor.health")
+        [media] = [check for check in health["checks"] if check["name"] == "media"]
+        assert media["detail"] == "on; 0 image(s) waiting, 1 given up in the last day"
+        content_id = daemon.call("content.show", {"id": task_id})["id"]
+        assert f"content show {content_id}" in " ".join(health["warnings"])
     finally:
         server.close()
 
