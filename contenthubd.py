@@ -3579,6 +3579,9 @@ PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "
                "LISTEN_FDNAMES")
 
 
+# -- argv, environment and process groups ----------------------------------------------------------
+
+
 def render_argv(template: list[str], values: dict[str, Any]) -> list[str]:
     """Fill `{placeholders}` into an argv template, never through a shell.
 
@@ -3674,6 +3677,9 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 def strip_ansi(text: str) -> str:
     return ANSI_RE.sub("", text)
+
+
+# -- running one process: pipes, caps, timeouts ----------------------------------------------------
 
 
 @dataclass
@@ -3962,6 +3968,9 @@ _INLINE_RULES = (
 )
 
 
+# -- Markdown: title, summary, word count ----------------------------------------------------------
+
+
 def _prose_lines(md: str) -> list[str]:
     """The lines of `md` outside fenced code blocks; an unclosed fence runs to the end, as in
     CommonMark, so a `# comment` in code is never taken for a title."""
@@ -4095,6 +4104,9 @@ def count_words(text: str) -> int:
 
 # Output adapters: a creator's stdout becomes an Article, or a CreatorFailure saying why not.
 
+# -- the json adapter ------------------------------------------------------------------------------
+
+
 @dataclass
 class CreatorFailure:
     kind: str  #: error_kind: exit_code, killed, timeout, bad_output, output_too_large, ...
@@ -4220,6 +4232,9 @@ _CC_HTTP_STATUS_RE = re.compile(r"(?:status code|HTTP|status)[ :]*([1-5]\d\d)\b"
 _CC_QUOTA_RE = re.compile(r"insufficient[_ ]quota|exceeded your current quota|quota exceeded"
                           r"|insufficient[_ ]balance|余额不足|arrearage|欠费", re.I)
 _CC_RATE_LIMIT_RE = re.compile(r"rate[_ ]limit|too many requests", re.I)
+
+
+# -- the content-creator-text adapter --------------------------------------------------------------
 
 
 def priority_to_content_creator(priority: int) -> str:
@@ -4531,6 +4546,9 @@ def _cc_duration_seconds(text: str) -> int | None:
     """`耗时:` as printed by formatDuration: `N秒` or `M分N秒` (M may exceed 59)."""
     match = _CC_DURATION_RE.match(text.strip())
     return int(match["m"] or 0) * 60 + int(match["s"]) if match else None
+
+# -- from a finished process to an outcome ---------------------------------------------------------
+
 
 def content_creator_text_outcome(result: ProcessResult, cwd: Path) -> Article | CreatorFailure:
     """The content-creator-text adapter on one finished run."""
