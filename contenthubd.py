@@ -4889,6 +4889,9 @@ class ExecutorNotFound(ContentHubError):
 
 
 class InvalidParameters(ContentHubError):
+    """An executor's params are wrong: at config load each problem is listed under this
+    name; at run time (`task cleanup`) it is the control error."""
+
     code = "invalid"
 
 
@@ -8292,7 +8295,7 @@ class ControlServer:
                   "dry_run": arg(args, "dry_run", bool, default=False)}
         problems = EXECUTORS["cleanup"].validate_params(params, self.config)
         if problems:
-            raise InvalidRequest("; ".join(problems))
+            raise InvalidParameters("; ".join(problems))
         ctx = ExecutionContext(self.store, self.config, {}, self.pool.clock())
         return (await EXECUTORS["cleanup"].execute(ctx, params)).data or {}
 
