@@ -6468,15 +6468,20 @@ class MediaCapture(BackgroundLoop):
             self._wake.clear()
             try:
                 due = await self.store.due_media(self.clock(), self.config.concurrency * 4)
-            except Exception:
+                next_due = None if due else await self.store.next_media_due()
+            except Exception:  # a damaged or vanished database: health says so; try later
                 log.exception("media_queue_read_failed")
                 await self._sleep(self.config.retry_backoff)
                 continue
             if due:
                 slots = asyncio.Semaphore(self.config.concurrency)
-                await asyncio.gather(*(self._capture(item, slots) for item in due))
+                outcomes = await asyncio.gather(*(self._capture(item, slots) for item in due),
+                                                return_exceptions=True)
+                errors = [str(o) for o in outcomes if isinstance(o, Exception)]
+                if errors:  # their rows stay pending, to be tried again after a pause
+                    log.error("media_outcome_not_recorded", errors=errors[:5])
+                    await self._sleep(self.config.retry_backoff)
                 continue
-            next_due = await self.store.next_media_due()
             await self._sleep(None if next_due is None else
                               max(0.0, (next_due - self.clock()).total_seconds()))
 
