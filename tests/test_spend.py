@@ -154,6 +154,7 @@ def test_every_attempt_is_counted_failed_ones_too_and_priced(daemon_factory):
     assert outcomes == [(1, "pending", "deepseek-chat"), (2, "completed", "deepseek-chat")]
     shown = json.loads(daemon.ctl("--format", "json", "content", "show", task_id).stdout)
     assert shown["usage"]["tokens_in"] == 2000 and shown["usage"]["attempts"] == 2
+    assert shown["cost"] == pytest.approx(0.012)  # the article's cost: both attempts, priced from the table
 
 
 def test_unknown_model_counts_tokens_leaves_cost_null_and_health_warns(daemon_factory):
