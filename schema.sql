@@ -423,3 +423,6 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     reply       TEXT NOT NULL,   -- JSON: the result the first request got
     created_at  TEXT NOT NULL
 );
+
+-- migration 11: index on a task id's random part, which narrow tables show and commands accept
+CREATE INDEX idx_tasks_random_part ON content_generation_tasks (substr(task_id, 20));
