@@ -1289,6 +1289,20 @@ def read_csv_file(path: str) -> str:
                        ) from None
 
 
+def import_csv(session: Session, cmd: str, path: str, args: dict):
+    """Send a CSV import (all rows or none); on bad rows print each by line and return None."""
+    try:
+        return session.call(cmd, {**args, "filename": os.path.basename(path)})
+    except CommandFailed as exc:
+        errors = exc.data.get("errors") if isinstance(exc.data, dict) else None
+        if not errors:
+            raise
+        session.err.write("".join(bulk_error_line(path, error) + "\n" for error in errors))
+        rows = len({error.get("line") for error in errors})
+        session.warn(f"nothing imported: {rows} bad row(s), {len(errors)} error(s) in {path}")
+        return None
+
+
 def cmd_bulk_import(session: Session, options) -> int:
     """The idempotency key defaults to the file's SHA-256: importing a file again after an
     ambiguous failure (exit 69, outcome unknown) never doubles its rows."""
@@ -1296,18 +1310,9 @@ def cmd_bulk_import(session: Session, options) -> int:
 
     text = read_csv_file(options.file)
     key = options.idempotency_key or "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-    try:
-        result = session.call("bulk_import", {"csv": text, "idempotency_key": key,
-                                              "filename": os.path.basename(options.file)})
-    except CommandFailed as exc:
-        errors = exc.data.get("errors") if isinstance(exc.data, dict) else None
-        if not errors:
-            raise
-        session.err.write("".join(bulk_error_line(options.file, error) + "\n"
-                                  for error in errors))
-        rows = len({error.get("line") for error in errors})
-        session.warn(f"nothing imported: {rows} bad row(s), {len(errors)} error(s)"
-                     f" in {options.file}")
+    result = import_csv(session, "bulk_import", options.file,
+                        {"csv": text, "idempotency_key": key})
+    if result is None:
         return EXIT_FAILED
     if session.format == "table" and result.get("duplicate"):
         session.write_lines([
@@ -1345,18 +1350,8 @@ def cmd_topics_add(session: Session, options) -> int:
 
 def cmd_topics_import(session: Session, options) -> int:
     text = read_csv_file(options.file)
-    try:
-        result = session.call("topics.import", {"csv": text,
-                                                "filename": os.path.basename(options.file)})
-    except CommandFailed as exc:
-        errors = exc.data.get("errors") if isinstance(exc.data, dict) else None
-        if not errors:
-            raise
-        session.err.write("".join(bulk_error_line(options.file, error) + "\n"
-                                  for error in errors))
-        rows = len({error.get("line") for error in errors})
-        session.warn(f"nothing imported: {rows} bad row(s), {len(errors)} error(s)"
-                     f" in {options.file}")
+    result = import_csv(session, "topics.import", options.file, {"csv": text})
+    if result is None:
         return EXIT_FAILED
     return show_topics_added(session, result)
 

@@ -4973,6 +4973,22 @@ def _check_type(problems: list[str], params: dict[str, Any], name: str, kind: ty
     return value
 
 
+def _check_account_ids(problems: list[str], params: dict[str, Any], config: Config) -> list[Any]:
+    """`account_ids`: a non-empty list of ids from [[accounts]]; [] when it is not a list."""
+    accounts = {a.id for a in config.accounts}
+    account_ids = _check_type(problems, params, "account_ids", list, "a list of account ids")
+    if not account_ids:
+        if "account_ids" not in params or account_ids == []:
+            problems.append("'account_ids' is required: a non-empty list of account ids")
+        return []
+    for account_id in account_ids:
+        if not isinstance(account_id, int) or isinstance(account_id, bool):
+            problems.append(f"'account_ids' has a non-integer {account_id!r}")
+        elif account_id not in accounts:
+            problems.append(f"account {account_id} is not in [[accounts]]")
+    return account_ids
+
+
 class ContentGenerationExecutor(Executor):
     """Turns one firing into tasks: one per account x count (or per listed topic)."""
 
@@ -4999,16 +5015,7 @@ class ContentGenerationExecutor(Executor):
     def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
         problems = super().validate_params(params, config)
         accounts = {a.id: a for a in config.accounts}
-        account_ids = _check_type(problems, params, "account_ids", list, "a list of account ids")
-        if not account_ids:
-            if "account_ids" not in params or account_ids == []:
-                problems.append("'account_ids' is required: a non-empty list of account ids")
-            account_ids = []
-        for account_id in account_ids:
-            if not isinstance(account_id, int) or isinstance(account_id, bool):
-                problems.append(f"'account_ids' has a non-integer {account_id!r}")
-            elif account_id not in accounts:
-                problems.append(f"account {account_id} is not in [[accounts]]")
+        account_ids = _check_account_ids(problems, params, config)
         count = _check_type(problems, params, "count_per_account", int, "a positive integer")
         if count is not None and count < 1:
             problems.append("'count_per_account' must be at least 1")
@@ -5299,17 +5306,7 @@ class TopicResearchExecutor(Executor):
 
     def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
         problems = super().validate_params(params, config)
-        accounts = {a.id for a in config.accounts}
-        account_ids = _check_type(problems, params, "account_ids", list, "a list of account ids")
-        if not account_ids:
-            if "account_ids" not in params or account_ids == []:
-                problems.append("'account_ids' is required: a non-empty list of account ids")
-            account_ids = []
-        for account_id in account_ids:
-            if not isinstance(account_id, int) or isinstance(account_id, bool):
-                problems.append(f"'account_ids' has a non-integer {account_id!r}")
-            elif account_id not in accounts:
-                problems.append(f"account {account_id} is not in [[accounts]]")
+        _check_account_ids(problems, params, config)
         count = _check_type(problems, params, "count", int, "an integer 1-100")
         if "count" not in params:
             problems.append("'count' is required: how many new topics per account")
