@@ -99,6 +99,8 @@ TASK_ID_MATCHES_SHOWN = 5  #: an ambiguous abbreviated task id names this many c
 KILL_GRACE_S = 5.0  #: SIGTERM -> SIGKILL for a creator's process group
 PIPE_DRAIN_S = 2.0  #: how long stray grandchildren may hold the pipes after the creator exits
 POLL_COMMAND_TIMEOUT_S = 60.0  #: an async creator's submit/status/result/cancel command
+ASYNC_RESULT_READS = 3  #: result command runs for a completed remote job before giving up
+ASYNC_RESULT_REREAD_S = 1.0  #: wait before the next read, times the reads so far
 PROGRESS_LINE_MAX = 4096  #: longer stdout lines are never progress reports
 PID_RECORD_DELAY_S = 1.0  #: a creator running longer than this gets its pid in the database
 PIPE_WATCH_DELAY_S = 0.05  #: a creator's pipes are read live once it has run this long
@@ -7187,18 +7189,23 @@ class WorkerPool:
         log.info("task_cancel_requested", task_id=task_id, was=before["status"])
         return before
 
-    async def cancel_remote(self, task: dict[str, Any]) -> None:
-        """Ask an asynchronous creator to drop a job; failure is logged, not fatal."""
+    async def cancel_remote(self, task: dict[str, Any]) -> str | None:
+        """Ask an asynchronous creator to drop a job; None when it did, else why not (logged,
+        not fatal)."""
         template = self.config.creator.cancel_command
         if not template or not task.get("external_id"):
-            return
+            return "no cancel_command" if not template else "no external id"
         try:
             result = await self.run_creator_command(template, task, timeout=POLL_COMMAND_TIMEOUT_S)
-            if result.exit_code:
-                log.warning("creator_cancel_failed", task_id=task["task_id"],
-                            exit_code=result.exit_code, stderr=result.stderr_tail(300))
         except OSError as exc:
             log.warning("creator_cancel_failed", task_id=task["task_id"], error=str(exc))
+            return f"cannot run {template[0]}: {exc}"
+        if result.exit_code or result.timed_out:
+            log.warning("creator_cancel_failed", task_id=task["task_id"],
+                        exit_code=result.exit_code, stderr=result.stderr_tail(300))
+            return ("timed out" if result.timed_out else
+                    f"exit {result.exit_code}: {result.stderr_tail(300) or '(stderr empty)'}")
+        return None
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; give running creators `grace` seconds, then kill their groups and
@@ -7271,9 +7278,7 @@ class PollLoop(BackgroundLoop):
         task_log = log.bind(task_id=task["task_id"], external_id=task["external_id"])
         try:
             if from_db_time(task["timeout_at"]) <= self.clock():
-                await self.pool.cancel_remote(task)
-                outcome: Article | CreatorFailure = CreatorFailure(
-                    "timeout", "asynchronous creator did not finish within task_timeout")
+                outcome: Article | CreatorFailure = await self._timed_out(task)
                 result = ProcessResult(None, "", "", 0.0)
             else:
                 result = await self.pool.run_creator_command(
@@ -7303,11 +7308,52 @@ class PollLoop(BackgroundLoop):
         if state == "cancelled":
             return CreatorFailure("creator_cancelled", message or "cancelled in the creator",
                                   False)
-        result = status_result
-        if creator.result_command:
+        if not creator.result_command:
+            return classify_result(status_result, creator, self.pool.creator_cwd)
+        # The remote job is done: a result that does not parse is read again, never
+        # regenerated; a retry of the task would submit (and pay for) the article twice.
+        failure = CreatorFailure("bad_output", "no result read")
+        for reading in range(1, ASYNC_RESULT_READS + 1):
             result = await self.pool.run_creator_command(creator.result_command, task,
                                                          timeout=POLL_COMMAND_TIMEOUT_S)
-        return classify_result(result, creator, self.pool.creator_cwd)
+            outcome = classify_result(result, creator, self.pool.creator_cwd)
+            if isinstance(outcome, Article):
+                return outcome
+            failure = outcome
+            log.warning("async_result_unusable", task_id=task["task_id"], reading=reading,
+                        error=failure.message[:300])
+            if reading < ASYNC_RESULT_READS:
+                await asyncio.sleep(ASYNC_RESULT_REREAD_S * reading)
+        return CreatorFailure(failure.kind, f"remote job {task['external_id']} completed but its"
+                              f" result could not be read after {ASYNC_RESULT_READS} tries"
+                              f" ({failure.message}); not resubmitted, which would generate it"
+                              " again: fix the result command, then `task retry`", False,
+                              failure.error_class)
+
+    async def _timed_out(self, task: dict[str, Any]) -> CreatorFailure:
+        """Past task_timeout: a retry may submit again only when the remote job is known to
+        have stopped (its cancel succeeded, or its status is terminal); otherwise two jobs
+        could run for one task, so the task ends with remote_unknown."""
+        why = await self.pool.cancel_remote(task)
+        if why is None:
+            return CreatorFailure("timeout", "asynchronous creator did not finish within"
+                                  " task_timeout; its job was cancelled")
+        creator = self.pool.config.creator
+        try:
+            status = await self.pool.run_creator_command(creator.status_command, task,
+                                                         timeout=POLL_COMMAND_TIMEOUT_S)
+            state = (parse_async_status(status.stdout)[0]
+                     if not (status.exit_code or status.timed_out) else "unknown")
+        except OSError:
+            state = "unknown"
+        if state in ("completed", "failed", "cancelled"):
+            return CreatorFailure("timeout", "asynchronous creator did not finish within"
+                                  f" task_timeout; its job is {state}")
+        return CreatorFailure(
+            "remote_unknown", f"asynchronous creator did not finish within task_timeout and"
+            f" remote job {task['external_id']} may still be running (cancel failed: {why};"
+            f" status: {state}); the task is not resubmitted so that the article cannot be"
+            " generated twice: stop the job yourself, then `task retry`", False)
 
 # Metrics #######################################################################################
 

@@ -75,3 +75,46 @@ def test_async_failure_retries_then_fails(daemon_factory):
     task = daemon.wait_status(daemon.submit(), "failed")
     assert task["error_kind"] == "creator_failed" and "overloaded" in task["error_message"]
     assert task["retry_count"] == 1
+
+
+def jobs(tmp_path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in (tmp_path / "jobs").glob("*.json")]
+
+
+def test_unreadable_result_of_a_completed_job_is_read_again_not_resubmitted(daemon_factory,
+                                                                            tmp_path):
+    daemon = make(daemon_factory, env={"FAKE_ASYNC_DURATION": "0",
+                                       "FAKE_ASYNC_BAD_RESULTS": "2"}).start()
+    task = daemon.wait_status(daemon.submit("读两次"), "completed")
+    assert task["retry_count"] == 0
+    [job] = jobs(tmp_path)  # submitted once
+    assert job["results"] == 3
+
+
+def test_result_that_never_parses_fails_without_resubmitting(daemon_factory, tmp_path):
+    daemon = make(daemon_factory, max_retries=3, env={"FAKE_ASYNC_DURATION": "0",
+                                                      "FAKE_ASYNC_BAD_RESULTS": "99"}).start()
+    task = daemon.wait_status(daemon.submit(), "failed", timeout=60)
+    assert task["error_kind"] == "bad_output" and task["retry_count"] == 0
+    assert "could not be read after 3 tries" in task["error_message"]
+    [job] = jobs(tmp_path)
+    assert job["results"] == 3
+
+
+def test_timeout_whose_cancel_fails_ends_remote_unknown_without_resubmitting(daemon_factory,
+                                                                             tmp_path):
+    daemon = make(daemon_factory, task_timeout="1s", max_retries=2,
+                  env={"FAKE_ASYNC_DURATION": "60", "FAKE_ASYNC_CANCEL_FAILS": "1"}).start()
+    task = daemon.wait_status(daemon.submit(), "failed", timeout=60)
+    assert task["error_kind"] == "remote_unknown" and task["retry_count"] == 0
+    assert "cancel needs Postgres" in task["error_message"]
+    assert len(jobs(tmp_path)) == 1
+
+
+def test_timeout_whose_cancel_succeeds_is_resubmitted(daemon_factory, tmp_path):
+    daemon = make(daemon_factory, task_timeout="1s", max_retries=1,
+                  env={"FAKE_ASYNC_DURATION": "60"}).start()
+    task = daemon.wait_status(daemon.submit(), "timeout", timeout=60)
+    assert task["retry_count"] == 1
+    states = sorted(job["state"] for job in jobs(tmp_path))
+    assert states == ["cancelled", "cancelled"]

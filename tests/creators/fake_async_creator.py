@@ -7,7 +7,9 @@
     fake_async_creator.py result JOB        -> the article JSON
     fake_async_creator.py cancel JOB
 
-Knobs: FAKE_ASYNC_DURATION seconds a job takes (default 1), FAKE_ASYNC_FAIL=1 makes jobs fail.
+Knobs: FAKE_ASYNC_DURATION seconds a job takes (default 1), FAKE_ASYNC_FAIL=1 makes jobs fail,
+FAKE_ASYNC_BAD_RESULTS=N makes a job's first N `result` calls print no article,
+FAKE_ASYNC_CANCEL_FAILS=1 makes `cancel` exit 1 and leave the job running.
 Jobs live in $CREATOR_STATE_DIR/jobs/<job>.json.
 """
 import json
@@ -35,6 +37,9 @@ if not path.exists():
     sys.exit(1)
 job = json.loads(path.read_text())
 if command == "cancel":
+    if os.environ.get("FAKE_ASYNC_CANCEL_FAILS") == "1":
+        print("cancel needs Postgres", file=sys.stderr)
+        sys.exit(1)
     job["state"] = "cancelled"
     path.write_text(json.dumps(job))
     print("cancelled")
@@ -49,6 +54,11 @@ elif command == "status":
         print(json.dumps({"status": "running",
                           "progress": int(100 * (time.time() - job["started"]) / span)}))
 elif command == "result":
+    job["results"] = job.get("results", 0) + 1
+    path.write_text(json.dumps(job))
+    if job["results"] <= int(os.environ.get("FAKE_ASYNC_BAD_RESULTS", "0")):
+        print("Result: (not ready)")
+        sys.exit(0)
     topic = job["task"]["topic"]
     print(json.dumps({"success": True, "data": {
         "title": topic, "content": f"# {topic}\n\n异步生成的文章。\n"}}, ensure_ascii=False))
