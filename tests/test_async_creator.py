@@ -103,7 +103,8 @@ def test_result_that_never_parses_fails_without_resubmitting(daemon_factory, tmp
 
 def test_timeout_whose_cancel_fails_ends_remote_unknown_without_resubmitting(daemon_factory,
                                                                              tmp_path):
-    daemon = make(daemon_factory, task_timeout="1s", max_retries=2,
+    # task_timeout bounds the submit command too: 3 s leaves a loaded host time to submit.
+    daemon = make(daemon_factory, task_timeout="3s", max_retries=2,
                   env={"FAKE_ASYNC_DURATION": "60", "FAKE_ASYNC_CANCEL_FAILS": "1"}).start()
     task = daemon.wait_status(daemon.submit(), "failed", timeout=60)
     assert task["error_kind"] == "remote_unknown" and task["retry_count"] == 0
@@ -112,7 +113,7 @@ def test_timeout_whose_cancel_fails_ends_remote_unknown_without_resubmitting(dae
 
 
 def test_timeout_whose_cancel_succeeds_is_resubmitted(daemon_factory, tmp_path):
-    daemon = make(daemon_factory, task_timeout="1s", max_retries=1,
+    daemon = make(daemon_factory, task_timeout="3s", max_retries=1,
                   env={"FAKE_ASYNC_DURATION": "60"}).start()
     task = daemon.wait_status(daemon.submit(), "timeout", timeout=60)
     assert task["retry_count"] == 1
