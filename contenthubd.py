@@ -4070,7 +4070,8 @@ def _join_prose(left: str, right: str) -> str:
     """Two pieces of prose as one text: Chinese and Japanese run on without a space."""
     if not left:
         return right
-    if CJK_CHAR_RE.match(right[:1]) and _CJK_PUNCTUATION_RE.match(left[-1:]):
+    if ((CJK_CHAR_RE.match(right[:1]) or right[:1] in "“‘「『（《")
+            and _CJK_PUNCTUATION_RE.match(left[-1:])):
         return left + right
     return f"{left} {right}"
 

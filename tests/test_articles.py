@@ -60,6 +60,11 @@ def test_chinese_summary_is_whole_first_sentences_without_title_or_markdown():
     assert "技术解析：" not in summary and "#" not in summary and len(summary) <= 200
 
 
+def test_chinese_paragraphs_run_on_without_a_space_english_ones_get_one():
+    md = "# 标题\n\n第一段。\n\n“引号”开头的第二段。\n\nEnglish follows. “Quoted” too.\n"
+    assert plain_summary(md) == "第一段。“引号”开头的第二段。 English follows. “Quoted” too."
+
+
 def test_english_summary_stops_at_the_last_sentence_that_fits():
     summary = plain_summary(EN_ARTICLE)
     assert summary == ("Electric cars live or die by their batteries. Range, price and charging"
