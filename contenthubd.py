@@ -41,6 +41,7 @@ import dataclasses
 import email.utils
 import errno
 import fcntl
+import functools
 import grp
 import hashlib
 import heapq
@@ -79,7 +80,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiosqlite
 import structlog
-from croniter import CroniterBadDateError, croniter
+from croniter import CroniterBadDateError, CroniterError, croniter
 
 __version__ = "0.2.0.dev0"
 
@@ -5499,6 +5500,15 @@ class Trigger:
     cron: str | None = None
     period: timedelta | None = None
 
+    @functools.cached_property
+    def timing_hash(self) -> str:
+        """What schedule_state.config_hash compares: the timing alone, as parsed (`every =
+        "60s"` and `"1m"` are one timing). Editing params, misfire or a description keeps the
+        anchor. Cached: a reload compares it for every schedule."""
+        period = None if self.period is None else self.period.total_seconds()
+        text = json.dumps([self.timezone, self.cron, period])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def next_after(self, after_utc: datetime, anchor_utc: datetime | None = None) -> datetime:
         """The first fire instant strictly after `after_utc` (anchor: see the class docstring)."""
         return next(self.iter_after(after_utc, anchor_utc))
@@ -5643,22 +5653,35 @@ def _parse_cron(text: str) -> str:
             f"cron {text!r} must have 5 fields (minute hour day-of-month month day-of-week),"
             f" got {len(fields)}"
         )
-    for index, part in enumerate(fields):
-        probe = ["*"] * 5
-        probe[index] = part
-        if not all(_CRON_ITEM.fullmatch(item) for item in part.split(",")) or not (
-            croniter.is_valid(" ".join(probe))
-        ):
-            raise ValueError(
-                f"cron {text!r}: {_CRON_FIELDS[index]} field {part!r} is invalid"
-                f" (allowed: {_CRON_ALLOWED[index]}; lists with ',', ranges with '-',"
-                " steps with '/')"
-            )
     expression = " ".join(fields)
+    day_or = _cron_day_or(expression)
     try:
-        croniter(expression, _CRON_PROBE_START, day_or=_cron_day_or(expression)).get_next(datetime)
-    except CroniterBadDateError:
-        raise ValueError(f"cron {text!r} never matches a real date") from None
+        # One expansion validates every field; a field at a time only finds which one is bad.
+        candidates = croniter(expression, _CRON_PROBE_START, day_or=day_or)
+    except CroniterError:
+        candidates = None
+    if candidates is None or not all(
+        _CRON_ITEM.fullmatch(item) for part in fields for item in part.split(",")
+    ):
+        for index, part in enumerate(fields):
+            probe = ["*"] * 5
+            probe[index] = part
+            if not all(_CRON_ITEM.fullmatch(item) for item in part.split(",")) or not (
+                croniter.is_valid(" ".join(probe))
+            ):
+                raise ValueError(
+                    f"cron {text!r}: {_CRON_FIELDS[index]} field {part!r} is invalid"
+                    f" (allowed: {_CRON_ALLOWED[index]}; lists with ',', ranges with '-',"
+                    " steps with '/')"
+                )
+        candidates = croniter(expression, _CRON_PROBE_START, day_or=day_or)
+    # Only a day-of-month within a restricted month ("0 0 30 2 *") can never come round; a
+    # day-of-week OR-ed with the day-of-month comes every week.
+    if fields[2] != "*" and fields[3] != "*" and not day_or:
+        try:
+            candidates.get_next(datetime)
+        except CroniterBadDateError:
+            raise ValueError(f"cron {text!r} never matches a real date") from None
     return expression
 
 
@@ -5830,6 +5853,8 @@ def plan_misfires(
 MAX_SLEEP_S = 60.0
 #: Wall minus monotonic time moving by more than this between two looks is a clock jump.
 CLOCK_JUMP_THRESHOLD_S = 5.0
+#: apply_config plans schedules for at most this long between two yields to the event loop.
+PLAN_SLICE_S = 0.02
 
 
 class ClockWatch:
@@ -5875,6 +5900,32 @@ def schedule_trigger(schedule: ScheduleConfig, default_tz: str) -> Trigger:
                          interval_unit=schedule.interval_unit or None)
 
 
+def timing_key(schedule: ScheduleConfig, default_tz: str) -> tuple[Any, ...] | None:
+    """What schedule_trigger reads, as a dict key; None when a value cannot be one (a list
+    where a string belongs: schedule_trigger says what is wrong with it)."""
+    key = (schedule.cron, schedule.every, schedule.interval, schedule.interval_unit,
+           schedule.timezone or default_tz)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def known_trigger(schedule: ScheduleConfig, default_tz: str,
+                  known: dict[tuple[Any, ...], Trigger] | None) -> Trigger:
+    """schedule_trigger, or the one in `known` (triggers by timing_key) for the same timing;
+    a trigger it parses is added to `known`. Parsing cron is most of a schedule's validation:
+    start-up parses each timing once, a reload only the timings that changed."""
+    key = timing_key(schedule, default_tz)
+    if known is None or key is None:
+        return schedule_trigger(schedule, default_tz)
+    trigger = known.get(key)
+    if trigger is None:
+        trigger = known[key] = schedule_trigger(schedule, default_tz)
+    return trigger
+
+
 def _trigger_key(schedule: ScheduleConfig) -> str:
     """The key a trigger error is about, for its line number."""
     for key in ("cron", "every", "interval"):
@@ -5883,9 +5934,10 @@ def _trigger_key(schedule: ScheduleConfig) -> str:
     return "cron"
 
 
-def check_schedules(config: Config) -> list[str]:
+def check_schedules(config: Config,
+                    known: dict[tuple[Any, ...], Trigger] | None = None) -> list[str]:
     """Load-time validation of every schedule: trigger, executor, params (SPEC §8); each
-    error names the entry's key and its line."""
+    error names the entry's key and its line. `known`: see known_trigger."""
     errors = []
     for i, schedule in enumerate(config.schedules):
         def where(key: str, index: int = i) -> str:
@@ -5893,7 +5945,7 @@ def check_schedules(config: Config) -> list[str]:
 
         name = f" {schedule.name!r}" if schedule.name else ""
         try:
-            schedule_trigger(schedule, config.daemon.timezone)
+            known_trigger(schedule, config.daemon.timezone, known)
         except ValueError as exc:
             errors.append(f"{where(_trigger_key(schedule))}{name}: {exc}")
         try:
@@ -5910,14 +5962,6 @@ def check_schedules(config: Config) -> list[str]:
             except ValueError as exc:
                 errors.append(f"{entry_key_location(config, 'notify', i, 'digest_cron')}: {exc}")
     return errors
-
-
-def timing_hash(trigger: Trigger) -> str:
-    """What schedule_state.config_hash compares: the timing alone, as parsed (`every = "60s"`
-    and `"1m"` are one timing). Editing params, misfire or a description keeps the anchor."""
-    period = None if trigger.period is None else trigger.period.total_seconds()
-    text = json.dumps([trigger.timezone, trigger.cron, period])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -5956,7 +6000,8 @@ class Scheduler(BackgroundLoop):
     loop_name = "cron-loop"
 
     def __init__(self, store: Store, config: Config, environ: dict[str, str],
-                 wake_pool: Callable[[], None], clock: Callable[[], datetime] = utc_now):
+                 wake_pool: Callable[[], None], clock: Callable[[], datetime] = utc_now,
+                 triggers: dict[tuple[Any, ...], Trigger] | None = None):
         super().__init__()
         self.store = store
         self.config = config
@@ -5964,6 +6009,9 @@ class Scheduler(BackgroundLoop):
         self.wake_pool = wake_pool
         self.clock = clock
         self.schedules: dict[str, PlannedSchedule] = {}
+        #: the planned schedules' triggers by timing_key (known_trigger); at first, those
+        #: that validating the config at start-up parsed
+        self.triggers: dict[tuple[Any, ...], Trigger] = triggers or {}
         self.clock_watch = ClockWatch(clock)
         #: told of a backward jump (seconds, now), to move the deadlines other parts keep
         self.on_clock_jump: Callable[[float, datetime], Awaitable[None]] | None = None
@@ -5986,17 +6034,22 @@ class Scheduler(BackgroundLoop):
         now = self.clock()
         planned: dict[str, PlannedSchedule] = {}
         fresh: list[tuple[str, int, str, str | None]] = []
+        known, triggers = dict(self.triggers), {}
+        yielded = time.monotonic()
         for schedule in config.schedules:
+            if time.monotonic() - yielded > PLAN_SLICE_S:
+                await asyncio.sleep(0)  # 10,000 schedules: let the loop answer meanwhile
+                yielded = time.monotonic()
             if not schedule.enabled:
                 continue
             previous = self.schedules.get(schedule.name)
-            trigger = (previous.trigger if previous and previous.config == schedule
-                       and previous.trigger.timezone == (schedule.timezone
-                                                         or config.daemon.timezone)
-                       else schedule_trigger(schedule, config.daemon.timezone))
+            trigger = known_trigger(schedule, config.daemon.timezone, known)
+            key = timing_key(schedule, config.daemon.timezone)
+            if key is not None:
+                triggers[key] = trigger
             entry = PlannedSchedule(schedule, trigger)
             state = states.get(schedule.name)
-            digest = timing_hash(trigger)
+            digest = trigger.timing_hash
             if state is None or state["config_hash"] != digest:
                 entry.last_scheduled_for = now
                 entry.paused = bool(state and state["paused"])
@@ -6004,10 +6057,16 @@ class Scheduler(BackgroundLoop):
             else:
                 entry.paused = bool(state["paused"])
                 entry.last_scheduled_for = from_db_time(state["last_scheduled_for"]) or now
-            self._plan_next(entry, now)
+            if (previous is not None and previous.trigger == trigger
+                    and previous.last_scheduled_for == entry.last_scheduled_for):
+                # The same instants from the same anchor: a reload plans only what changed.
+                entry.next_fire_at = previous.next_fire_at
+            else:
+                self._plan_next(entry, now)
             planned[schedule.name] = entry
         await self.store.restart_schedule_states(fresh)
         self.schedules = planned
+        self.triggers = triggers
         self._wake.set()
 
     @staticmethod
@@ -9855,13 +9914,15 @@ class App:
     """
 
     def __init__(self, config: Config, environ: dict[str, str],
-                 clock: Callable[[], datetime] = utc_now):
+                 clock: Callable[[], datetime] = utc_now,
+                 triggers: dict[tuple[Any, ...], Trigger] | None = None):
         self.config = config
         self.environ = environ
         self.clock = clock
         self.store = Store(config.database_path(environ))
         self.pool = WorkerPool(self.store, config, environ, clock)
-        self.scheduler = Scheduler(self.store, config, environ, self.pool.wake, clock)
+        self.scheduler = Scheduler(self.store, config, environ, self.pool.wake, clock,
+                                   triggers)
         self.poll_loop = PollLoop(self.store, self.pool, clock)
         self.notifier = Notifier(self.store, config, environ, clock)
         self.media = MediaCapture(self.store, config, environ, clock)
@@ -10091,13 +10152,20 @@ class App:
         async with self._config_lock:
             return await self._reload_file()
 
-    async def _reload_file(self) -> dict[str, Any]:
+    def _check_schedules(self, config: Config) -> list[str]:
+        # A copy: a file that fails validation must leave the running triggers as they were.
+        return check_schedules(config, dict(self.scheduler.triggers))
+
+    async def _reload_file(self, parsed: Config | None = None) -> dict[str, Any]:
         """Validate the whole file first; on any error the running config stays as it was.
-        The caller holds _config_lock."""
+        `parsed`: the file as the caller just wrote and validated it. The caller holds
+        _config_lock."""
         sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
                   environ=self.environ)
         try:
-            new = load_config(self.config.path or None, self.environ, check_schedules)
+            # In a thread: parsing a file of 10,000 schedules must not stall the loop.
+            new = parsed if parsed is not None else await asyncio.to_thread(
+                load_config, self.config.path or None, self.environ, self._check_schedules)
         except ConfigError as exc:
             self.last_reload_error = "; ".join(exc.errors)
             log.error("reload_rejected", errors=exc.errors)
@@ -10297,7 +10365,7 @@ class App:
         if text == self.config.text:
             return {"name": "config", "ok": True, "detail": path}
         try:
-            parse_config(text, path, self.environ, check_schedules)
+            parse_config(text, path, self.environ, self._check_schedules)
         except ConfigError as exc:
             return {"name": "config", "ok": False,
                     "detail": f"{path} changed since it was loaded and has {len(exc.errors)}"
@@ -10367,7 +10435,7 @@ class App:
         if text == self.config.text:
             return text, self.config
         try:
-            return text, parse_config(text, path, self.environ, check_schedules)
+            return text, parse_config(text, path, self.environ, self._check_schedules)
         except ConfigError as exc:
             raise Conflict("\n".join([
                 f"{path} was changed since the last reload and is not valid now; fix it (or"
@@ -10402,13 +10470,16 @@ class App:
                     + "[[schedules]]\n"
                     + "".join(f"{key} = {toml_value(value)}\n" for key, value in block.items()))
         try:
-            parse_config(new_text, self.config.path, self.environ, check_schedules)
+            parsed = await asyncio.to_thread(parse_config, new_text, self.config.path,
+                                             self.environ, self._check_schedules)
         except ConfigError as exc:
             raise InvalidRequest("\n".join([
                 f"schedule {name!r} is not valid; the config file is unchanged:", *exc.errors]),
                 data={"errors": exc.errors}) from None
-        write_atomically(Path(self.config.path), new_text, unchanged_from=text)
-        await self._reload_file()
+        # In a thread: the fsyncs of a large file must not stall the loop.
+        await asyncio.to_thread(write_atomically, Path(self.config.path), new_text,
+                                unchanged_from=text)
+        await self._reload_file(parsed)
         return (await self.scheduler.describe_many([self.scheduler.get(name)]))[0]
 
     async def _delete_schedule(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -10424,7 +10495,8 @@ class App:
             raise NotFound(f"no schedule {name!r} in {self.config.path}")
         new_text = without_schedule_block(text, names.index(name))
         try:
-            remaining = parse_config(new_text, self.config.path, self.environ, check_schedules)
+            remaining = await asyncio.to_thread(parse_config, new_text, self.config.path,
+                                                self.environ, self._check_schedules)
         except ConfigError as exc:
             raise InvalidRequest("\n".join([
                 f"without schedule {name!r} the file would not be valid; it is unchanged:",
@@ -10432,8 +10504,9 @@ class App:
         if [s.name for s in remaining.schedules] != [n for n in names if n != name]:
             raise Conflict(f"cannot tell where schedule {name!r} ends in {self.config.path};"
                            " remove it by hand and run contenthubctl reload")
-        write_atomically(Path(self.config.path), new_text, unchanged_from=text)
-        await self._reload_file()
+        await asyncio.to_thread(write_atomically, Path(self.config.path), new_text,
+                                unchanged_from=text)
+        await self._reload_file(remaining)
         return {"deleted": name, "config_path": self.config.path}
 
 # CLI entry #####################################################################################
@@ -10469,15 +10542,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{options.check_config}: OK")
         return 0
     path = options.config or environ.get("CONTENTHUB_CONFIG") or None
+    triggers: dict[tuple[Any, ...], Trigger] = {}
     try:
-        config = load_config(path, environ, check_schedules)
+        config = load_config(path, environ, lambda parsed: check_schedules(parsed, triggers))
     except ConfigError as exc:
         for error in exc.errors:
             print(f"contenthubd: config error: {error}", file=sys.stderr)
         return EX_CONFIG
     configure_logging(config.daemon.log_format, config.daemon.log_level, environ)
     bound_heap_retention()
-    return asyncio.run(App(config, environ).serve())
+    return asyncio.run(App(config, environ, triggers=triggers).serve())
 
 
 if __name__ == "__main__":
