@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -659,3 +660,29 @@ command = ["env", "-u", "LD_PRELOAD", "{CREATORS / 'article_then_exit_1.sh'}"]
     log = daemon.log()
     assert '"clock_jump"' in log and '"direction": "backward"' in log
     assert '"task_deadlines_moved"' in log
+
+
+def test_bulk_import_cut_by_kill9_then_repeated_holds_each_row_once(daemon_factory, tmp_path):
+    """The finding's own case: a daemon crash cuts a 5,000-row bulk-import at a random
+    instant (before, during or after its commit); the operator runs the same command again.
+    Seed 2222: 6 kills 0.2-2 s after the command starts (one import takes about 1 s)."""
+    rng = random.Random(2222)
+    daemon = daemon_factory().start()
+    for round_no in range(6):
+        csv_path = tmp_path / f"batch-{round_no}.csv"
+        csv_path.write_text("account_id,topic\n" + "".join(
+            f"49,第{round_no}批 {i}\n" for i in range(5000)), encoding="utf-8")
+        first = subprocess.Popen([sys.executable, str(CTL), "--socket", str(daemon.socket),
+                                  "bulk-import", "--file", str(csv_path)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=daemon.env)
+        time.sleep(rng.uniform(0.2, 2.0))  # the crash instant is the workload, not a wait
+        daemon.kill9()
+        out, err = first.communicate(timeout=60)
+        assert first.returncode in (0, 69), err
+        daemon.start()
+        again = daemon.ctl("bulk-import", "--file", str(csv_path))
+        assert again.returncode == 0, again.stderr
+        rows = daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks WHERE topic LIKE ?",
+                             (f"第{round_no}批 %",))
+        assert rows == 5000, (out, err, again.stdout)
