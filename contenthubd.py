@@ -10184,20 +10184,26 @@ class App:
         if self.control is not None:
             self.control.apply_config(new)
         self.last_reload_error = None
+        # In a thread: comparing 10,000 schedules field by field takes a while.
+        changes = {**await asyncio.to_thread(self._reload_changes, old, new),
+                   "restart_required": needs_restart}
+        log.info("config_reloaded", **changes)
+        self.metrics_dirty.set()
+        sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
+        return changes
+
+    @staticmethod
+    def _reload_changes(old: Config, new: Config) -> dict[str, Any]:
+        """What a reload changed, as `reload` answers it (restart_required aside)."""
         old_schedules = {s.name: s for s in old.schedules}
         new_schedules = {s.name: s for s in new.schedules}
-        changes = {
+        return {
             "workers": [old.daemon.max_concurrent_tasks, new.daemon.max_concurrent_tasks],
             "accounts": len(new.accounts), "creator_changed": old.creator != new.creator,
             "schedules_added": sorted(new_schedules.keys() - old_schedules.keys()),
             "schedules_removed": sorted(old_schedules.keys() - new_schedules.keys()),
             "schedules_changed": sorted(n for n in new_schedules.keys() & old_schedules.keys()
-                                        if new_schedules[n] != old_schedules[n]),
-            "restart_required": needs_restart}
-        log.info("config_reloaded", **changes)
-        self.metrics_dirty.set()
-        sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
-        return changes
+                                        if new_schedules[n] != old_schedules[n])}
 
     # -- systemd status and watchdog -----------------------------------------------------------
 
