@@ -101,6 +101,8 @@ KILL_GRACE_S = 5.0  #: SIGTERM -> SIGKILL for a creator's process group
 PIPE_DRAIN_S = 2.0  #: how long stray grandchildren may hold the pipes after the creator exits
 POLL_COMMAND_TIMEOUT_S = 60.0  #: an async creator's submit/status/result/cancel command
 ASYNC_RESULT_READS = 3  #: result command runs for a completed remote job before giving up
+POLL_BACKOFF_MAX = 8  #: an unchanging job is polled at least every this many poll_intervals
+POLL_ROUND_FACTOR = 4  #: status commands per poll round: this times max_concurrent_tasks
 ASYNC_RESULT_REREAD_S = 1.0  #: wait before the next read, times the reads so far
 PROGRESS_LINE_MAX = 4096  #: longer stdout lines are never progress reports
 PID_RECORD_DELAY_S = 1.0  #: a creator running longer than this gets its pid in the database
@@ -7303,10 +7305,12 @@ class PollLoop(BackgroundLoop):
     """Drives tasks that an asynchronous creator holds (status 'submitted').
 
     Every poll_interval (with ±10 % jitter, so many daemons do not poll in step) it runs the
-    status command for each submitted task, at most max_concurrent_tasks at once; a finished
+    status command for the submitted tasks that are due, at most max_concurrent_tasks at once
+    and POLL_ROUND_FACTOR times that per round; a job whose status did not change is polled
+    half as often each time, down to once per POLL_BACKOFF_MAX poll intervals. A finished
     job's result command goes through the same output adapter and record_outcome as a
     synchronous run. A job past task_timeout is cancelled remotely and times out. Submitted
-    tasks survive a restart: nothing about them lives in memory.
+    tasks survive a restart: only the polling cadence lives in memory.
     """
 
     loop_name = "poll-loop"
@@ -7316,24 +7320,45 @@ class PollLoop(BackgroundLoop):
         self.store = store
         self.pool = pool
         self.clock = clock
+        #: task_id -> (monotonic time of its next check, its interval, what the last one saw)
+        self._cadence: dict[str, tuple[float, float, Any]] = {}
 
     async def _loop(self) -> None:
         while self._running:
             self._wake.clear()
             config = self.pool.config
+            base = config.daemon.poll_interval
             if config.creator.status_command:
                 submitted = await self.store.list_tasks(status="submitted", limit=10_000,
                                                         order="submitted")
+                self._cadence = {task["task_id"]: self._cadence[task["task_id"]]
+                                 for task in submitted if task["task_id"] in self._cadence}
+                now, wall = time.monotonic(), self.clock()
+                due = [task for task in submitted
+                       if self._cadence.get(task["task_id"], (0.0,))[0] <= now
+                       or from_db_time(task["timeout_at"]) <= wall]
+                due = due[:config.daemon.max_concurrent_tasks * POLL_ROUND_FACTOR]
                 slots = asyncio.Semaphore(config.daemon.max_concurrent_tasks)
 
-                async def check(task: dict[str, Any], slots: asyncio.Semaphore = slots) -> None:
+                async def check(task: dict[str, Any], slots: asyncio.Semaphore = slots,
+                                base: float = base) -> None:
                     async with slots:
-                        await self.check(task)
+                        seen = await self.check(task)
+                    self._reschedule(task["task_id"], seen, base)
 
-                await asyncio.gather(*(check(task) for task in submitted))
-            await self._sleep(config.daemon.poll_interval * random.uniform(0.9, 1.1))
+                await asyncio.gather(*(check(task) for task in due))
+            await self._sleep(base * random.uniform(0.9, 1.1))
 
-    async def check(self, task: dict[str, Any]) -> None:
+    def _reschedule(self, task_id: str, seen: Any, base: float) -> None:
+        """Double a job's polling interval while what its status says stays the same."""
+        previous = self._cadence.get(task_id)
+        interval = (min(previous[1] * 2, base * POLL_BACKOFF_MAX)
+                    if previous is not None and previous[2] == seen else base)
+        self._cadence[task_id] = (time.monotonic() + interval * 0.95, interval, seen)
+
+    async def check(self, task: dict[str, Any]) -> Any:
+        """One status check; returns what it saw while the job runs (state and progress, or
+        the failing status command's exit code), for the polling cadence."""
         creator = self.pool.config.creator
         task_log = log.bind(task_id=task["task_id"], external_id=task["external_id"])
         try:
@@ -7347,18 +7372,20 @@ class PollLoop(BackgroundLoop):
                 if result.exit_code or result.timed_out:
                     task_log.warning("status_command_failed", exit_code=result.exit_code,
                                      stderr=result.stderr_tail(300))
-                    return
+                    return ("status_failed", result.exit_code)
                 if state == "running":
                     if progress is not None and progress != task["progress"]:
                         self.pool.report_progress(task["task_id"], task["attempt"], progress,
                                                   None)
-                    return
+                    return ("running", progress)
                 outcome = await self._final_outcome(task, state, message, result)
             status = await self.pool.record_outcome(task, outcome, result, task_log)
             self.pool.finished(task["task_id"], status)
             self.pool.wake()
         except OSError as exc:
             task_log.error("poll_command_failed", error=str(exc))
+            return ("poll_failed", str(exc))
+        return None
 
     async def _final_outcome(self, task: dict[str, Any], state: str, message: str | None,
                              status_result: ProcessResult) -> Article | CreatorFailure:

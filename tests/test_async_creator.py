@@ -119,3 +119,13 @@ def test_timeout_whose_cancel_succeeds_is_resubmitted(daemon_factory, tmp_path):
     assert task["retry_count"] == 1
     states = sorted(job["state"] for job in jobs(tmp_path))
     assert states == ["cancelled", "cancelled"]
+
+
+def test_a_job_whose_status_does_not_change_is_polled_less_and_less(daemon_factory, tmp_path):
+    # 6 s at poll_interval 0.2 s would be about 30 status calls; doubling to 1.6 s, about 8.
+    daemon = make(daemon_factory, env={"FAKE_ASYNC_DURATION": "6",
+                                       "FAKE_ASYNC_NO_PROGRESS": "1"}).start()
+    task = daemon.wait_status(daemon.submit("安静的任务"), "completed", timeout=60)
+    [job] = jobs(tmp_path)
+    assert job["statuses"] <= 14, job["statuses"]
+    assert [e["to_status"] for e in task["events"]][-1] == "completed"

@@ -9,7 +9,9 @@
 
 Knobs: FAKE_ASYNC_DURATION seconds a job takes (default 1), FAKE_ASYNC_FAIL=1 makes jobs fail,
 FAKE_ASYNC_BAD_RESULTS=N makes a job's first N `result` calls print no article,
-FAKE_ASYNC_CANCEL_FAILS=1 makes `cancel` exit 1 and leave the job running.
+FAKE_ASYNC_CANCEL_FAILS=1 makes `cancel` exit 1 and leave the job running,
+FAKE_ASYNC_NO_PROGRESS=1 makes `status` of a running job report no progress (a queued job).
+Each `status` call is counted in the job's "statuses".
 Jobs live in $CREATOR_STATE_DIR/jobs/<job>.json.
 """
 import json
@@ -44,6 +46,8 @@ if command == "cancel":
     path.write_text(json.dumps(job))
     print("cancelled")
 elif command == "status":
+    job["statuses"] = job.get("statuses", 0) + 1
+    path.write_text(json.dumps(job))
     if job["state"] == "cancelled":
         print(json.dumps({"status": "cancelled"}))
     elif time.time() >= job["due"]:
@@ -51,8 +55,9 @@ elif command == "status":
                          else {"status": "completed", "progress": 100}))
     else:
         span = job["due"] - job["started"]
-        print(json.dumps({"status": "running",
-                          "progress": int(100 * (time.time() - job["started"]) / span)}))
+        print(json.dumps({"status": "running"} if os.environ.get("FAKE_ASYNC_NO_PROGRESS")
+                         else {"status": "running",
+                               "progress": int(100 * (time.time() - job["started"]) / span)}))
 elif command == "result":
     job["results"] = job.get("results", 0) + 1
     path.write_text(json.dumps(job))
