@@ -8158,12 +8158,18 @@ class ControlServer:
                  origin="ctl")
         return result
 
-    async def validate_new_task(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _enabled_account(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The request's `account_id`, which must be an enabled account of the config."""
         account_id = arg(args, "account_id", int, required=True)
         account = await self.store.get_account(account_id)
         if account is None or not account["enabled"]:
             raise InvalidRequest(f"unknown account {account_id}; accounts come from [[accounts]]"
                                  " in the config")
+        return account
+
+    async def validate_new_task(self, args: dict[str, Any]) -> dict[str, Any]:
+        account = await self._enabled_account(args)
+        account_id = account["id"]
         topic = arg(args, "topic", str, required=True).strip()
         if not topic:
             raise InvalidRequest("argument 'topic' must not be empty")
@@ -8473,11 +8479,8 @@ class ControlServer:
     # -- commands: topics ----------------------------------------------------------------------
 
     async def cmd_topics_add(self, args: dict[str, Any]) -> dict[str, Any]:
-        account_id = arg(args, "account_id", int, required=True)
-        account = await self.store.get_account(account_id)
-        if account is None or not account["enabled"]:
-            raise InvalidRequest(f"unknown account {account_id}; accounts come from [[accounts]]"
-                                 " in the config")
+        account = await self._enabled_account(args)
+        account_id = account["id"]
         texts = arg(args, "topics", list, required=True)
         if not texts or not all(isinstance(text, str) for text in texts):
             raise InvalidRequest("argument 'topics' must be a non-empty list of strings")
