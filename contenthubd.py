@@ -7673,6 +7673,10 @@ def bad_rows(errors: list[dict[str, Any]]) -> int:
     return len({error["line"] for error in errors})
 
 
+#: parse_task_csv and parse_topic_csv: (text, enabled account ids) -> (rows, errors by line)
+CsvParser = Callable[[str, set[int]], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+
+
 def parse_task_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
                                                            list[dict[str, Any]]]:
     """Tasks from a bulk-import CSV (seed columns + requirements, tone, category,
@@ -8452,17 +8456,23 @@ class ControlServer:
 
     # -- commands: bulk import -----------------------------------------------------------------
 
-    async def cmd_bulk_import(self, args: dict[str, Any]) -> dict[str, Any]:
-        """All rows are validated first; any bad row imports nothing."""
-        text = arg(args, "csv", str, required=True)
-        filename = arg(args, "filename", str, default="tasks.csv")
-        tasks, errors = parse_task_csv(text.lstrip("\ufeff"),
-                                       {a.id for a in self.config.accounts if a.enabled})
+    def _csv_rows(self, args: dict[str, Any], parse: CsvParser,
+                  default_name: str) -> tuple[list[dict[str, Any]], str]:
+        """The rows of a request's `csv`, every one valid, and the file's name; a bad row
+        refuses the whole file, listing every error by line."""
+        filename = arg(args, "filename", str, default=default_name)
+        rows, errors = parse(arg(args, "csv", str, required=True).lstrip("\ufeff"),
+                             {a.id for a in self.config.accounts if a.enabled})
         if errors:
             raise InvalidRequest(f"{filename}: {bad_rows(errors)} bad row(s); nothing imported",
                                  data={"errors": errors})
-        if not tasks:
+        if not rows:
             raise InvalidRequest(f"{filename}: no rows to import")
+        return rows, filename
+
+    async def cmd_bulk_import(self, args: dict[str, Any]) -> dict[str, Any]:
+        """All rows are validated first; any bad row imports nothing."""
+        tasks, filename = self._csv_rows(args, parse_task_csv, "tasks.csv")
         key = idempotency_key(args)
         max_retries = self.config.daemon.max_retries
         result, duplicate = await self.store.add_tasks_once(
@@ -8502,15 +8512,7 @@ class ControlServer:
     async def cmd_topics_import(self, args: dict[str, Any]) -> dict[str, Any]:
         """All rows are validated first; any bad row imports nothing. Duplicates are not
         errors: they are reported and left out."""
-        text = arg(args, "csv", str, required=True)
-        filename = arg(args, "filename", str, default="topics.csv")
-        topics, errors = parse_topic_csv(text.lstrip("\ufeff"),
-                                         {a.id for a in self.config.accounts if a.enabled})
-        if errors:
-            raise InvalidRequest(f"{filename}: {bad_rows(errors)} bad row(s); nothing imported",
-                                 data={"errors": errors})
-        if not topics:
-            raise InvalidRequest(f"{filename}: no rows to import")
+        topics, filename = self._csv_rows(args, parse_topic_csv, "topics.csv")
         result = await self.store.add_topics(topics, "import", self.pool.clock(),
                                              self.config.daemon.topic_repeat_days)
         log.info("topics_imported", added=len(result["added"]),

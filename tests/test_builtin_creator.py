@@ -3,6 +3,7 @@ task on stdin, offline or against a fake OpenAI-compatible server on 127.0.0.1."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -168,15 +170,24 @@ class FakeLLM:
     def args(self, *extra: str) -> list[str]:
         return ["--llm-base-url", self.url, "--llm-model", "fake-chat", *extra]
 
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls) -> Iterator[FakeLLM]:
+        """Serving on 127.0.0.1 for the block; hanging answers are released at its end."""
+        fake = cls()
+        fake.thread.start()
+        try:
+            yield fake
+        finally:
+            fake.release.set()
+            fake.server.shutdown()
+            fake.server.server_close()
+
 
 @pytest.fixture
 def fake_llm():
-    fake = FakeLLM()
-    fake.thread.start()
-    yield fake
-    fake.release.set()
-    fake.server.shutdown()
-    fake.server.server_close()
+    with FakeLLM.running() as fake:
+        yield fake
 
 
 def completion(content: str, model: str = "fake-chat-0613") -> dict:

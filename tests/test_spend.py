@@ -417,12 +417,8 @@ def fake_llm():
     """test_builtin_creator's scripted OpenAI-compatible server."""
     from test_builtin_creator import FakeLLM
 
-    fake = FakeLLM()
-    fake.thread.start()
-    yield fake
-    fake.release.set()
-    fake.server.shutdown()
-    fake.server.server_close()
+    with FakeLLM.running() as fake:
+        yield fake
 
 
 def test_builtin_creator_sums_the_usage_of_every_billed_answer(fake_llm):

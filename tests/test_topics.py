@@ -327,12 +327,8 @@ params = { account_ids = [49], count = 3, hint = "新能源" }
 
 @pytest.fixture
 def llm():
-    fake = FakeLLM()
-    fake.thread.start()
-    yield fake
-    fake.release.set()
-    fake.server.shutdown()
-    fake.server.server_close()
+    with FakeLLM.running() as fake:
+        yield fake
 
 
 def llm_creator(url: str) -> str:
