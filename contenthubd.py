@@ -420,7 +420,7 @@ def _parse_prices(value: Any) -> dict[str, ModelPrice]:
 
 
 def _key(parse: Callable[[Any], Any], env: str | None = None, **kwargs: Any) -> Any:
-    """A config field: how its TOML value is parsed, and the seed's environment override."""
+    """A config field: how its TOML value is parsed, and ContentHub's environment override."""
     return field(metadata={"parse": parse, "env": env}, **kwargs)
 
 
@@ -608,7 +608,7 @@ class ScheduleConfig:
     executor: str = _key(_typed(str), default="async_content_generation")
     cron: str = _key(_typed(str), default="")
     every: Any = _key(lambda v: v, default=None)
-    #: a duration ("2m", like `every`) or the seed's number with `interval_unit`
+    #: a duration ("2m", like `every`) or ContentHub's number with `interval_unit`
     interval: Any = _key(_interval_value, default=None)
     interval_unit: str = _key(_typed(str), default="")
     timezone: str = _key(_parse_timezone, default="")
@@ -2856,7 +2856,7 @@ class Store:
     # -- reports -------------------------------------------------------------------------------
 
     async def metrics(self) -> dict[str, Any]:
-        """The seed's `monitor metrics` keys. The average covers the last day's completions
+        """ContentHub's `monitor metrics` keys. The average covers the last day's completions
         so it stays cheap on a database of millions of tasks."""
 
         def collect(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -4889,7 +4889,7 @@ class RateLimiter:
 
 # Executors #####################################################################################
 
-#: Topic templates per category (seed 000): topic i of an account is
+#: Topic templates per category (as ContentHub had them): topic i of an account is
 #: "{account_name} - {template} {i}", cycling through the category's templates.
 TOPIC_TEMPLATES = {
     "技术": ("技术解析", "实践指南", "趋势分析"),
@@ -4913,7 +4913,7 @@ class InvalidParameters(ContentHubError):
 
 @dataclass
 class ExecutionResult:
-    """What one executor run did (seed 004's TaskExecutionResult)."""
+    """What one executor run did (ContentHub's TaskExecutionResult)."""
 
     success: bool
     message: str
@@ -4999,7 +4999,7 @@ class ContentGenerationExecutor(Executor):
     """Turns one firing into tasks: one per account x count (or per listed topic)."""
 
     executor_type = "async_content_generation"
-    description = "Queue article generation tasks for accounts (seed 000/003)."
+    description = "Queue article generation tasks for accounts."
     params = (
         ParamDoc("account_ids", "list[int]", True, "accounts from [[accounts]]"),
         ParamDoc("count_per_account", "int", False, "articles per account (default 1)"),
@@ -5157,7 +5157,7 @@ class ContentGenerationExecutor(Executor):
 
 
 def _template_topic(fmt: str, account_name: str, category: str) -> Callable[[int], str]:
-    """Topic number n of a template: the category's templates in rotation (seed 000)."""
+    """Topic number n of a template: the category's templates in rotation."""
     templates = TOPIC_TEMPLATES.get(category, ("",))
 
     def render(number: int) -> str:
@@ -5246,7 +5246,7 @@ class PublishExecutor(Executor):
 
 
 class CleanupExecutor(Executor):
-    """The seed's retention job: prune old terminal tasks (articles are kept)."""
+    """ContentHub's retention job: prune old terminal tasks (articles are kept)."""
 
     executor_type = "cleanup"
     description = "Delete terminal tasks older than N days with their events."
@@ -5605,7 +5605,7 @@ def parse_trigger(
     interval: int | float | None = None,
     interval_unit: str | None = None,
 ) -> Trigger:
-    """A Trigger from a schedule's keys: cron, every, or the seed's interval + interval_unit."""
+    """A Trigger from a schedule's keys: cron, every, or ContentHub's interval + interval_unit."""
     given = [
         name
         for name, value in (("cron", cron), ("every", every), ("interval", interval))
@@ -5695,7 +5695,7 @@ def _period(seconds: float, source: str) -> timedelta:
 
 
 def _seed_period(interval: object, unit: object) -> timedelta:
-    """The seed's `interval = 2, interval_unit = "hours"` form."""
+    """ContentHub's `interval = 2, interval_unit = "hours"` form."""
     unit_name = unit.strip().lower().removesuffix("s") if isinstance(unit, str) else None
     if unit_name not in _INTERVAL_UNIT_S:
         units = ", ".join(f"{name}s" for name in _INTERVAL_UNIT_S)
@@ -5879,7 +5879,7 @@ class ClockWatch:
 
 
 def schedule_trigger(schedule: ScheduleConfig, default_tz: str) -> Trigger:
-    """`interval = "2m"` (a duration) means `every = "2m"`; a bare number is the seed's
+    """`interval = "2m"` (a duration) means `every = "2m"`; a bare number is ContentHub's
     `interval = 2, interval_unit = "hours"` form and needs its unit."""
     interval, every = schedule.interval, schedule.every
     if isinstance(interval, str):
@@ -7679,7 +7679,7 @@ CsvParser = Callable[[str, set[int]], tuple[list[dict[str, Any]], list[dict[str,
 
 def parse_task_csv(text: str, accounts: set[int]) -> tuple[list[dict[str, Any]],
                                                            list[dict[str, Any]]]:
-    """Tasks from a bulk-import CSV (seed columns + requirements, tone, category,
+    """Tasks from a bulk-import CSV (ContentHub's columns + requirements, tone, category,
     target_audience), and every error as {line, column, message}."""
     import csv
     import io
