@@ -7,7 +7,8 @@ state lives in one SQLite file; every state change is one short transaction.
 The file reads top to bottom; each section uses only the ones above it:
 
     Constants and errors    names, limits, the exceptions the control channel maps to codes
-    Config                  TOML + ASYNC_* environment -> frozen Config, every error listed
+    Config                  TOML + ASYNC_* environment -> frozen Config, every error listed;
+                            LiveConfig, the running one that a reload swaps
     Logging and sd_notify   structlog setup; systemd's notify protocol without a dependency
     Topics                  topic normalisation, a firing's topic slots, research replies
     Failure classes         the error-class vocabulary, structured errors, the circuit breaker
@@ -1014,6 +1015,46 @@ def describe_config(config: Config) -> list[dict[str, Any]]:
     rows.append({"key": "accounts", "value": len(config.accounts), "source": "file"})
     rows.append({"key": "schedules", "value": len(config.schedules), "source": "file"})
     return rows
+
+
+#: A hook LiveConfig.swap() calls with the new config; an async one is awaited.
+ConfigHook = Callable[[Config], Awaitable[None] | None]
+
+
+class LiveConfig:
+    """The running Config, one for the whole daemon. App creates it and hands it to every
+    component; they read `live.current` whenever they need a setting, so a reload that swaps
+    it here is seen by all of them at once, and none keeps a copy that could go stale.
+
+    What a component derives from the config (the pool's encoded creator environment, the
+    notifier's targets, the media fetcher, the schedule plan, the socket's permissions) it
+    derives in a hook; swap() calls the hooks in the order App added them."""
+
+    def __init__(self, config: Config):
+        self.current = config
+        self._hooks: list[ConfigHook] = []
+
+    def on_swap(self, *hooks: ConfigHook) -> None:
+        self._hooks.extend(hooks)
+
+    async def swap(self, new: Config) -> Config:
+        """Make `new` the running config, then run every hook on it; returns the old one."""
+        old, self.current = self.current, new
+        for hook in self._hooks:
+            derived = hook(new)
+            if derived is not None:
+                await derived
+        return old
+
+
+class FollowsConfig:
+    """A component that App hands the LiveConfig: `self.config` is always the running one."""
+
+    live: LiveConfig
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
 
 
 # Logging and sd_notify #########################################################################
@@ -5979,7 +6020,7 @@ class PlannedSchedule:
         return "cron" if self.config.cron else "interval"
 
 
-class Scheduler(BackgroundLoop):
+class Scheduler(BackgroundLoop, FollowsConfig):
     """The cron loop.
 
     Semantics, stated once:
@@ -6001,12 +6042,12 @@ class Scheduler(BackgroundLoop):
 
     loop_name = "cron-loop"
 
-    def __init__(self, store: Store, config: Config, environ: dict[str, str],
+    def __init__(self, store: Store, live: LiveConfig, environ: dict[str, str],
                  wake_pool: Callable[[], None], clock: Callable[[], datetime] = utc_now,
                  triggers: dict[tuple[Any, ...], Trigger] | None = None):
         super().__init__()
         self.store = store
-        self.config = config
+        self.live = live
         self.environ = environ
         self.wake_pool = wake_pool
         self.clock = clock
@@ -6031,7 +6072,6 @@ class Scheduler(BackgroundLoop):
 
     async def apply_config(self, config: Config) -> None:
         """(Re)plan every schedule from config + schedule_state; pause state is kept."""
-        self.config = config
         states = await self.store.schedule_states()
         now = self.clock()
         planned: dict[str, PlannedSchedule] = {}
@@ -6448,7 +6488,7 @@ class MediaFetcher:
         return SavedMedia(str(final.relative_to(self.state_dir)), size, content_type)
 
 
-class MediaCapture(BackgroundLoop):
+class MediaCapture(BackgroundLoop, FollowsConfig):
     """Saves the images of completed articles before their URLs expire.
 
     A completion queues its images as `content_media` rows in its own transaction (so a
@@ -6460,16 +6500,16 @@ class MediaCapture(BackgroundLoop):
 
     loop_name = "media-capture"
 
-    def __init__(self, store: Store, config: Config, environ: dict[str, str],
+    def __init__(self, store: Store, live: LiveConfig, environ: dict[str, str],
                  clock: Callable[[], datetime] = utc_now):
         super().__init__()
         self.store = store
+        self.live = live
         self.environ = environ
         self.clock = clock
-        self.apply_config(config)
+        self.apply_config(live.current)
 
     def apply_config(self, config: Config) -> None:
-        self.config = config.media
         self.state_dir = config.state_dir(self.environ)
         self.fetcher = MediaFetcher(config.media, self.state_dir,
                                     config.creator_cwd(self.environ))
@@ -6538,20 +6578,20 @@ class MediaCapture(BackgroundLoop):
         while self.is_running:
             self._wake.clear()
             try:
-                due = await self.store.due_media(self.clock(), self.config.concurrency * 4)
+                due = await self.store.due_media(self.clock(), self.config.media.concurrency * 4)
                 next_due = None if due else await self.store.next_media_due()
             except Exception:  # a damaged or vanished database: health says so; try later
                 log.exception("media_queue_read_failed")
-                await self._sleep(self.config.retry_backoff)
+                await self._sleep(self.config.media.retry_backoff)
                 continue
             if due:
-                slots = asyncio.Semaphore(self.config.concurrency)
+                slots = asyncio.Semaphore(self.config.media.concurrency)
                 outcomes = await asyncio.gather(*(self._capture(item, slots) for item in due),
                                                 return_exceptions=True)
                 errors = [str(o) for o in outcomes if isinstance(o, Exception)]
                 if errors:  # their rows stay pending, to be tried again after a pause
                     log.error("media_outcome_not_recorded", errors=errors[:5])
-                    await self._sleep(self.config.retry_backoff)
+                    await self._sleep(self.config.media.retry_backoff)
                 continue
             await self._sleep(None if next_due is None else
                               max(0.0, (next_due - self.clock()).total_seconds()))
@@ -6583,8 +6623,8 @@ class MediaCapture(BackgroundLoop):
     async def _failed(self, item: dict[str, Any], failure: MediaFailure, media_log: Any) -> None:
         attempts = item["attempts"] + 1
         retry_at = None
-        if failure.retryable and attempts < self.config.max_attempts:
-            delay = min(self.config.retry_backoff * 2 ** (attempts - 1), MEDIA_RETRY_CAP_S)
+        if failure.retryable and attempts < self.config.media.max_attempts:
+            delay = min(self.config.media.retry_backoff * 2 ** (attempts - 1), MEDIA_RETRY_CAP_S)
             retry_at = self.clock() + timedelta(seconds=delay * random.uniform(0.8, 1.2))
         await self.store.record_media(item["id"], self.clock(),
                                       status="pending" if retry_at else "failed",
@@ -6694,7 +6734,7 @@ class OrphanSweeper:
                         " CONTENTHUB_TASK_ID")
 
 
-class WorkerPool:
+class WorkerPool(FollowsConfig):
     """Claims due tasks best-first and runs each creator in its own process group.
 
     At most `capacity` creators run at once (resizable live). The dispatcher sleeps on an
@@ -6703,10 +6743,10 @@ class WorkerPool:
     cancel that lands while the creator finishes always wins.
     """
 
-    def __init__(self, store: Store, config: Config, environ: dict[str, str],
+    def __init__(self, store: Store, live: LiveConfig, environ: dict[str, str],
                  clock: Callable[[], datetime] = utc_now):
         self.store = store
-        self.config = config
+        self.live = live
         self.environ = environ
         self.clock = clock
         self.running: dict[str, RunningTask] = {}
@@ -6729,7 +6769,7 @@ class WorkerPool:
         self._health_probe: asyncio.Task | None = None
         self.claims_paused_until: datetime | None = None
         self.pause_reason: str | None = None
-        self.apply_config(config)
+        self.apply_config(live.current)
 
     @property
     def capacity(self) -> int:
@@ -6738,7 +6778,6 @@ class WorkerPool:
     def apply_config(self, config: Config) -> None:
         """Start and reload: new tasks use the new creator settings; running ones are
         untouched. What every task would otherwise recompute is derived here, once."""
-        self.config = config
         self.creator_cwd = config.creator_cwd(self.environ)
         self.creator_env = self._creator_environment(config)
         #: encoded once: Popen would encode every variable again for every child
@@ -7301,7 +7340,7 @@ class WorkerPool:
 
 # Poll loop #####################################################################################
 
-class PollLoop(BackgroundLoop):
+class PollLoop(BackgroundLoop, FollowsConfig):
     """Drives tasks that an asynchronous creator holds (status 'submitted').
 
     Every poll_interval (with ±10 % jitter, so many daemons do not poll in step) it runs the
@@ -7315,9 +7354,11 @@ class PollLoop(BackgroundLoop):
 
     loop_name = "poll-loop"
 
-    def __init__(self, store: Store, pool: WorkerPool, clock: Callable[[], datetime] = utc_now):
+    def __init__(self, store: Store, live: LiveConfig, pool: WorkerPool,
+                 clock: Callable[[], datetime] = utc_now):
         super().__init__()
         self.store = store
+        self.live = live
         self.pool = pool
         self.clock = clock
         #: task_id -> (monotonic time of its next check, its interval, what the last one saw)
@@ -7326,7 +7367,7 @@ class PollLoop(BackgroundLoop):
     async def _loop(self) -> None:
         while self._running:
             self._wake.clear()
-            config = self.pool.config
+            config = self.config
             base = config.daemon.poll_interval
             if config.creator.status_command:
                 submitted = await self.store.list_tasks(status="submitted", limit=10_000,
@@ -7359,7 +7400,7 @@ class PollLoop(BackgroundLoop):
     async def check(self, task: dict[str, Any]) -> Any:
         """One status check; returns what it saw while the job runs (state and progress, or
         the failing status command's exit code), for the polling cadence."""
-        creator = self.pool.config.creator
+        creator = self.config.creator
         task_log = log.bind(task_id=task["task_id"], external_id=task["external_id"])
         try:
             if from_db_time(task["timeout_at"]) <= self.clock():
@@ -7389,7 +7430,7 @@ class PollLoop(BackgroundLoop):
 
     async def _final_outcome(self, task: dict[str, Any], state: str, message: str | None,
                              status_result: ProcessResult) -> Article | CreatorFailure:
-        creator = self.pool.config.creator
+        creator = self.config.creator
         if state == "failed":
             return CreatorFailure("creator_failed", message or "creator reported failure")
         if state == "cancelled":
@@ -7425,7 +7466,7 @@ class PollLoop(BackgroundLoop):
         if why is None:
             return CreatorFailure("timeout", "asynchronous creator did not finish within"
                                   " task_timeout; its job was cancelled")
-        creator = self.pool.config.creator
+        creator = self.config.creator
         try:
             status = await self.pool.run_creator_command(creator.status_command, task,
                                                          timeout=POLL_COMMAND_TIMEOUT_S)
@@ -7812,7 +7853,7 @@ class ClientTooSlow(Exception):
     """The client took none of its reply within connection_write_timeout."""
 
 
-class ControlServer:
+class ControlServer(FollowsConfig):
     """NDJSON over a Unix stream socket: one request per line, replies in order.
 
     Every request is parsed and validated before it touches anything; a bad line gets an
@@ -7826,11 +7867,11 @@ class ControlServer:
     """
 
 
-    def __init__(self, path: Path, config: Config, store: Store, pool: WorkerPool,
+    def __init__(self, path: Path, live: LiveConfig, store: Store, pool: WorkerPool,
                  scheduler: Scheduler, media: MediaCapture,
                  app_commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]):
         self.path = path
-        self.config = config
+        self.live = live
         self.store = store
         self.pool = pool
         self.scheduler = scheduler
@@ -7844,6 +7885,7 @@ class ControlServer:
         self._per_uid: dict[int, int] = {}
         self._body_streams = asyncio.Semaphore(CONTROL_BODY_STREAMS)
         self.started_monotonic = time.monotonic()
+        self._socket_permissions: tuple[int, str] | None = None  #: (mode, group) last applied
 
     @staticmethod
     def _command_name(method: str) -> str:
@@ -7864,16 +7906,15 @@ class ControlServer:
         self._apply_socket_permissions()
 
     def apply_config(self, config: Config) -> None:
-        """Reload: new limits and peer rules at once; the socket file gets the new mode and
-        group, so the file and the peer check never disagree."""
-        old, self.config = self.config, config
-        if (old.daemon.socket_mode, old.daemon.socket_group) != (
-                config.daemon.socket_mode, config.daemon.socket_group):
+        """Reload: limits and peer rules are read from the running config; the socket file
+        gets a new mode and group, so the file and the peer check never disagree."""
+        if (config.daemon.socket_mode, config.daemon.socket_group) != self._socket_permissions:
             self._apply_socket_permissions()
 
     def _apply_socket_permissions(self) -> None:
         """A failure is logged, not raised: the socket keeps serving as it was."""
         daemon = self.config.daemon
+        self._socket_permissions = (daemon.socket_mode, daemon.socket_group)
         try:
             os.chmod(self.path, daemon.socket_mode)
             if daemon.socket_group:
@@ -8861,7 +8902,7 @@ class SendOutcome:
     retry_after: float | None = None  #: the receiver's Retry-After, in seconds
 
 
-class Notifier(BackgroundLoop):
+class Notifier(BackgroundLoop, FollowsConfig):
     """The delivery loop behind [[notify]]: at least once, from the outbox.
 
     Events are rows written in the transaction of the change they report
@@ -8879,10 +8920,11 @@ class Notifier(BackgroundLoop):
 
     loop_name = "notify-loop"
 
-    def __init__(self, store: Store, config: Config, environ: dict[str, str],
+    def __init__(self, store: Store, live: LiveConfig, environ: dict[str, str],
                  clock: Callable[[], datetime] = utc_now):
         super().__init__()
         self.store = store
+        self.live = live
         self.environ = environ
         self.clock = clock
         self._in_flight: dict[int, asyncio.Task] = {}  #: outbox id -> the attempt sending it
@@ -8896,11 +8938,10 @@ class Notifier(BackgroundLoop):
         self.last_hook_error: str | None = None
         self._hook_statuses: dict[str, frozenset[str]] = {}
         store.on_events_written = self.wake
-        self.apply_config(config)
+        self.apply_config(live.current)
 
     def apply_config(self, config: Config) -> None:
         """Start and reload: new targets and filters route from the next event on."""
-        self.config = config
         # [[hooks]] are command targets named hooks[N] (a name [[notify]] cannot take).
         hooks = [NotifyConfig(name=f"hooks[{i}]", command=hook.command, events=[HOOK_EVENT],
                               timeout=hook.timeout) for i, hook in enumerate(config.hooks)]
@@ -9937,8 +9978,9 @@ def without_schedule_block(text: str, index: int) -> str:
     return "".join(lines[:start] + lines[end:])
 
 
-class App:
-    """Owns the store, the loops, the pool and the control socket: all mutable state.
+class App(FollowsConfig):
+    """Owns the running config, the store, the loops, the pool and the control socket: all
+    mutable state.
 
     serve() = startup() -> main_loop() -> shutdown(). Signal handlers only set events; the
     main loop reacts. A second SIGTERM/SIGINT kills the creators' groups and exits at once;
@@ -9948,17 +9990,25 @@ class App:
     def __init__(self, config: Config, environ: dict[str, str],
                  clock: Callable[[], datetime] = utc_now,
                  triggers: dict[tuple[Any, ...], Trigger] | None = None):
-        self.config = config
+        self.live = LiveConfig(config)
         self.environ = environ
         self.clock = clock
         self.store = Store(config.database_path(environ))
-        self.pool = WorkerPool(self.store, config, environ, clock)
-        self.scheduler = Scheduler(self.store, config, environ, self.pool.wake, clock,
+        self.pool = WorkerPool(self.store, self.live, environ, clock)
+        self.scheduler = Scheduler(self.store, self.live, environ, self.pool.wake, clock,
                                    triggers)
-        self.poll_loop = PollLoop(self.store, self.pool, clock)
-        self.notifier = Notifier(self.store, config, environ, clock)
-        self.media = MediaCapture(self.store, config, environ, clock)
+        self.poll_loop = PollLoop(self.store, self.live, self.pool, clock)
+        self.notifier = Notifier(self.store, self.live, environ, clock)
+        self.media = MediaCapture(self.store, self.live, environ, clock)
         self.control: ControlServer | None = None
+        # At start the pool, notifier and media derive theirs as they are built; startup()
+        # plans the schedules once the database is open. A reload re-derives in this order:
+        # creator settings, delivery targets and the media fetcher (no await, so no task
+        # starts in between), then the schedule plan (it may fire at once), the socket's
+        # permissions last.
+        self.live.on_swap(self.pool.apply_config, self.notifier.apply_config,
+                          self.media.apply_config, self.scheduler.apply_config,
+                          self._apply_control_config)
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()  #: a second stop signal during shutdown
         self.reload_requested = asyncio.Event()
@@ -10025,7 +10075,7 @@ class App:
         await self.scheduler.apply_config(self.config)
         socket_path = self.config.socket_path(self.environ)
         await self._claim_socket(socket_path)
-        self.control = ControlServer(socket_path, self.config, self.store, self.pool,
+        self.control = ControlServer(socket_path, self.live, self.store, self.pool,
                                      self.scheduler, self.media, {
             "version": self.cmd_version, "reload": self.cmd_reload, "config": self.cmd_config,
             "monitor.health": self.cmd_health, "scheduler.create": self.cmd_scheduler_create,
@@ -10207,14 +10257,9 @@ class App:
         if needs_restart:
             log.warning("reload_needs_restart", keys=needs_restart,
                         hint="these keys keep their running values until a restart")
-        old, self.config = self.config, new
+        # The accounts table first: the new schedules and tasks name its accounts.
         await self.store.sync_accounts(new.accounts, self.clock())
-        self.pool.apply_config(new)
-        self.notifier.apply_config(new)
-        self.media.apply_config(new)
-        await self.scheduler.apply_config(new)
-        if self.control is not None:
-            self.control.apply_config(new)
+        old = await self.live.swap(new)
         self.last_reload_error = None
         # In a thread: comparing 10,000 schedules field by field takes a while.
         changes = {**await asyncio.to_thread(self._reload_changes, old, new),
@@ -10223,6 +10268,10 @@ class App:
         self.metrics_dirty.set()
         sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
         return changes
+
+    def _apply_control_config(self, config: Config) -> None:
+        if self.control is not None:  # None only until startup() opens the socket
+            self.control.apply_config(config)
 
     @staticmethod
     def _reload_changes(old: Config, new: Config) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from contenthubd import (
     RATE_LIMIT_PAUSE_MAX_S,
     RATE_LIMIT_PAUSE_S,
     CircuitBreaker,
+    LiveConfig,
     WorkerPool,
     parse_config,
     parse_content_creator_run,
@@ -246,7 +247,7 @@ def test_rate_limited_pauses_the_whole_pool_and_spends_no_retry(daemon_factory, 
 
 
 def test_pause_defaults_to_30s_and_is_capped(tmp_path):
-    pool = WorkerPool(None, parse_config(""), {"CREATOR_STATE_DIR": str(tmp_path)})  # type: ignore[arg-type]
+    pool = WorkerPool(None, LiveConfig(parse_config("")), {"CREATOR_STATE_DIR": str(tmp_path)})  # type: ignore[arg-type]
     assert pool.pause_claims(None, "no retry_after") == RATE_LIMIT_PAUSE_S == 30.0
     assert pool.pause_claims(10 ** 9, "huge") == RATE_LIMIT_PAUSE_MAX_S
     assert pool.claim_pause_remaining() > RATE_LIMIT_PAUSE_MAX_S - 5

@@ -266,6 +266,47 @@ async def test_cron_fires_at_injected_clock_instant(tmp_path):
         await app.shutdown()
 
 
+async def test_reload_swaps_the_one_config_every_component_reads(tmp_path):
+    """A reload swaps one Config in one place: every component reads that object afterwards,
+    and what each derives from it (workers, creator environment, targets, plan, socket mode)
+    follows."""
+    config_path = tmp_path / "c.toml"
+    base = textwrap.dedent(f"""
+        [daemon]
+        state_dir = "{tmp_path / 'state'}"
+        log_format = "json"
+        max_concurrent_tasks = 2
+        socket_mode = "0660"
+        [creator]
+        kind = "command"
+        command = ["/bin/true"]
+        """)
+    config_path.write_text(base + ACCOUNTS, encoding="utf-8")
+    config = contenthubd.load_config(str(config_path), {}, contenthubd.check_schedules)
+    app = contenthubd.App(config, {"PATH": "/usr/bin:/bin"})
+    await app.startup()
+    try:
+        assert app.control is not None
+        config_path.write_text(base.replace("= 2", "= 3").replace("0660", "0600")
+                               + '[creator.env]\nREGION = "eu"\n' + ACCOUNTS + SCHEDULES
+                               + '[[notify]]\nname = "ops"\ncommand = ["/bin/true"]\n',
+                               encoding="utf-8")
+        changes = await app.reload()
+        assert changes["workers"] == [2, 3] and changes["schedules_added"] == [
+            "daily-tech", "nightly-cleanup"]
+        running = app.live.current
+        assert running is not config and app.config is running
+        for component in (app.pool, app.scheduler, app.poll_loop, app.notifier, app.media,
+                          app.control):
+            assert component.config is running, component
+        assert app.pool.capacity == 3 and app.pool.creator_env["REGION"] == "eu"
+        assert "ops" in app.notifier.targets
+        assert sorted(app.scheduler.schedules) == ["daily-tech", "nightly-cleanup"]
+        assert app.control.path.stat().st_mode & 0o777 == 0o600
+    finally:
+        app.should_exit.set()
+        await app.shutdown()
+
 def test_concurrent_schedule_edits_and_reloads_take_turns(daemon_factory):
     """scheduler create, `reload` and SIGHUP arriving together all land: every created
     schedule is in the file once and in the running config, and health stays ok."""
