@@ -2178,33 +2178,13 @@ class Store:
 
         stamp = to_db_time(now)
         # Encoded here, outside the transaction: the writer's thread does SQL, little else.
-        values = (article["title"], article["body"], article["summary"], article["word_count"],
-                  json_text(article["images"]), json_text(article["quality"]), stamp,
-                  article["generator"], article["model"], article["cost"], task_id, attempt)
+        encoded = self._encode_article(article, stamp)
         result_text = json_text(result)
-        media = list(enumerate(article.get("media", ())))
 
         def complete(conn: sqlite3.Connection) -> int | None:
-            # Inserted only if this attempt still owns the task: the fence is in the SELECT.
-            cursor = conn.execute(
-                "INSERT INTO contents (task_id, account_id, title, body, summary, word_count,"
-                " images, quality, created_at, generator, model, cost, keywords, category,"
-                " review_status) SELECT task_id, account_id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " keywords, category, CASE WHEN auto_approve THEN 'approved'"
-                " ELSE 'pending_review' END FROM content_generation_tasks"
-                f" WHERE {OWNED_BY_ATTEMPT}", values)
-            if not cursor.rowcount:
+            content_id = self._insert_content(conn, task_id, attempt, encoded, stamp, None)
+            if content_id is None:
                 return None
-            content_id = cursor.lastrowid
-            conn.execute("INSERT INTO content_events (content_id, at, action, actor, to_status)"
-                         " SELECT id, created_at, 'created', 'contenthubd', review_status"
-                         " FROM contents WHERE id = ?", (content_id,))
-            if media:
-                # The media loop's queue, in this transaction: a kill -9 loses no image.
-                conn.executemany(
-                    "INSERT INTO content_media (content_id, position, url, next_attempt_at,"
-                    " updated_at) VALUES (?, ?, ?, ?, ?)",
-                    [(content_id, position, url, stamp, stamp) for position, url in media])
             conn.execute("INSERT INTO task_events (task_id, at, from_status, to_status, detail)"
                          " SELECT task_id, ?, status, 'completed', ? FROM"
                          " content_generation_tasks WHERE task_id = ?",
@@ -2216,35 +2196,84 @@ class Store:
                 " WHERE task_id = ?", (content_id, stamp, result_text, stamp, task_id))
             self._task_finished_events(conn, task_id, "completed", now)
             self._record_usage(conn, task_id, attempt, usage, "completed", stamp)
-            if usage is not None:
-                # What the article cost: every attempt's spend, failed ones included.
-                conn.execute("UPDATE contents SET cost = COALESCE((SELECT SUM(cost) FROM"
-                             " task_usage WHERE task_id = ?), cost), model = COALESCE(model, ?)"
-                             " WHERE id = ?", (task_id, usage.model, content_id))
+            self._note_content_cost(conn, task_id, content_id, usage)
             return content_id
 
         return await self._write(complete_and_claim)
 
+    @staticmethod
+    def _encode_article(article: dict[str, Any], stamp: str) -> tuple[tuple, list]:
+        """An article_row as the contents INSERT takes it, and its media (position, url)."""
+        return ((article["title"], article["body"], article["summary"], article["word_count"],
+                 json_text(article["images"]), json_text(article["quality"]), stamp,
+                 article["generator"], article["model"], article["cost"]),
+                list(enumerate(article.get("media", ()))))
+
+    @staticmethod
+    def _insert_content(conn: sqlite3.Connection, task_id: str, attempt: int,
+                        encoded: tuple[tuple, list], stamp: str, draft_note: str | None
+                        ) -> int | None:
+        """The contents row of this attempt's article, its 'created' event and its media
+        queue; None when the attempt no longer owns the task (the fence is in the SELECT).
+        A draft (`draft_note`: why it is one) is pending_review whatever auto_approve says."""
+        values, media = encoded
+        cursor = conn.execute(
+            "INSERT INTO contents (task_id, account_id, title, body, summary, word_count,"
+            " images, quality, created_at, generator, model, cost, keywords, category,"
+            " review_status, review_reason) SELECT task_id, account_id, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, keywords, category, CASE WHEN auto_approve AND ? IS NULL THEN"
+            " 'approved' ELSE 'pending_review' END, ? FROM content_generation_tasks"
+            f" WHERE {OWNED_BY_ATTEMPT}", (*values, draft_note, draft_note, task_id, attempt))
+        if not cursor.rowcount:
+            return None
+        content_id = cursor.lastrowid
+        conn.execute("INSERT INTO content_events (content_id, at, action, actor, to_status,"
+                     " reason) SELECT id, created_at, 'created', 'contenthubd', review_status,"
+                     " review_reason FROM contents WHERE id = ?", (content_id,))
+        if media:
+            # The media loop's queue, in this transaction: a kill -9 loses no image.
+            conn.executemany(
+                "INSERT INTO content_media (content_id, position, url, next_attempt_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?)",
+                [(content_id, position, url, stamp, stamp) for position, url in media])
+        return content_id
+
+    @staticmethod
+    def _note_content_cost(conn: sqlite3.Connection, task_id: str, content_id: int,
+                           usage: Usage | None) -> None:
+        if usage is not None:
+            # What the article cost: every attempt's spend, failed ones included.
+            conn.execute("UPDATE contents SET cost = COALESCE((SELECT SUM(cost) FROM"
+                         " task_usage WHERE task_id = ?), cost), model = COALESCE(model, ?)"
+                         " WHERE id = ?", (task_id, usage.model, content_id))
+
     async def fail_attempt(self, task_id: str, attempt: int, now: datetime, error_kind: str,
                            message: str, retry_delay_s: float | None,
                            final_status: str = "failed", usage: Usage | None = None,
-                           error_class: str | None = None) -> str | None:
+                           error_class: str | None = None,
+                           draft: dict[str, Any] | None = None) -> str | None:
         """running/submitted -> pending (retry after `retry_delay_s`) or -> final_status.
         `retry_delay_s` None means permanent. Returns the new status, None if not owned.
-        A failed attempt's `usage` is recorded too: it cost money all the same."""
+        A failed attempt's `usage` is recorded too: it cost money all the same. A `draft`
+        (an article_row) of a task that fails for good becomes its contents row, pending
+        review with a note of the failure."""
         error_class = error_class or error_class_of(error_kind)
+        stamp = to_db_time(now)
+        encoded = self._encode_article(draft, stamp) if draft is not None else None
+        note = f"kept for review: the task failed ({error_class}): {message}"[:500]
 
         def fail(conn: sqlite3.Connection) -> str | None:
-            outcome = fail_once(conn)
+            outcome, content_id = fail_once(conn)
             if outcome is not None:
-                self._record_usage(conn, task_id, attempt, usage, outcome, to_db_time(now))
+                self._record_usage(conn, task_id, attempt, usage, outcome, stamp)
+            if content_id is not None:
+                self._note_content_cost(conn, task_id, content_id, usage)
             return outcome
 
-        def fail_once(conn: sqlite3.Connection) -> str | None:
-            stamp = to_db_time(now)
+        def fail_once(conn: sqlite3.Connection) -> tuple[str | None, int | None]:
             row = self._owned(conn, task_id, attempt, "status, retry_count, max_retries")
             if row is None:
-                return None
+                return None, None
             status, retry_count, max_retries = row
             if retry_delay_s is not None and retry_count < max_retries:
                 conn.execute(
@@ -2257,16 +2286,21 @@ class Store:
                 self._event(conn, task_id, stamp, status, "pending",
                             f"retry {retry_count + 1}/{max_retries} in {retry_delay_s:.0f}s:"
                             f" {error_kind}")
-                return "pending"
+                return "pending", None
+            # Inserted while the fence still holds: the task is this attempt's until the UPDATE.
+            content_id = (self._insert_content(conn, task_id, attempt, encoded, stamp, note)
+                          if encoded is not None else None)
             conn.execute(
                 "UPDATE content_generation_tasks SET status = ?, completed_at = ?,"
                 " error_kind = ?, error_class = ?, error_message = ?, pid = NULL, pgid = NULL,"
-                " updated_at = ? WHERE task_id = ?",
-                (final_status, stamp, error_kind, error_class, message, stamp, task_id))
+                " content_id = COALESCE(?, content_id), updated_at = ? WHERE task_id = ?",
+                (final_status, stamp, error_kind, error_class, message, content_id, stamp,
+                 task_id))
+            kept = f" (article kept for review: content {content_id})" if content_id else ""
             self._event(conn, task_id, stamp, status, final_status,
-                        f"{error_kind}: {message}"[:500])
+                        f"{error_kind}: {message}"[:500 - len(kept)] + kept)
             self._task_finished_events(conn, task_id, final_status, now)
-            return final_status
+            return final_status, content_id
 
         return await self._write(fail)
 
@@ -2345,6 +2379,13 @@ class Store:
             if before["status"] not in ("failed", "timeout", "cancelled"):
                 raise Conflict(f"task {task_id} is {before['status']}; only failed, timeout or"
                                " cancelled tasks can be retried")
+            # An article is kept per task: the draft a failed attempt left comes first.
+            kept = conn.execute("SELECT id FROM contents WHERE task_id = ?",
+                                (task_id,)).fetchone()
+            if kept is not None:
+                raise Conflict(f"task {task_id} failed but its article was kept for review as"
+                               f" content {kept[0]}; approve that one, or delete it"
+                               f" (contenthubctl content delete {kept[0]}) and retry")
             stamp = to_db_time(now)
             conn.execute("UPDATE content_generation_tasks SET status = 'pending', retry_count = 0,"
                          " next_attempt_at = ?, completed_at = NULL, error_kind = NULL,"
@@ -4171,6 +4212,8 @@ class CreatorFailure:
     retryable: bool = True
     error_class: str = ""  #: one of ERROR_CLASSES; derived from `kind` when not given
     retry_after: float | None = None  #: seconds, from a rate_limited creator
+    #: the article a quality_failed creator printed all the same, kept for review
+    draft: Article | None = None
 
     def __post_init__(self) -> None:
         self.error_class = self.error_class or error_class_of(self.kind)
@@ -4178,10 +4221,14 @@ class CreatorFailure:
             self.retryable = False
 
     @classmethod
-    def from_structured(cls, parsed: tuple[str, str, float | None]) -> CreatorFailure:
+    def from_structured(cls, parsed: tuple[str, str, float | None],
+                        data: dict[str, Any]) -> CreatorFailure:
+        """The failure an error object names; with quality_failed, the article printed in
+        the same object (the success shape's keys) is its draft."""
         error_class, message, retry_after = parsed
+        draft = _json_article(data) if error_class == "quality_failed" else None
         return cls(error_class, message, error_class not in PERMANENT_CLASSES, error_class,
-                   retry_after)
+                   retry_after, draft if isinstance(draft, Article) else None)
 
 
 def progress_from_line(line: str) -> tuple[int, str | None] | None:
@@ -4224,13 +4271,18 @@ def parse_json_output(stdout: str) -> Article | CreatorFailure:
         return CreatorFailure("bad_output", "exit 0 but no JSON object on stdout")
     error = structured_error(data)
     if error is not None:
-        return CreatorFailure.from_structured(error)
+        return CreatorFailure.from_structured(error, data)
     if "success" in data and isinstance(data.get("data"), dict):
         if not data["success"]:
             return CreatorFailure("creator_failed", str(data.get("error") or data))
         data = data["data"]
     elif data.get("success") is False:
         return CreatorFailure("creator_failed", str(data.get("error") or "success: false"))
+    return _json_article(data)
+
+
+def _json_article(data: dict[str, Any]) -> Article | CreatorFailure:
+    """The article in a json creator's result object."""
     body = (data.get("content") or data.get("body") or data.get("article")
             or data.get("finalArticleContent") or data.get("articleContent"))
     if not isinstance(body, str) or not body.strip():
@@ -4242,8 +4294,9 @@ def parse_json_output(stdout: str) -> Article | CreatorFailure:
     score = data.get("quality_score", data.get("qualityScore"))
     if score is not None:
         quality = {**quality, "score": score}
-    extra = {key: data[key] for key in ("generator", "model", "usage", "cost", "summary",
-                                        "word_count", "wordCount") if key in data}
+    extra: dict[str, Any] = {key: data[key] for key in ("generator", "model", "usage", "cost",
+                                                        "summary", "word_count", "wordCount")
+                             if key in data}
     title = data.get("title") if isinstance(data.get("title"), str) else None
     return Article(body=body, title=title, images=[str(i) for i in images], quality=quality,
                    external_id=data.get("task_id") or data.get("taskId"), extra=extra)
@@ -4321,10 +4374,12 @@ def parse_content_creator_run(stdout: str, stderr: str, exit_code: int,
     stripped. Relative image paths (the repo-head CLI prints downloaded files such as
     data/images/x.png) are made absolute against `cwd`; the body's own links stay as printed.
 
-    Failure: {"ok": False, "error_kind", "error_message", "retryable"} with error_kind one of
-    creator_failed (状态: 失败; the reason comes from the log lines), creator_cancelled,
-    invalid_arguments (commander/usage errors, not retryable), exit_code, killed (negative
-    exit code: a signal) and bad_output (exit 0 without a usable result block).
+    Failure: {"ok": False, "error_kind", "error_message", "retryable", "error_class"} with
+    error_kind one of creator_failed (状态: 失败; the reason comes from the log lines),
+    creator_cancelled, invalid_arguments (commander/usage errors, not retryable), exit_code,
+    killed (negative exit code: a signal) and bad_output (exit 0 without a usable result
+    block). A quality_failed run that printed its article all the same also has "draft":
+    that article's title, body, images and quality.
     """
     if exit_code != 0:
         return _cc_exit_failure(stdout, stderr, exit_code)
@@ -4342,30 +4397,39 @@ def parse_content_creator_run(stdout: str, stderr: str, exit_code: int,
     if status_text in _CC_CANCELLED:
         return _cc_failure("creator_cancelled", f"{task} was cancelled (状态: {status_text})",
                            False)
+    article = _cc_article(lines, status_block[1])
     if status_text not in _CC_COMPLETED:
         reason = _cc_failure_reason(lines) or "no error detail in its log lines"
         shown = status_text if status_text in _CC_FAILED else f"unexpected {status_text!r}"
-        return _cc_failure("creator_failed", f"{reason} ({task}, 状态: {shown})", True,
-                           _cc_reason_class(reason))
-    article = _cc_article(lines, status_block[1])
+        failure = _cc_failure("creator_failed", f"{reason} ({task}, 状态: {shown})", True,
+                              _cc_reason_class(reason))
+        # The quality gate gave up on an article it printed all the same: kept for review.
+        if failure["error_class"] == "quality_failed" and article and article[0].strip():
+            failure["draft"] = _cc_article_fields(lines, article, cwd)
+        return failure
     if article is None:
         return _cc_failure("bad_output", f"{task} reported 状态: {status_text} but printed no "
                            "'📝 生成的内容:' article", True)
-    body, article_end = article
-    if not body.strip():
+    if not article[0].strip():
         return _cc_failure("bad_output", f"{task} printed an empty article", True)
-    images_block = _cc_find_block(lines, _CC_IMAGES_HEADER, article_end)
-    quality_block = _cc_find_block(lines, _CC_QUALITY_HEADER, article_end)
     return {
         "ok": True,
-        "title": markdown_title(body),
-        "body": body,
-        "images": _cc_images(images_block[0] if images_block else [], cwd),
-        "quality": _cc_quality(quality_block[0] if quality_block else []),
+        **_cc_article_fields(lines, article, cwd),
         "external_id": external_id,
         "duration_seconds": _cc_duration_seconds(fields.get("耗时", "")),
         "status_text": status_text,
     }
+
+
+def _cc_article_fields(lines: list[str], article: tuple[str, int],
+                       cwd: str | None) -> dict[str, Any]:
+    """title, body, images and quality of a printed article and the blocks after it."""
+    body, article_end = article
+    images_block = _cc_find_block(lines, _CC_IMAGES_HEADER, article_end)
+    quality_block = _cc_find_block(lines, _CC_QUALITY_HEADER, article_end)
+    return {"title": markdown_title(body), "body": body,
+            "images": _cc_images(images_block[0] if images_block else [], cwd),
+            "quality": _cc_quality(quality_block[0] if quality_block else [])}
 
 
 def _cc_failure(kind: str, message: str, retryable: bool, error_class: str = "") -> dict:
@@ -4612,8 +4676,10 @@ def content_creator_text_outcome(result: ProcessResult, cwd: Path) -> Article | 
     parsed = parse_content_creator_run(result.stdout, result.stderr, result.exit_code or 0,
                                        str(cwd))
     if not parsed["ok"]:
+        draft = parsed.get("draft")
         return CreatorFailure(parsed["error_kind"], parsed["error_message"], parsed["retryable"],
-                              parsed.get("error_class", ""))
+                              parsed.get("error_class", ""), draft=draft and Article(
+                                  **draft, extra={"generator": "content-creator"}))
     return Article(body=parsed["body"], title=parsed["title"], images=parsed["images"],
                    quality=parsed["quality"], external_id=parsed["external_id"],
                    extra={"generator": "content-creator",
@@ -4643,9 +4709,10 @@ def classify_result(result: ProcessResult, creator: CreatorConfig,
 def exit_failure(result: ProcessResult, creator: CreatorConfig) -> CreatorFailure:
     """A non-zero exit of a json creator: its structured error object if it printed one, else
     the class its sysexits code names, else permanent (permanent_exit_codes) or transient."""
-    error = structured_error(_last_json_object(result.stdout))
-    if error is not None:
-        return CreatorFailure.from_structured(error)
+    data = _last_json_object(result.stdout)
+    error = structured_error(data)
+    if data is not None and error is not None:
+        return CreatorFailure.from_structured(error, data)
     code = result.exit_code or 0
     detail = result.stderr_tail() or "(stderr empty)"
     if code in SYSEXITS_CLASSES:
@@ -7202,6 +7269,10 @@ class WorkerPool(FollowsConfig):
             return "completed" if content_id is not None else None
         outcome.message = scrub_secrets(outcome.message, self.creator_env)
         status = await self._record_failure(task, outcome, usage)
+        if status in TERMINAL_STATUSES and outcome.draft is not None:
+            task_log.info("draft_kept_for_review", error_class=outcome.error_class)
+            if outcome.draft.images and self.config.media.enabled and self.on_media_queued:
+                self.on_media_queued()
         task_log.warning("task_attempt_failed", error_kind=outcome.kind,
                          error_class=outcome.error_class, status=status,
                          exit_code=result.exit_code, duration=round(result.duration, 3),
@@ -7266,10 +7337,15 @@ class WorkerPool(FollowsConfig):
                 "creator-wide failure" if self.breaker.state == "closed"
                 else "circuit breaker open", usage, notify)
         retryable = outcome.retryable or error_class in CREATOR_WIDE_CLASSES
+        draft = None
+        if outcome.draft is not None:
+            draft = article_row(outcome.draft, task["topic"])
+            if self.config.media.enabled:
+                draft["media"] = draft["images"]
         return await self.store.fail_attempt(
             task_id, attempt, now, outcome.kind, outcome.message,
             self._retry_delay(task) if retryable else None,
-            "timeout" if outcome.kind == "timeout" else "failed", usage, error_class)
+            "timeout" if outcome.kind == "timeout" else "failed", usage, error_class, draft)
 
     @staticmethod
     def _result_json(article: Article, result: ProcessResult) -> dict[str, Any]:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from conftest import DAEMON, command_creator, wait_until
+from test_content_creator_e2e import argv_log as cc_runs
+from test_content_creator_e2e import captured_article as cc_article
+from test_content_creator_e2e import start as cc_start
 
 from contenthubd import (
     RATE_LIMIT_PAUSE_MAX_S,
@@ -137,6 +140,74 @@ def test_a_lone_task_with_a_creator_wide_failure_spends_retries_only_from_its_se
     assert len(runs(tmp_path)) == 3  # the first run was free, then 1 retry, then failed
     details = [event["detail"] or "" for event in task["events"]]
     assert any("creator-wide failure, no retry spent" in detail for detail in details)
+
+
+# quality_failed: the article kept for review #################################################
+
+
+def content_of(daemon, task_id: str) -> dict:
+    shown = daemon.ctl("--format", "json", "content", "show", task_id)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
+
+
+def test_quality_failed_content_creator_run_keeps_its_article_for_review(daemon_factory,
+                                                                         tmp_path):
+    daemon = cc_start(daemon_factory, tmp_path, "quality-failure-article", max_retries=3)
+    topic = "质检未通过的主题"
+    task_id = daemon.submit(topic, auto_approve=True)
+    task = daemon.wait_status(task_id, "failed")
+    assert task["error_class"] == "quality_failed" and task["retry_count"] == 0
+    assert "Text quality check failed after 3 attempts" in task["error_message"]
+    assert len(cc_runs(tmp_path)) == 1  # not retried
+    content = content_of(daemon, task_id)
+    assert task["content_id"] == content["id"]
+    # Never auto-approved: the creator's own gate rejected it.
+    assert content["review_status"] == "pending_review"
+    assert content["review_reason"].startswith("kept for review: the task failed"
+                                               " (quality_failed): Text quality check failed")
+    assert content["body"] == cc_article(topic).strip("\n") + "\n"
+    assert content["quality"]["passed"] is False and content["quality"]["score"] == 5.2
+    assert len(content["images"]) == 2
+    [created] = content["history"]
+    assert created["action"] == "created" and created["reason"] == content["review_reason"]
+    assert task["events"][-1]["detail"].endswith(
+        f"(article kept for review: content {content['id']})")
+
+    retry = daemon.ctl("task", "retry", task_id)
+    assert retry.returncode != 0
+    assert f"contenthubctl content delete {content['id']}" in retry.stderr
+    assert daemon.ctl("content", "delete", str(content["id"])).returncode == 0
+    assert daemon.ctl("task", "retry", task_id).returncode == 0
+    wait_until(lambda: len(cc_runs(tmp_path)) == 2 and daemon.task(task_id)["status"]
+               == "failed", message="the retry failed again")
+    # The retry's draft took the deleted one's place.
+    assert content_of(daemon, task_id)["review_status"] == "pending_review"
+    assert daemon.scalar("SELECT COUNT(*) FROM contents") == 1
+
+
+def test_quality_failed_run_without_an_article_keeps_nothing(daemon_factory, tmp_path):
+    daemon = cc_start(daemon_factory, tmp_path, "quality-failure")
+    task = daemon.wait_status(daemon.submit("没有正文的失败"), "failed")
+    assert task["error_class"] == "quality_failed" and task["retry_count"] == 0
+    assert task["content_id"] is None
+    assert daemon.scalar("SELECT COUNT(*) FROM contents") == 0
+
+
+def test_json_creator_error_object_with_an_article_keeps_it_only_for_quality_failed(
+        daemon_factory, tmp_path):
+    daemon = topic_daemon(daemon_factory, max_retries=1).start()
+    quality = daemon.submit("error+article:quality_failed")
+    transient = daemon.submit("error+article:transient")
+    task = daemon.wait_status(quality, "failed")
+    assert task["error_class"] == "quality_failed" and task["retry_count"] == 0
+    content = content_of(daemon, quality)
+    assert content["title"] == "error+article:quality_failed"
+    assert content["quality"]["score"] == 4.5
+    assert content["review_status"] == "pending_review"
+    # A failure that is retried keeps nothing: the next attempt writes another article.
+    assert daemon.wait_status(transient, "failed")["retry_count"] == 1
+    assert daemon.scalar("SELECT COUNT(*) FROM contents") == 1
 
 
 # Circuit breaker ###############################################################################

@@ -5,6 +5,7 @@ Every run appends `<monotonic time> <task_id> <topic>` to CREATOR_STATE_DIR/runs
 Topics:
   error:<class>[:<retry_after>]   prints {"error": {"kind", "message", "retry_after"}}, exit 1
   error-once:<class>[:<after>]    the same on a task's first run only, then an article
+  error+article:<class>           the error object with an article beside it, exit 1
   exit:<code>                     a message on stderr, exit <code>
   needs-key                       misconfigured (a structured error naming SERVICE_KEY) until
                                   the file CREATOR_STATE_DIR/key exists, then an article
@@ -32,6 +33,13 @@ def fail(kind: str, message: str, retry_after: str = "") -> None:
     sys.exit(1)
 
 
+if topic.startswith("error+article:"):
+    kind = topic.split(":")[1]
+    print(json.dumps({"error": {"kind": kind, "message": f"upstream says {kind}, article"
+                                " printed all the same"},
+                      "title": topic, "content": f"# {topic}\n\n未通过质检的文章。\n",
+                      "quality_score": 4.5}, ensure_ascii=False))
+    sys.exit(1)
 if topic.startswith(("error:", "error-once:")):
     mode, kind, *after = topic.split(":")
     marker = state / f"{task['task_id']}.failed-once"

@@ -15,7 +15,12 @@ the capture the real CLI would have produced, checked in the real CLI's order:
 
 Knobs (environment):
   FAKE_CC_SCENARIO  success (default) | color | prod | failure | repo-head-success |
-                    repo-head-failure: which capture a sync run replays
+                    repo-head-failure: which capture a sync run replays;
+                    quality-failure: sync-failure with the reason 0.2.0 logs when its quality
+                    gate gives up (it prints no article then); quality-failure-article: the
+                    same with sync-success's article and a failed quality block after the
+                    result block, as a CLI that prints what it wrote on failure would. These
+                    two are built from the captures: nothing real was captured for them.
   FAKE_CC_DELAY     seconds to sleep after the header block, before the result blocks
   FAKE_CC_FIXTURES  fixture directory (default: tests/fixtures/content-creator)
   FAKE_CC_ARGV_LOG  file to which each run appends its argv as one JSON line
@@ -39,7 +44,11 @@ SCENARIOS = {
     "failure": "sync-failure",
     "repo-head-success": "repo-head/sync-success",
     "repo-head-failure": "repo-head/sync-failure",
+    "quality-failure": "sync-failure",
+    "quality-failure-article": "sync-failure",
 }
+CAPTURED_REASON = "Request failed with status code 500"
+QUALITY_REASON = "Text quality check failed after 3 attempts"
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "TAVILY_API_KEY", "ARK_API_KEY")
 SEPARATOR = "\u2500" * 40
 CAPTURED_TOPIC = "AI 技术解析 1"
@@ -185,6 +194,21 @@ def personalise(text: str, options: dict, repo_head: bool) -> tuple[str, str, st
     return head, "\n".join(lines[closing + 1:]), new_id
 
 
+def with_failed_article(text: str) -> str:
+    """A failure's output with sync-success's article, images and a failed quality block
+    printed after its result block."""
+    success = fixture("sync-success.stdout").decode("utf-8")
+    start = success.index("\n📝 生成的内容:\n")
+    quality = success.index("\n🔍 文本质检:\n", start)
+    end = success.index(f"{SEPARATOR}\n", success.index(f"{SEPARATOR}\n", quality) + 1)
+    blocks = success[start:end + len(SEPARATOR) + 1]
+    blocks = blocks.replace("状态: 通过", "状态: 未通过").replace("评分: 8.55/100", "评分: 5.2/100")
+    result = text.index("\n✅ 执行成功\n")
+    closing = text.index(f"{SEPARATOR}\n", text.index(f"{SEPARATOR}\n", result) + 1)
+    cut = closing + len(SEPARATOR) + 1
+    return text[:cut] + blocks + text[cut:]
+
+
 def run_sync(options: dict) -> int:
     scenario = os.environ.get("FAKE_CC_SCENARIO", "success")
     if scenario not in SCENARIOS:
@@ -193,8 +217,12 @@ def run_sync(options: dict) -> int:
         return 2
     name = SCENARIOS[scenario]
     repo_head = name.startswith("repo-head/")
-    head, rest, task_id = personalise(fixture(f"{name}.stdout").decode("utf-8"), options,
-                                      repo_head)
+    text = fixture(f"{name}.stdout").decode("utf-8")
+    if scenario.startswith("quality-failure"):
+        text = text.replace(CAPTURED_REASON, QUALITY_REASON)
+    if scenario == "quality-failure-article":
+        text = with_failed_article(text)
+    head, rest, task_id = personalise(text, options, repo_head)
     spinner = fixture(f"{name}.stderr")
     split = spinner.index(b"\n") + 1
     emit(head.encode("utf-8"), spinner[:split])
