@@ -735,9 +735,14 @@ def time_column(header: str, key: str) -> Column:
 
 
 def status_of(row: dict):
-    """A pending task a budget holds reads `pending (waiting: budget)`."""
-    waiting = row.get("waiting")
-    return f"{row.get('status')} (waiting: {waiting})" if waiting else row.get("status")
+    """A pending task a budget holds reads `pending (waiting: budget)`; a submitted one says
+    what its creator reports of the job: `submitted (remote: queued|running|unknown)`."""
+    waiting, remote = row.get("waiting"), row.get("remote_status")
+    if waiting:
+        return f"{row.get('status')} (waiting: {waiting})"
+    if remote and row.get("status") == "submitted":
+        return f"submitted (remote: {remote})"
+    return row.get("status")
 
 
 TASK_COLUMNS = (TASK_ID_COLUMN, Column("STATUS", status_of),
@@ -793,8 +798,8 @@ DELIVERY_COLUMNS = (Column("ID", "id", align="right"), Column("TARGET", "target"
                     Column("ERROR", "last_error", flex=True))
 
 #: Key order of single objects in table format; keys not named follow in the daemon's order.
-TASK_ORDER = ("task_id", "status", "waiting", "waiting_reason", "progress", "stage",
-              "account_id", "account_name", "topic", "keywords", "category", "priority",
+TASK_ORDER = ("task_id", "status", "remote_status", "waiting", "waiting_reason", "progress",
+              "stage", "account_id", "account_name", "topic", "keywords", "category", "priority",
               "attempt", "retry_count", "max_retries", "auto_approve", "content_id", "usage",
               "error_kind", "error_message", "submitted_at",
               "started_at", "completed_at", "next_attempt_at", "timeout_at")

@@ -1371,8 +1371,8 @@ TASK_FIELDS = ("task_id", "content_id", "account_id", "topic", "keywords", "cate
                "requirements", "tone", "target_audience", "status", "priority", "progress",
                "stage", "retry_count", "max_retries", "attempt", "auto_approve", "submitted_at",
                "started_at", "completed_at", "timeout_at", "next_attempt_at", "error_kind",
-               "error_class", "error_message", "external_id", "pid", "pgid", "schedule_run_id",
-               "dedup_key", "created_at", "updated_at")
+               "error_class", "error_message", "external_id", "remote_status", "pid", "pgid",
+               "schedule_run_id", "dedup_key", "created_at", "updated_at")
 TASK_COLUMNS = ", ".join(f"t.{name}" for name in TASK_FIELDS) + ", a.name AS account_name"
 TASK_FROM = "content_generation_tasks t LEFT JOIN accounts a ON a.id = t.account_id"
 #: The orders list_tasks offers, by name.
@@ -2340,18 +2340,40 @@ class Store:
 
     async def mark_submitted(self, task_id: str, attempt: int, external_id: str,
                              now: datetime) -> bool:
+        """running -> submitted: the remote job is accepted, and queued until its status
+        says otherwise."""
+
         def submitted(conn: sqlite3.Connection) -> bool:
             stamp = to_db_time(now)
             cursor = conn.execute(
                 "UPDATE content_generation_tasks SET status = 'submitted', external_id = ?,"
-                " submitted_at = ?, pid = NULL, pgid = NULL, updated_at = ?"
-                " WHERE task_id = ? AND attempt = ? AND status = 'running'",
+                " remote_status = 'queued', submitted_at = ?, pid = NULL, pgid = NULL,"
+                " updated_at = ? WHERE task_id = ? AND attempt = ? AND status = 'running'",
                 (external_id, stamp, stamp, task_id, attempt))
             if cursor.rowcount:
                 self._event(conn, task_id, stamp, "running", "submitted", external_id)
             return bool(cursor.rowcount)
 
         return await self._write(submitted)
+
+    async def record_remote_status(self, task_id: str, attempt: int, remote_status: str,
+                                   detail: str, now: datetime) -> bool:
+        """A submitted task's job changed state remotely (queued, running, unknown): the
+        column and its event, if this attempt still holds the task. True when it changed."""
+
+        def record(conn: sqlite3.Connection) -> bool:
+            stamp = to_db_time(now)
+            cursor = conn.execute(
+                "UPDATE content_generation_tasks SET remote_status = ?, updated_at = ?"
+                " WHERE task_id = ? AND attempt = ? AND status = 'submitted'"
+                " AND remote_status IS NOT ?", (remote_status, stamp, task_id, attempt,
+                                                remote_status))
+            if cursor.rowcount:
+                self._event(conn, task_id, stamp, "submitted", "submitted",
+                            f"remote job {remote_status}: {detail}"[:500])
+            return bool(cursor.rowcount)
+
+        return await self._write(record)
 
     async def cancel_task(self, task_id: str, now: datetime) -> dict[str, Any]:
         """Any non-terminal status -> cancelled. Returns the task as it was before."""
@@ -4724,11 +4746,16 @@ def exit_failure(result: ProcessResult, creator: CreatorConfig) -> CreatorFailur
     return CreatorFailure("exit_code", f"creator exited {code}: {detail}")
 
 
+#: What an asynchronous creator's status words mean; any other word means running.
 ASYNC_STATES = {
     "completed": "completed", "complete": "completed", "success": "completed",
     "succeeded": "completed", "done": "completed", "已完成": "completed", "成功": "completed",
     "failed": "failed", "error": "failed", "失败": "failed",
     "cancelled": "cancelled", "canceled": "cancelled", "已取消": "cancelled",
+    "queued": "queued", "pending": "queued", "submitted": "queued", "scheduled": "queued",
+    "待处理": "queued", "排队中": "queued",
+    "running": "running", "processing": "running", "in_progress": "running",
+    "运行中": "running",
 }
 EXTERNAL_ID_KEYS = ("external_id", "task_id", "taskId", "id", "job_id", "jobId")
 
@@ -4755,7 +4782,8 @@ def parse_external_id(stdout: str) -> str | None:
 
 def parse_async_status(stdout: str) -> tuple[str, int | None, str | None]:
     """(state, progress, message) from a status command: `{"status": …, "progress": …,
-    "error": …}` or content-creator's `状态: …` line. Unknown states mean still running."""
+    "error": …}` or content-creator's `状态: …` line. The state is queued, running or a final
+    one (completed, failed, cancelled); unknown words mean running."""
     data = _last_json_object(stdout)
     if data is not None:
         if isinstance(data.get("data"), dict):
@@ -7474,35 +7502,59 @@ class PollLoop(BackgroundLoop, FollowsConfig):
         self._cadence[task_id] = (time.monotonic() + interval * 0.95, interval, seen)
 
     async def check(self, task: dict[str, Any]) -> Any:
-        """One status check; returns what it saw while the job runs (state and progress, or
-        the failing status command's exit code), for the polling cadence."""
+        """One status check; returns what it saw while the job goes on (state and progress,
+        or the failing status command's exit code), for the polling cadence."""
         creator = self.config.creator
         task_log = log.bind(task_id=task["task_id"], external_id=task["external_id"])
         try:
             if from_db_time(task["timeout_at"]) <= self.clock():
-                outcome: Article | CreatorFailure = await self._timed_out(task)
                 result = ProcessResult(None, "", "", 0.0)
-            else:
-                result = await self.pool.run_creator_command(
-                    creator.status_command, task, timeout=POLL_COMMAND_TIMEOUT_S)
-                state, progress, message = parse_async_status(result.stdout)
-                if result.exit_code or result.timed_out:
-                    task_log.warning("status_command_failed", exit_code=result.exit_code,
-                                     stderr=result.stderr_tail(300))
-                    return ("status_failed", result.exit_code)
-                if state == "running":
-                    if progress is not None and progress != task["progress"]:
-                        self.pool.report_progress(task["task_id"], task["attempt"], progress,
-                                                  None)
-                    return ("running", progress)
-                outcome = await self._final_outcome(task, state, message, result)
-            status = await self.pool.record_outcome(task, outcome, result, task_log)
-            self.pool.finished(task["task_id"], status)
-            self.pool.wake()
+                await self._record(task, await self._timed_out(task), result, task_log)
+                return None
+            result = await self.pool.run_creator_command(
+                creator.status_command, task, timeout=POLL_COMMAND_TIMEOUT_S)
+            return await self._apply_status(task, result, task_log)
         except OSError as exc:
             task_log.error("poll_command_failed", error=str(exc))
             return ("poll_failed", str(exc))
+
+    async def _apply_status(self, task: dict[str, Any], result: ProcessResult,
+                            task_log: Any) -> Any:
+        """What one status reply says of a job: queued or running (the task stays submitted,
+        its remote_status follows), or final (the outcome is recorded)."""
+        if result.exit_code or result.timed_out:
+            task_log.warning("status_command_failed", exit_code=result.exit_code,
+                             stderr=result.stderr_tail(300))
+            await self._note_remote(task, "unknown", "its status command failed ("
+                                    + ("timed out" if result.timed_out else
+                                       f"exit {result.exit_code}: "
+                                       f"{result.stderr_tail(300) or '(stderr empty)'}") + ")")
+            return ("status_failed", result.exit_code)
+        state, progress, message = parse_async_status(result.stdout)
+        if state in ("queued", "running"):
+            await self._note_remote(task, state, message or f"the creator says {state}")
+            if state == "running" and progress is not None and progress != task["progress"]:
+                self.pool.report_progress(task["task_id"], task["attempt"], progress, None)
+            return (state, progress)
+        await self._record(task, await self._final_outcome(task, state, message, result),
+                           result, task_log)
         return None
+
+    async def _note_remote(self, task: dict[str, Any], remote_status: str, detail: str) -> None:
+        if task.get("remote_status") == remote_status:
+            return
+        if await self.store.record_remote_status(task["task_id"], task["attempt"],
+                                                 remote_status, detail, self.clock()):
+            task["remote_status"] = remote_status
+            log.info("remote_status_changed", task_id=task["task_id"],
+                     external_id=task["external_id"], remote_status=remote_status)
+            self.pool.publish(task["task_id"], status="submitted", remote_status=remote_status)
+
+    async def _record(self, task: dict[str, Any], outcome: Article | CreatorFailure,
+                      result: ProcessResult, task_log: Any) -> None:
+        status = await self.pool.record_outcome(task, outcome, result, task_log)
+        self.pool.finished(task["task_id"], status)
+        self.pool.wake()
 
     async def _final_outcome(self, task: dict[str, Any], state: str, message: str | None,
                              status_result: ProcessResult) -> Article | CreatorFailure:

@@ -426,3 +426,14 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 
 -- migration 11: index on a task id's random part, which narrow tables show and commands accept
 CREATE INDEX idx_tasks_random_part ON content_generation_tasks (substr(task_id, 20));
+
+-- migration 12: remote_status, what an asynchronous creator last said of a submitted task's job
+-- 'queued' (accepted, not started), 'running', or 'unknown' (its status command failed). The
+-- trigger clears it in the transaction that moves the task on from 'submitted'.
+ALTER TABLE content_generation_tasks ADD COLUMN remote_status TEXT
+    CHECK (remote_status IN ('queued', 'running', 'unknown'));
+CREATE TRIGGER clear_remote_status AFTER UPDATE OF status ON content_generation_tasks
+WHEN OLD.status = 'submitted' AND NEW.status <> 'submitted'
+BEGIN
+    UPDATE content_generation_tasks SET remote_status = NULL WHERE id = NEW.id;
+END;

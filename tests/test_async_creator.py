@@ -36,8 +36,9 @@ def test_async_task_is_submitted_polled_and_completed(daemon_factory):
     task = daemon.wait_status(task_id, "completed")
     content = daemon.call("content.show", {"id": task_id})
     assert content["title"] == "异步主题" and "异步生成" in content["body"]
+    # The second 'submitted' is the remote job starting: remote_status queued -> running.
     assert [e["to_status"] for e in task["events"]] == ["pending", "running", "submitted",
-                                                        "completed"]
+                                                        "submitted", "completed"]
 
 
 def test_submitted_task_survives_restart(daemon_factory):
@@ -129,3 +130,41 @@ def test_a_job_whose_status_does_not_change_is_polled_less_and_less(daemon_facto
     [job] = jobs(tmp_path)
     assert job["statuses"] <= 14, job["statuses"]
     assert [e["to_status"] for e in task["events"]][-1] == "completed"
+
+
+def remote_states(task: dict) -> list[str]:
+    return [e["detail"].split(":")[0] for e in task["events"]
+            if (e["detail"] or "").startswith("remote job ")]
+
+
+def test_task_status_tells_a_job_queued_remotely_from_one_running(daemon_factory):
+    daemon = make(daemon_factory, env={"FAKE_ASYNC_QUEUED": "2", "FAKE_ASYNC_DURATION": "2"}
+                  ).start()
+    task_id = daemon.submit("排队的任务")
+    assert daemon.wait_status(task_id, "submitted")["remote_status"] == "queued"
+    listed = daemon.ctl("task", "list")
+    assert "submitted (remote: queued)" in listed.stdout, listed.stdout
+    wait_until(lambda: daemon.task(task_id)["remote_status"] == "running", 20,
+               message="the remote job running")
+    shown = daemon.ctl("task", "status", task_id)
+    assert shown.stdout.splitlines()[1].split() == ["status:", "submitted"]
+    assert shown.stdout.splitlines()[2].split() == ["remote_status:", "running"]
+    assert "submitted (remote: running)" in daemon.ctl("task", "list").stdout
+    as_json = json.loads(daemon.ctl("--format", "json", "task", "status", task_id).stdout)
+    assert as_json["status"] == "submitted" and as_json["remote_status"] == "running"
+    task = daemon.wait_status(task_id, "completed")
+    assert task["remote_status"] is None
+    assert remote_states(task) == ["remote job running"]
+
+
+def test_a_job_the_remote_lost_shows_unknown_with_the_status_commands_error(daemon_factory,
+                                                                           tmp_path):
+    daemon = make(daemon_factory, env={"FAKE_ASYNC_DURATION": "60"}).start()
+    task_id = daemon.submit()
+    task = daemon.wait_status(task_id, "submitted")
+    (tmp_path / "jobs" / f"{task['external_id']}.json").unlink()
+    task = wait_until(lambda: (t := daemon.task(task_id))["remote_status"] == "unknown" and t,
+                      message="remote_status unknown")
+    assert task["status"] == "submitted"
+    [lost] = [e["detail"] for e in task["events"] if "remote job unknown" in (e["detail"] or "")]
+    assert "no such job" in lost

@@ -10,7 +10,9 @@
 Knobs: FAKE_ASYNC_DURATION seconds a job takes (default 1), FAKE_ASYNC_FAIL=1 makes jobs fail,
 FAKE_ASYNC_BAD_RESULTS=N makes a job's first N `result` calls print no article,
 FAKE_ASYNC_CANCEL_FAILS=1 makes `cancel` exit 1 and leave the job running,
-FAKE_ASYNC_NO_PROGRESS=1 makes `status` of a running job report no progress (a queued job).
+FAKE_ASYNC_NO_PROGRESS=1 makes `status` of a running job report no progress,
+FAKE_ASYNC_QUEUED seconds a job waits in the remote queue first (`{"status": "pending"}`; its
+duration starts after them).
 Each `status` call is counted in the job's "statuses".
 Jobs live in $CREATOR_STATE_DIR/jobs/<job>.json.
 """
@@ -28,8 +30,9 @@ if command == "submit":
     task = json.loads(sys.stdin.read())
     job = uuid.uuid4().hex
     duration = float(os.environ.get("FAKE_ASYNC_DURATION", "1"))
+    started = time.time() + float(os.environ.get("FAKE_ASYNC_QUEUED", "0"))
     (jobs / f"{job}.json").write_text(json.dumps({
-        "state": "running", "due": time.time() + duration, "started": time.time(),
+        "state": "running", "due": started + duration, "started": started,
         "task": task, "fail": os.environ.get("FAKE_ASYNC_FAIL") == "1"}))
     print(json.dumps({"success": True, "task_id": job}))
     sys.exit(0)
@@ -50,6 +53,8 @@ elif command == "status":
     path.write_text(json.dumps(job))
     if job["state"] == "cancelled":
         print(json.dumps({"status": "cancelled"}))
+    elif time.time() < job["started"]:
+        print(json.dumps({"status": "pending"}))
     elif time.time() >= job["due"]:
         print(json.dumps({"status": "failed", "error": "model overloaded"} if job["fail"]
                          else {"status": "completed", "progress": 100}))
