@@ -71,7 +71,7 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from itertools import islice, takewhile
@@ -641,6 +641,11 @@ class Config:
     def base_dir(self) -> Path:
         return Path(self.path).resolve().parent if self.path else Path.cwd()
 
+    @functools.cached_property
+    def accounts_by_id(self) -> dict[int, AccountConfig]:
+        """[[accounts]] by id, built once per config: every schedule's check looks them up."""
+        return {account.id: account for account in self.accounts}
+
     def state_dir(self, environ: dict[str, str]) -> Path:
         """systemd's STATE_DIRECTORY wins; a relative state_dir is relative to the config."""
         if environ.get("STATE_DIRECTORY"):
@@ -661,7 +666,6 @@ class Config:
 
 
 PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
-ENV_REF_RE = re.compile(r"\$\{(\w+)\}")  #: `${VAR}` in creator.env
 PLACEHOLDERS = ("task_id", "account_id", "account_name", "topic", "keywords", "category",
                 "requirements", "tone", "target_audience", "priority", "priority_level",
                 "external_id")
@@ -866,7 +870,7 @@ def _check_config(config: Config, environ: dict[str, str]) -> list[str]:
 def _check_notify(config: Config, environ: dict[str, str]) -> list[str]:
     errors = []
     names: set[str] = set()
-    known_accounts = {a.id for a in config.accounts}
+    known_accounts = config.accounts_by_id.keys()
     for i, target in enumerate(config.notify):
         def where(key: str, index: int = i) -> str:
             return entry_key_location(config, "notify", index, key)
@@ -3733,13 +3737,27 @@ def child_environment(environ: dict[str, str], extra: dict[str, str]) -> dict[st
     return env
 
 
+def creator_environment(creator: CreatorConfig, environ: dict[str, str]) -> dict[str, str]:
+    """What every creator process gets (tasks, health command, topic research): the daemon's
+    environment without systemd's private variables, plus [creator.env] with ${VAR} expanded.
+    DOTENV_CONFIG_QUIET keeps a Node creator's dotenv from printing a banner into its output."""
+    return child_environment(environ, {"DOTENV_CONFIG_QUIET": "true",
+                                       **expand_env(creator.env, environ)})
+
+
+def mask_values(text: str, values: Iterable[str]) -> str:
+    """`text` with each of `values` (a key, a token) replaced by ***; "" masks nothing."""
+    for value in values:
+        if value and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
 def scrub_secrets(text: str, environ: dict[str, str]) -> str:
     """Replace the values of secret-looking variables (…KEY, …TOKEN, …) with ***, so a creator
     that prints its credentials in an error does not get them stored or logged."""
-    for name, value in environ.items():
-        if len(value) >= 8 and is_secret_name(name) and value in text:
-            text = text.replace(value, "***")
-    return text
+    return mask_values(text, (value for name, value in environ.items()
+                              if len(value) >= 8 and is_secret_name(name)))
 
 
 def kill_process_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
@@ -3814,7 +3832,18 @@ class ProcessResult:
     output_too_large: bool = False
 
     def stderr_tail(self, limit: int = STDERR_TAIL_CHARS) -> str:
-        return strip_ansi(self.stderr)[-limit:].strip()
+        """The end of stderr without colours; "(stderr empty)" when it printed nothing."""
+        return strip_ansi(self.stderr)[-limit:].strip() or "(stderr empty)"
+
+    def failure(self, timeout: float, limit: int = STDERR_TAIL_CHARS,
+                detail: str | None = None) -> str | None:
+        """Why a command failed, the way every message about one says it, or None when it
+        exited 0: "timed out after 30s", or "exit 2: " then `detail` or stderr's tail."""
+        if self.timed_out:
+            return f"timed out after {timeout:g}s"
+        if self.exit_code == 0:
+            return None
+        return f"exit {self.exit_code}: {detail or self.stderr_tail(limit)}"
 
 
 class _PipeCapture:
@@ -4721,8 +4750,7 @@ def classify_result(result: ProcessResult, creator: CreatorConfig,
         return content_creator_text_outcome(result, cwd)
     if result.exit_code is not None and result.exit_code < 0:
         name = signal.Signals(-result.exit_code).name
-        return CreatorFailure("killed", f"creator killed by {name}; stderr: "
-                                        f"{result.stderr_tail() or '(empty)'}")
+        return CreatorFailure("killed", f"creator killed by {name}: {result.stderr_tail()}")
     if result.exit_code:
         return exit_failure(result, creator)
     return parse_json_output(result.stdout)
@@ -4736,7 +4764,7 @@ def exit_failure(result: ProcessResult, creator: CreatorConfig) -> CreatorFailur
     if data is not None and error is not None:
         return CreatorFailure.from_structured(error, data)
     code = result.exit_code or 0
-    detail = result.stderr_tail() or "(stderr empty)"
+    detail = result.stderr_tail()
     if code in SYSEXITS_CLASSES:
         return CreatorFailure("exit_code", f"creator exited {code}: {detail}",
                               error_class=SYSEXITS_CLASSES[code])
@@ -5117,7 +5145,7 @@ def _check_type(problems: list[str], params: dict[str, Any], name: str, kind: ty
 
 def _check_account_ids(problems: list[str], params: dict[str, Any], config: Config) -> list[Any]:
     """`account_ids`: a non-empty list of ids from [[accounts]]; [] when it is not a list."""
-    accounts = {a.id for a in config.accounts}
+    accounts = config.accounts_by_id
     account_ids = _check_type(problems, params, "account_ids", list, "a list of account ids")
     if not account_ids:
         if "account_ids" not in params or account_ids == []:
@@ -5156,7 +5184,7 @@ class ContentGenerationExecutor(Executor):
 
     def validate_params(self, params: dict[str, Any], config: Config) -> list[str]:
         problems = super().validate_params(params, config)
-        accounts = {a.id: a for a in config.accounts}
+        accounts = config.accounts_by_id
         account_ids = _check_account_ids(problems, params, config)
         count = _check_type(problems, params, "count_per_account", int, "a positive integer")
         if count is not None and count < 1:
@@ -5220,7 +5248,7 @@ class ContentGenerationExecutor(Executor):
         """Each account's share of the firing, in a stable order (so dedup keys are stable);
         the Store picks the topics in the transaction that inserts the tasks."""
         config = ctx.config
-        accounts = {a.id: a for a in config.accounts}
+        accounts = config.accounts_by_id
         slots = []
         for account_id in params["account_ids"]:
             account = accounts[account_id]
@@ -5247,7 +5275,7 @@ class ContentGenerationExecutor(Executor):
         return slots
 
     async def execute(self, ctx: ExecutionContext, params: dict[str, Any]) -> ExecutionResult:
-        accounts = {a.id: a for a in ctx.config.accounts}
+        accounts = ctx.config.accounts_by_id
         slots = self.plan_slots(params, ctx)
         instant = to_db_time(ctx.scheduled_for or ctx.now)
         outcome = await ctx.store.add_firing(slots, ctx.run_id, ctx.schedule_name, instant,
@@ -5332,10 +5360,8 @@ async def publish_content(store: Store, config: Config, environ: dict[str, str],
             env=child_environment(environ, {"CONTENTHUB_CONTENT_ID": str(content["id"]),
                                             "CONTENTHUB_MEDIA_DIR": str(media_dir)}),
             timeout=publish.timeout)
-        if result.exit_code != 0 or result.timed_out:
-            error = (f"timed out after {publish.timeout:.0f}s" if result.timed_out else
-                     f"exit {result.exit_code}: {result.stderr_tail(500)}")
-        else:
+        error = result.failure(publish.timeout, 500)
+        if error is None:
             url = _published_url(result.stdout)
     except OSError as exc:
         error = f"cannot run {argv[0]}: {exc}"
@@ -5465,8 +5491,8 @@ class TopicResearchExecutor(Executor):
                                    f" ${creator.llm.api_key_env} (for [creator.llm]) or"
                                    " [creator] topics_command; nothing was changed",
                                    error="offline")
-        accounts = {a.id: a for a in ctx.config.accounts}
-        env = child_environment(ctx.environ, expand_env(creator.env, ctx.environ))
+        accounts = ctx.config.accounts_by_id
+        env = creator_environment(creator, ctx.environ)
         report: dict[str, dict[str, Any]] = {}
         for account_id in params["account_ids"]:
             account = accounts[account_id]
@@ -5480,7 +5506,7 @@ class TopicResearchExecutor(Executor):
             try:
                 found = await self._research(ctx, request, env)
             except ContentHubError as exc:
-                entry["error"] = scrub_secrets(str(exc), ctx.environ)
+                entry["error"] = scrub_secrets(str(exc), env)
                 log.warning("topic_research_failed", account_id=account_id, error=entry["error"])
                 continue
             topics = [{"account_id": account_id, "topic": topic["topic"],
@@ -5520,7 +5546,7 @@ class TopicResearchExecutor(Executor):
             raise ContentHubError(f"{argv[0]} printed more than {RESEARCH_OUTPUT_LIMIT} bytes")
         if result.exit_code != 0:
             raise ContentHubError(f"{argv[0]} exited {result.exit_code}:"
-                                  f" {result.stderr_tail(500) or '(stderr empty)'}")
+                                  f" {result.stderr_tail(500)}")
         try:
             return parse_topic_reply(result.stdout)
         except ValueError as exc:
@@ -6874,7 +6900,7 @@ class WorkerPool(FollowsConfig):
         """Start and reload: new tasks use the new creator settings; running ones are
         untouched. What every task would otherwise recompute is derived here, once."""
         self.creator_cwd = config.creator_cwd(self.environ)
-        self.creator_env = self._creator_environment(config)
+        self.creator_env = creator_environment(config.creator, self.environ)
         #: encoded once: Popen would encode every variable again for every child
         self.creator_env_bytes = _encoded(self.creator_env)
         self.limiter.set_rate(config.creator.rate_limit)
@@ -6883,12 +6909,6 @@ class WorkerPool(FollowsConfig):
                               else self.creator_env.get(CC_MODEL_ENV))
         self.breaker.probe_interval = config.creator.breaker_probe
         self.wake()
-
-    def _creator_environment(self, config: Config) -> dict[str, str]:
-        """What every creator child gets, built once per config: the daemon's environment
-        without systemd's private variables, plus [creator.env] with ${VAR} expanded."""
-        return child_environment(self.environ, {
-            "DOTENV_CONFIG_QUIET": "true", **expand_env(config.creator.env, self.environ)})
 
     async def start(self) -> None:
         await self.orphans.start()
@@ -7127,15 +7147,11 @@ class WorkerPool(FollowsConfig):
                                        max_output=1 << 16)
         except OSError as exc:
             return False, f"cannot run {creator.health_command[0]}: {exc}"
-        if result.exit_code == 0 and not result.timed_out:
+        failure = result.failure(creator.health_timeout,
+                                 detail=_cc_env_failure(strip_ansi(result.stderr).strip()))
+        if failure is None:
             return True, (strip_ansi(result.stdout).strip().splitlines() or [""])[-1]
-        if result.timed_out:
-            return False, f"timed out after {creator.health_timeout:g}s"
-        detail = strip_ansi(result.stderr).strip()
-        env_problem = _cc_env_failure(detail)
-        return False, scrub_secrets(
-            f"exit {result.exit_code}: {env_problem or result.stderr_tail() or '(stderr empty)'}",
-            self.creator_env)
+        return False, scrub_secrets(failure, self.creator_env)
 
     def creator_status(self) -> dict[str, Any]:
         status = self.breaker.describe()
@@ -7405,12 +7421,10 @@ class WorkerPool(FollowsConfig):
         except OSError as exc:
             log.warning("creator_cancel_failed", task_id=task["task_id"], error=str(exc))
             return f"cannot run {template[0]}: {exc}"
-        if result.exit_code or result.timed_out:
-            log.warning("creator_cancel_failed", task_id=task["task_id"],
-                        exit_code=result.exit_code, stderr=result.stderr_tail(300))
-            return ("timed out" if result.timed_out else
-                    f"exit {result.exit_code}: {result.stderr_tail(300) or '(stderr empty)'}")
-        return None
+        failure = result.failure(POLL_COMMAND_TIMEOUT_S, 300)
+        if failure is not None:
+            log.warning("creator_cancel_failed", task_id=task["task_id"], error=failure)
+        return failure
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; give running creators `grace` seconds, then kill their groups and
@@ -7522,13 +7536,10 @@ class PollLoop(BackgroundLoop, FollowsConfig):
                             task_log: Any) -> Any:
         """What one status reply says of a job: queued or running (the task stays submitted,
         its remote_status follows), or final (the outcome is recorded)."""
-        if result.exit_code or result.timed_out:
-            task_log.warning("status_command_failed", exit_code=result.exit_code,
-                             stderr=result.stderr_tail(300))
-            await self._note_remote(task, "unknown", "its status command failed ("
-                                    + ("timed out" if result.timed_out else
-                                       f"exit {result.exit_code}: "
-                                       f"{result.stderr_tail(300) or '(stderr empty)'}") + ")")
+        failure = result.failure(POLL_COMMAND_TIMEOUT_S, 300)
+        if failure is not None:
+            task_log.warning("status_command_failed", error=failure)
+            await self._note_remote(task, "unknown", f"its status command failed ({failure})")
             return ("status_failed", result.exit_code)
         state, progress, message = parse_async_status(result.stdout)
         if state in ("queued", "running"):
@@ -9264,11 +9275,10 @@ class Notifier(BackgroundLoop, FollowsConfig):
                                            timeout=target.timeout, max_output=1 << 16)
             except (OSError, ValueError) as exc:
                 return SendOutcome("", f"cannot run {target.command[0]}: {exc}")
-            if result.timed_out:
-                return SendOutcome("timed out", f"no exit within {target.timeout:g}s")
-            if result.exit_code != 0:
-                return SendOutcome(f"exit {result.exit_code}",
-                                   result.stderr_tail(300) or "(stderr empty)")
+            failure = result.failure(target.timeout, 300)
+            if failure is not None:
+                return SendOutcome("timed out" if result.timed_out
+                                   else f"exit {result.exit_code}", failure)
             return SendOutcome("exit 0")
         if url.startswith("https://") and self._ssl is None:
             self._ssl = ssl.create_default_context()
@@ -9497,7 +9507,9 @@ class BuiltinCreatorError(Exception):
                 else CREATOR_EXIT_RETRYABLE)
 
     def error_object(self, api_key: str) -> dict[str, Any]:
-        error: dict[str, Any] = {"kind": self.error_class, "message": _scrub(str(self), api_key)}
+        # Masked: some APIs echo the key they rejected.
+        error: dict[str, Any] = {"kind": self.error_class,
+                                 "message": mask_values(str(self), [api_key])}
         if self.retry_after is not None:
             error["retry_after"] = self.retry_after
         return {"error": error}
@@ -9834,7 +9846,7 @@ def llm_article(brief: ArticleBrief, options: argparse.Namespace, api_key: str) 
                     exc.retry_after_s if exc.rate_limited else None) from None
             delay = (exc.retry_after_s if exc.retry_after_s is not None
                      else options.retry_backoff * 2 ** (attempt - 1))
-            _emit_progress(20, _scrub(f"{exc}; retrying in {delay:g}s", api_key))
+            _emit_progress(20, mask_values(f"{exc}; retrying in {delay:g}s", [api_key]))
             time.sleep(delay)
     _emit_progress(90, "formatting article")
     return {"title": markdown_title(content) or brief.topic, "content": content,
@@ -9862,11 +9874,6 @@ def offline_article(brief: ArticleBrief) -> dict[str, Any]:
 
 
 # Entry -----------------------------------------------------------------------------------------
-
-
-def _scrub(text: str, secret: str) -> str:
-    """`text` with the API key masked: some APIs echo the key they rejected."""
-    return text.replace(secret, "***") if secret else text
 
 
 def _print_json_line(obj: dict[str, Any]) -> None:
@@ -9900,6 +9907,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _builtin_creator_parser() -> argparse.ArgumentParser:
+    llm = LLMConfig()  # the defaults of [creator.llm]: one set for the daemon and this CLI
     parser = argparse.ArgumentParser(
         prog="contenthubd create",
         description="Write one article for the task given as a JSON object on stdin. Prints "
@@ -9907,13 +9915,13 @@ def _builtin_creator_parser() -> argparse.ArgumentParser:
                     "API key (or with --offline) the article is an offline draft from the "
                     "task's fields. Exit 0 done; on failure an {\"error\": {...}} line and exit"
                     " 75 transient, 77 auth failed, 78 misconfigured, 2 bad task, 1 other.")
-    parser.add_argument("--llm-base-url", default="https://api.deepseek.com/v1",
+    parser.add_argument("--llm-base-url", default=llm.base_url,
                         help="OpenAI-compatible API root; /chat/completions is appended")
-    parser.add_argument("--llm-model", default="deepseek-chat",
+    parser.add_argument("--llm-model", default=llm.model,
                         help="model name sent in the request")
-    parser.add_argument("--api-key-env", default="LLM_API_KEY", metavar="VAR",
+    parser.add_argument("--api-key-env", default=llm.api_key_env, metavar="VAR",
                         help="environment variable holding the API key (never pass the key itself)")
-    parser.add_argument("--timeout", type=_positive_float, default=120.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_positive_float, default=llm.timeout, metavar="SECONDS",
                         help="per HTTP request")
     parser.add_argument("--retries", type=_non_negative_int, default=3,
                         help="extra attempts after a 429, 5xx, timeout or connection error")
@@ -9945,7 +9953,7 @@ def run_builtin_creator(argv: list[str]) -> int:
         _emit_progress(10, "task parsed")
         article = llm_article(brief, options, api_key) if api_key else offline_article(brief)
     except BuiltinCreatorError as exc:
-        print(f"contenthubd create: {_scrub(str(exc), api_key)}", file=sys.stderr)
+        print(f"contenthubd create: {mask_values(str(exc), [api_key])}", file=sys.stderr)
         _print_json_line(exc.error_object(api_key))
         return exc.exit_code
     _emit_progress(100, "done")
@@ -10035,7 +10043,7 @@ def run_builtin_research(argv: list[str]) -> int:
                                           f" {' '.join(content.split())[:200]}") from None
             break
     except BuiltinCreatorError as exc:
-        print(f"contenthubd research-topics: {_scrub(str(exc), api_key)}", file=sys.stderr)
+        print(f"contenthubd research-topics: {mask_values(str(exc), [api_key])}", file=sys.stderr)
         return exc.exit_code
     sys.stdout.buffer.write(json.dumps(topics, ensure_ascii=False).encode() + b"\n")
     return 0
@@ -10534,7 +10542,7 @@ class App(FollowsConfig):
         nothing); warnings for pools that last fewer than TOPICS_LOW_FIRINGS firings and for
         schedules that only ever make numbered placeholder topics."""
         queued = await self.store.queued_topic_counts()
-        accounts = {a.id: a for a in self.config.accounts}
+        accounts = self.config.accounts_by_id
         per_firing: dict[int, int] = {}
         warnings, empty = [], []
         for schedule in self.config.schedules:

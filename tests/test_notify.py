@@ -381,6 +381,7 @@ command = ["{CREATORS / 'hook_fails_once.sh'}", "{{task_id}}"]
     wait_until(lambda: outbox(daemon, "SELECT target, status, attempts FROM notify_outbox")
                == [("hooks[0]", "sent", 2)])
     assert "hooks_delivered_by_notify" in daemon.log()
+    assert '"error": "exit 1: not yet"' in daemon.log()  # the failed attempt, as HTTP 5xx are
 
 
 def test_events_past_retention_are_pruned_unless_pending(daemon_factory, receivers):

@@ -388,6 +388,22 @@ def test_research_failure_of_the_llm_changes_nothing(daemon_factory, llm):
     assert daemon.scalar("SELECT COUNT(*) FROM topics") == 0
 
 
+def test_a_topics_command_runs_in_the_creator_environment_and_its_secrets_are_masked(
+        daemon_factory):
+    """topics_command gets what every creator process gets ([creator.env], dotenv quiet); a
+    secret from [creator.env] that it prints in its error is masked in the run's report."""
+    script = ('echo "quiet=$DOTENV_CONFIG_QUIET token=$TOPICS_TOKEN rejected" >&2; exit 1')
+    creator = INSTANT + f"""topics_command = ["/bin/sh", "-c", {json.dumps(script)}]
+env = {{ TOPICS_TOKEN = "tok-literal-0123456789" }}
+"""
+    daemon = daemon_factory(creator=creator, extra=RESEARCH_SCHEDULE).start()
+    run = daemon.call("scheduler.trigger", {"name": "research"})
+    assert run["status"] == "failed", run
+    error = run["result"]["data"]["accounts"]["49"]["error"]
+    assert "exited 1: quiet=true token=*** rejected" in error, error
+    assert "tok-literal-0123456789" not in json.dumps(run)
+    assert daemon.scalar("SELECT COUNT(*) FROM topics") == 0
+
 class FakeTavily:
     """Tavily's POST /search on 127.0.0.1: answers with canned news results."""
 
