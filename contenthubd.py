@@ -104,6 +104,7 @@ POLL_COMMAND_TIMEOUT_S = 60.0  #: an async creator's submit/status/result/cancel
 ASYNC_RESULT_READS = 3  #: result command runs for a completed remote job before giving up
 POLL_BACKOFF_MAX = 8  #: an unchanging job is polled at least every this many poll_intervals
 POLL_ROUND_FACTOR = 4  #: status commands per poll round: this times max_concurrent_tasks
+STATUS_BATCH_MAX = 100  #: external ids one status_batch_command run is asked about
 ASYNC_RESULT_REREAD_S = 1.0  #: wait before the next read, times the reads so far
 PROGRESS_LINE_MAX = 4096  #: longer stdout lines are never progress reports
 PID_RECORD_DELAY_S = 1.0  #: a creator running longer than this gets its pid in the database
@@ -498,6 +499,8 @@ class CreatorConfig:
     breaker_probe: float = _key(_positive(parse_duration), default=300.0)
     submit_command: list[str] = _key(_str_list, default_factory=list)
     status_command: list[str] = _key(_str_list, default_factory=list)
+    #: many jobs' status in one run: `{external_ids}` is one argv element per id
+    status_batch_command: list[str] = _key(_str_list, default_factory=list)
     result_command: list[str] = _key(_str_list, default_factory=list)
     cancel_command: list[str] = _key(_str_list, default_factory=list)
     #: what `topic_research` runs instead of the built-in LLM request: the request as JSON on
@@ -670,6 +673,8 @@ PLACEHOLDERS = ("task_id", "account_id", "account_name", "topic", "keywords", "c
                 "requirements", "tone", "target_audience", "priority", "priority_level",
                 "external_id")
 PUBLISH_PLACEHOLDERS = ("content_id", "task_id", "account_id", "title")
+#: status_batch_command's one placeholder, a whole argv element: the ids, one element each
+STATUS_BATCH_IDS = "{external_ids}"
 TOPICS_PLACEHOLDERS = ("account_id", "account_name", "category", "count", "hint")
 
 
@@ -828,11 +833,18 @@ def _check_config(config: Config, environ: dict[str, str]) -> list[str]:
         errors.append("creator.command: required when creator.kind = \"command\"")
     if creator.mode == "async" and not (creator.submit_command and creator.status_command):
         errors.append("creator: mode = \"async\" needs submit_command and status_command")
+    batch = creator.status_batch_command
+    if batch and creator.mode != "async":
+        errors.append("creator.status_batch_command: only for mode = \"async\"")
+    if any(STATUS_BATCH_IDS in part and part != STATUS_BATCH_IDS for part in batch):
+        errors.append(f"creator.status_batch_command: {STATUS_BATCH_IDS} must be a whole"
+                      " element (it becomes one argument per id)")
     templates: list[tuple[str, Any, tuple[str, ...]]] = [
         (f"creator.{name}", getattr(creator, name), PLACEHOLDERS) for name in
                  ("command", "submit_command", "status_command", "result_command",
                   "cancel_command", "health_command")]
     templates.append(("publish.command", config.publish.command, PUBLISH_PLACEHOLDERS))
+    templates.append(("creator.status_batch_command", batch, ("external_ids",)))
     templates.append(("creator.topics_command", creator.topics_command, TOPICS_PLACEHOLDERS))
     templates += [(f"hooks[{i}].command", h.command, PLACEHOLDERS)
                   for i, h in enumerate(config.hooks)]
@@ -4831,6 +4843,29 @@ def parse_async_status(stdout: str) -> tuple[str, int | None, str | None]:
                 return state, None, error.group(1).strip() if error else None
     return "running", None, None
 
+
+def parse_status_batch(stdout: str, asked: set[str]) -> dict[str, str]:
+    """Each asked id's line in a status_batch_command's output: one JSON object per line
+    naming its job (external_id, task_id, id, job_id, … as a submit reply does) beside
+    status_command's keys. Other lines and ids not asked are ignored; the last line wins."""
+    replies = {}
+    for line in stdout.splitlines():
+        line = line.strip()
+        if not (line.startswith("{") and line.endswith("}")):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(data, dict):
+            continue
+        job = next((str(data[key]) for key in EXTERNAL_ID_KEYS
+                    if isinstance(data.get(key), (str, int)) and str(data[key]) in asked), None)
+        if job is not None:
+            replies[job] = line
+    return replies
+
+
 def article_row(article: Article, topic: str) -> dict[str, Any]:
     """The contents row's derived fields, by SPEC §7's rules."""
     body = article.body.strip("\n") + "\n"
@@ -7191,6 +7226,19 @@ class WorkerPool(FollowsConfig):
             max_output=creator.max_output, kill_grace=creator.kill_grace, stop=stop,
             on_stdout_line=on_line, on_spawn=on_spawn)
 
+    async def run_status_batch(self, tasks: list[dict[str, Any]]) -> ProcessResult:
+        """status_batch_command for many submitted tasks: {external_ids} becomes one argv
+        element per job, and stdin holds one {"task_id", "external_id"} line per task."""
+        creator = self.config.creator
+        ids = [task["external_id"] for task in tasks]
+        argv = [arg for part in creator.status_batch_command
+                for arg in (ids if part == STATUS_BATCH_IDS else [part])]
+        stdin = "".join(json_text({"task_id": task["task_id"], "external_id": task["external_id"]})
+                        + "\n" for task in tasks)
+        return await run_process(argv, cwd=self.creator_cwd, env=self.creator_env_bytes,
+                                 timeout=POLL_COMMAND_TIMEOUT_S, stdin=stdin.encode(),
+                                 max_output=creator.max_output, kill_grace=creator.kill_grace)
+
     async def _attempt(self, running: RunningTask, task_log: Any) -> str | None:
         """Run the creator (or submit to an asynchronous one) once and record the outcome;
         returns the task's new status."""
@@ -7464,7 +7512,9 @@ class PollLoop(BackgroundLoop, FollowsConfig):
     Every poll_interval (with ±10 % jitter, so many daemons do not poll in step) it runs the
     status command for the submitted tasks that are due, at most max_concurrent_tasks at once
     and POLL_ROUND_FACTOR times that per round; a job whose status did not change is polled
-    half as often each time, down to once per POLL_BACKOFF_MAX poll intervals. A finished
+    half as often each time, down to once per POLL_BACKOFF_MAX poll intervals. With a
+    status_batch_command, one run asks about up to STATUS_BATCH_MAX due jobs, and a job its
+    reply leaves out is asked alone, within the same bound of commands per round. A finished
     job's result command goes through the same output adapter and record_outcome as a
     synchronous run. A job past task_timeout is cancelled remotely and times out. Submitted
     tasks survive a restart: only the polling cadence lives in memory.
@@ -7496,17 +7546,62 @@ class PollLoop(BackgroundLoop, FollowsConfig):
                 due = [task for task in submitted
                        if self._cadence.get(task["task_id"], (0.0,))[0] <= now
                        or from_db_time(task["timeout_at"]) <= wall]
-                due = due[:config.daemon.max_concurrent_tasks * POLL_ROUND_FACTOR]
-                slots = asyncio.Semaphore(config.daemon.max_concurrent_tasks)
-
-                async def check(task: dict[str, Any], slots: asyncio.Semaphore = slots,
-                                base: float = base) -> None:
-                    async with slots:
-                        seen = await self.check(task)
-                    self._reschedule(task["task_id"], seen, base)
-
-                await asyncio.gather(*(check(task) for task in due))
+                await self._poll(due, config, base)
             await self._sleep(base * random.uniform(0.9, 1.1))
+
+    async def _poll(self, due: list[dict[str, Any]], config: Config, base: float) -> None:
+        """One round over the due jobs: at most POLL_ROUND_FACTOR x max_concurrent_tasks
+        commands, max_concurrent_tasks at a time. Jobs past task_timeout are checked alone;
+        a job left over waits for the next round, still due."""
+        workers = config.daemon.max_concurrent_tasks
+        calls = workers * POLL_ROUND_FACTOR
+        slots = asyncio.Semaphore(workers)
+
+        async def check(task: dict[str, Any], reply: ProcessResult | None = None) -> None:
+            async with slots:
+                seen = await self.check(task, reply)
+            self._reschedule(task["task_id"], seen, base)
+
+        if not config.creator.status_batch_command:
+            await asyncio.gather(*(check(task) for task in due[:calls]))
+            return
+        wall = self.clock()
+        expired = [task for task in due if from_db_time(task["timeout_at"]) <= wall][:calls]
+        asked = [task for task in due if from_db_time(task["timeout_at"]) > wall]
+        batches = [asked[start:start + STATUS_BATCH_MAX]
+                   for start in range(0, len(asked), STATUS_BATCH_MAX)][:calls - len(expired)]
+        unanswered: list[dict[str, Any]] = []
+
+        async def batch(tasks: list[dict[str, Any]]) -> None:
+            async with slots:
+                replies = await self._status_batch(tasks)
+            unanswered.extend(task for task in tasks if task["external_id"] not in replies)
+            await asyncio.gather(*(check(task, replies[task["external_id"]])
+                                   for task in tasks if task["external_id"] in replies))
+
+        await asyncio.gather(*(check(task) for task in expired),
+                             *(batch(tasks) for tasks in batches))
+        # Left out of a reply: asked alone, as far as this round's commands go.
+        await asyncio.gather(*(check(task) for task in
+                               unanswered[:calls - len(expired) - len(batches)]))
+
+    async def _status_batch(self, tasks: list[dict[str, Any]]) -> dict[str, ProcessResult]:
+        """One status_batch_command run: each answered job's line as its status reply. A
+        failed run answers none (each job is then asked alone)."""
+        try:
+            result = await self.pool.run_status_batch(tasks)
+        except OSError as exc:
+            log.error("status_batch_command_failed", jobs=len(tasks), error=str(exc))
+            return {}
+        if result.exit_code or result.timed_out:
+            log.warning("status_batch_command_failed", jobs=len(tasks),
+                        exit_code=result.exit_code, timed_out=result.timed_out,
+                        stderr=result.stderr_tail(300))
+            return {}
+        lines = parse_status_batch(result.stdout, {task["external_id"] for task in tasks})
+        if len(lines) < len(tasks):
+            log.info("status_batch_reply_incomplete", jobs=len(tasks), answered=len(lines))
+        return {job: ProcessResult(0, line, "", result.duration) for job, line in lines.items()}
 
     def _reschedule(self, task_id: str, seen: Any, base: float) -> None:
         """Double a job's polling interval while what its status says stays the same."""
@@ -7515,17 +7610,18 @@ class PollLoop(BackgroundLoop, FollowsConfig):
                     if previous is not None and previous[2] == seen else base)
         self._cadence[task_id] = (time.monotonic() + interval * 0.95, interval, seen)
 
-    async def check(self, task: dict[str, Any]) -> Any:
-        """One status check; returns what it saw while the job goes on (state and progress,
-        or the failing status command's exit code), for the polling cadence."""
+    async def check(self, task: dict[str, Any], reply: ProcessResult | None = None) -> Any:
+        """One status check, or what a status_batch_command `reply` said of the job; returns
+        what it saw while the job goes on (state and progress, or the failing status
+        command's exit code), for the polling cadence."""
         creator = self.config.creator
         task_log = log.bind(task_id=task["task_id"], external_id=task["external_id"])
         try:
-            if from_db_time(task["timeout_at"]) <= self.clock():
+            if reply is None and from_db_time(task["timeout_at"]) <= self.clock():
                 result = ProcessResult(None, "", "", 0.0)
                 await self._record(task, await self._timed_out(task), result, task_log)
                 return None
-            result = await self.pool.run_creator_command(
+            result = reply or await self.pool.run_creator_command(
                 creator.status_command, task, timeout=POLL_COMMAND_TIMEOUT_S)
             return await self._apply_status(task, result, task_log)
         except OSError as exc:

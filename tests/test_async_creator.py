@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import CREATORS, wait_until
+
+from contenthubd import ConfigError, parse_config
 
 SCRIPT = CREATORS / "fake_async_creator.py"
 ASYNC_CREATOR = f"""
@@ -168,3 +171,56 @@ def test_a_job_the_remote_lost_shows_unknown_with_the_status_commands_error(daem
     assert task["status"] == "submitted"
     [lost] = [e["detail"] for e in task["events"] if "remote job unknown" in (e["detail"] or "")]
     assert "no such job" in lost
+
+
+BATCH = f'status_batch_command = ["{SCRIPT}", "status-batch", "{{external_ids}}"]\n'
+
+
+def batch_calls(tmp_path) -> list[list[str]]:
+    path = tmp_path / "status_batch.log"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_status_batch_command_asks_about_every_submitted_job_in_one_run(daemon_factory,
+                                                                      tmp_path):
+    daemon = daemon_factory(creator=ASYNC_CREATOR + BATCH, workers=2,
+                            env={"FAKE_ASYNC_DURATION": "3"})
+    daemon.set_options(poll_interval="0.2s")
+    daemon.start()
+    task_ids = [daemon.submit(f"批量 {i}") for i in range(10)]
+    wait_until(lambda: all(daemon.task(t)["status"] == "submitted" for t in task_ids),
+               message="all ten submitted")
+    for task_id in task_ids:
+        daemon.wait_status(task_id, "completed")
+    assert all(job.get("statuses", 0) == 0 for job in jobs(tmp_path))  # no per-job command
+    calls = batch_calls(tmp_path)
+    everyone = {job_id for call in calls for job_id in call}
+    assert len(everyone) == 10
+    assert any(len(call) == 10 for call in calls)  # one run for all ten, not ten runs
+    polls = sum(len(call) for call in calls)
+    assert len(calls) * 3 < polls, (len(calls), polls)
+
+
+def test_a_job_missing_from_the_batch_reply_is_asked_alone(daemon_factory, tmp_path):
+    daemon = daemon_factory(creator=ASYNC_CREATOR + BATCH, env={"FAKE_ASYNC_DURATION": "1"})
+    daemon.set_options(poll_interval="0.2s")
+    daemon.start()
+    listed, unlisted = daemon.submit("批量里的任务"), daemon.submit("unlisted 不在回复里")
+    daemon.wait_status(listed, "completed")
+    daemon.wait_status(unlisted, "completed")
+    statuses = {job["task"]["topic"]: job.get("statuses", 0) for job in jobs(tmp_path)}
+    assert statuses["批量里的任务"] == 0
+    assert statuses["unlisted 不在回复里"] >= 1
+
+
+@pytest.mark.parametrize("extra, error", [
+    ('status_batch_command = ["x", "--ids={external_ids}"]\n', "must be a whole element"),
+    ('status_batch_command = ["x", "{topic}"]\n', "unknown placeholder(s) topic"),
+])
+def test_status_batch_command_is_checked(extra, error):
+    with pytest.raises(ConfigError) as raised:
+        parse_config(ASYNC_CREATOR + extra)
+    assert error in str(raised.value)
+    with pytest.raises(ConfigError, match='only for mode = "async"'):
+        parse_config('[creator]\nkind = "command"\ncommand = ["x"]\n'
+                     'status_batch_command = ["x", "{external_ids}"]\n')

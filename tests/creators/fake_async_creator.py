@@ -6,6 +6,10 @@
     fake_async_creator.py status JOB        -> {"status": "running|completed|failed|cancelled"}
     fake_async_creator.py result JOB        -> the article JSON
     fake_async_creator.py cancel JOB
+    fake_async_creator.py status-batch JOB…  -> one {"external_id": JOB, "status": …} line per
+                                             job, leaving out jobs whose topic starts with
+                                             "unlisted"; each run appends the jobs asked, on
+                                             one line, to $CREATOR_STATE_DIR/status_batch.log
 
 Knobs: FAKE_ASYNC_DURATION seconds a job takes (default 1), FAKE_ASYNC_FAIL=1 makes jobs fail,
 FAKE_ASYNC_BAD_RESULTS=N makes a job's first N `result` calls print no article,
@@ -13,7 +17,7 @@ FAKE_ASYNC_CANCEL_FAILS=1 makes `cancel` exit 1 and leave the job running,
 FAKE_ASYNC_NO_PROGRESS=1 makes `status` of a running job report no progress,
 FAKE_ASYNC_QUEUED seconds a job waits in the remote queue first (`{"status": "pending"}`; its
 duration starts after them).
-Each `status` call is counted in the job's "statuses".
+Each `status` call (not `status-batch`) is counted in the job's "statuses".
 Jobs live in $CREATOR_STATE_DIR/jobs/<job>.json.
 """
 import json
@@ -22,6 +26,21 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+
+def status_of(job: dict) -> dict:
+    if job["state"] == "cancelled":
+        return {"status": "cancelled"}
+    if time.time() < job["started"]:
+        return {"status": "pending"}
+    if time.time() >= job["due"]:
+        return ({"status": "failed", "error": "model overloaded"} if job["fail"]
+                else {"status": "completed", "progress": 100})
+    if os.environ.get("FAKE_ASYNC_NO_PROGRESS"):
+        return {"status": "running"}
+    span = job["due"] - job["started"]
+    return {"status": "running", "progress": int(100 * (time.time() - job["started"]) / span)}
+
 
 jobs = Path(os.environ["CREATOR_STATE_DIR"]) / "jobs"
 jobs.mkdir(exist_ok=True)
@@ -35,6 +54,16 @@ if command == "submit":
         "state": "running", "due": started + duration, "started": started,
         "task": task, "fail": os.environ.get("FAKE_ASYNC_FAIL") == "1"}))
     print(json.dumps({"success": True, "task_id": job}))
+    sys.exit(0)
+if command == "status-batch":
+    with open(jobs.parent / "status_batch.log", "a", encoding="utf-8") as calls:
+        calls.write(" ".join(sys.argv[2:]) + "\n")
+    for name in sys.argv[2:]:
+        path = jobs / f"{name}.json"
+        if path.exists():
+            job = json.loads(path.read_text())
+            if not job["task"]["topic"].startswith("unlisted"):
+                print(json.dumps({"external_id": name, **status_of(job)}))
     sys.exit(0)
 path = jobs / f"{sys.argv[2]}.json"
 if not path.exists():
@@ -51,18 +80,7 @@ if command == "cancel":
 elif command == "status":
     job["statuses"] = job.get("statuses", 0) + 1
     path.write_text(json.dumps(job))
-    if job["state"] == "cancelled":
-        print(json.dumps({"status": "cancelled"}))
-    elif time.time() < job["started"]:
-        print(json.dumps({"status": "pending"}))
-    elif time.time() >= job["due"]:
-        print(json.dumps({"status": "failed", "error": "model overloaded"} if job["fail"]
-                         else {"status": "completed", "progress": 100}))
-    else:
-        span = job["due"] - job["started"]
-        print(json.dumps({"status": "running"} if os.environ.get("FAKE_ASYNC_NO_PROGRESS")
-                         else {"status": "running",
-                               "progress": int(100 * (time.time() - job["started"]) / span)}))
+    print(json.dumps(status_of(job)))
 elif command == "result":
     job["results"] = job.get("results", 0) + 1
     path.write_text(json.dumps(job))
