@@ -176,11 +176,12 @@ class Daemon:
 
 
 def command_creator(script: str, output: str = "json", extra: str = "") -> str:
-    """A [creator] block running one of tests/creators with the task's topic as argv."""
+    """A [creator] block running one of tests/creators with the task's topic and tone as argv,
+    each bound to its option in one element (`--topic=<topic>`), as docs/creators.md says."""
     return f"""
 [creator]
 kind = "command"
-command = ["{CREATORS / script}", "--topic", "{{topic}}", "--tone", "{{tone}}"]
+command = ["{CREATORS / script}", "--topic={{topic}}", "--tone={{tone}}"]
 output = "{output}"
 {extra}
 """

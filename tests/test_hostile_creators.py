@@ -290,7 +290,7 @@ def test_hostile_topic_arrives_as_one_literal_argument_and_round_trips(daemon_fa
     task_id = json.loads(generated.stdout)["task_id"]
     daemon.wait_status(task_id, "completed")
     argv = json.loads((tmp_path / f"argv-{task_id}.json").read_text(encoding="utf-8"))
-    assert argv == ["--topic", topic]
+    assert argv == [f"--topic={topic}"]
     assert not pwned.exists()
     shown = daemon.ctl("--format", "json", "content", "show", task_id)
     assert shown.returncode == 0, shown.stderr
@@ -299,7 +299,7 @@ def test_hostile_topic_arrives_as_one_literal_argument_and_round_trips(daemon_fa
     assert_keeps_serving(daemon, "record_argv_article.py")
 
 
-def test_empty_tone_drops_the_tone_flag_pair(daemon_factory, tmp_path):
+def test_empty_tone_drops_the_tone_argument(daemon_factory, tmp_path):
     daemon = hostile(daemon_factory, "record_argv_article.py")
     with_tone = daemon.submit("有语气", tone="专业")
     empty_tone = daemon.submit("空语气", tone="")
@@ -308,9 +308,9 @@ def test_empty_tone_drops_the_tone_flag_pair(daemon_factory, tmp_path):
         daemon.wait_status(task_id, "completed")
     argv = {task_id: json.loads((tmp_path / f"argv-{task_id}.json").read_text(encoding="utf-8"))
             for task_id in (with_tone, empty_tone, no_tone)}
-    assert argv[with_tone] == ["--topic", "有语气", "--tone", "专业"]
-    assert argv[empty_tone] == ["--topic", "空语气"]
-    assert argv[no_tone] == ["--topic", "无语气"]
+    assert argv[with_tone] == ["--topic=有语气", "--tone=专业"]
+    assert argv[empty_tone] == ["--topic=空语气"]
+    assert argv[no_tone] == ["--topic=无语气"]
 
 
 def test_topic_with_a_nul_byte_is_refused_or_fails_at_once(daemon_factory):
