@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import CREATORS, command_creator, pid_alive, wait_until
 
-from contenthubd import PIPE_DRAIN_S
+from contenthubd import KILL_GRACE_S
 
 NORMAL_CREATOR = CREATORS / "instant_article.sh"
 
@@ -72,16 +72,21 @@ def assert_keeps_serving(daemon, hostile_script: str) -> None:
     assert daemon.call("version")["pid"] == pid and daemon.proc.poll() is None
 
 
-def log_events(daemon, event: str, task_id: str) -> list[dict]:
+def task_log(daemon, task_id: str) -> list[dict]:
+    """The daemon's log records about one task, in order."""
     records = []
     for line in daemon.log().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("event") == event and record.get("task_id") == task_id:
+        if record.get("task_id") == task_id:
             records.append(record)
     return records
+
+
+def log_events(daemon, event: str, task_id: str) -> list[dict]:
+    return [record for record in task_log(daemon, task_id) if record.get("event") == event]
 
 
 def vm_kib(pid: int, field: str) -> int:
@@ -107,9 +112,11 @@ def test_creator_ignoring_sigterm_is_killed_after_kill_grace(daemon_factory, tmp
     assert task["error_kind"] == "timeout"
     assert "task_timeout" in task["error_message"]
     assert task["content_id"] is None
-    # SIGTERM was ignored, so only the SIGKILL one kill_grace later ended it.
+    # SIGTERM was ignored, so only the SIGKILL one kill_grace later ended it: the configured
+    # 1 s, not the default KILL_GRACE_S.
     [failed] = log_events(daemon, "task_attempt_failed", task_id)
-    assert 1.9 <= failed["duration"] < 5, failed
+    assert failed["exit_code"] == -signal.SIGKILL, failed
+    assert 1.9 <= failed["duration"] < 1 + KILL_GRACE_S, failed
     assert_nothing_left(tmp_path, task_id)
     assert_keeps_serving(daemon, "ignore_sigterm.sh")
 
@@ -135,10 +142,8 @@ def test_creator_killed_by_a_signal_is_killed_naming_the_signal(daemon_factory, 
 def test_100_mb_of_output_fails_as_output_too_large_at_the_cap(daemon_factory, tmp_path, stream):
     daemon = hostile(daemon_factory, "flood_output.sh", 'max_output = "1MiB"',
                      env={"FLOOD_STREAM": stream})
-    started = time.monotonic()
     task_id = daemon.submit()
-    task = daemon.wait_status(task_id, "failed", timeout=15)
-    assert time.monotonic() - started < 10
+    task = daemon.wait_status(task_id, "failed")
     assert task["error_kind"] == "output_too_large"
     assert str(1 << 20) in task["error_message"]
     assert task["retry_count"] == 0  # printing the same flood again cannot help
@@ -229,9 +234,11 @@ def test_valid_article_followed_by_exit_1_is_a_failed_attempt_never_completed(da
 def test_grandchild_holding_stdout_does_not_delay_completion_and_dies(daemon_factory, tmp_path):
     daemon = hostile(daemon_factory, "grandchild_holds_stdout.sh")
     task_id = daemon.submit()
-    task = daemon.wait_status(task_id, "completed", timeout=10)
-    # The daemon saw the creator exit and killed its group at once: no waiting on the pipes.
-    assert task["result"]["duration_seconds"] < PIPE_DRAIN_S
+    daemon.wait_status(task_id, "completed")
+    # The daemon saw the creator exit and killed its group at once: no waiting on the pipes,
+    # or it would have read the article the grandchild prints a second later.
+    assert daemon.scalar("SELECT title FROM contents WHERE task_id = ?", (task_id,)) == (
+        "left a grandchild")
     _creator_pid, grandchild_pid = recorded_pids(tmp_path, task_id)
     assert not pid_alive(grandchild_pid)
     assert_nothing_left(tmp_path, task_id)
@@ -242,18 +249,23 @@ def test_grandchild_escaped_into_its_own_session_cannot_hang_the_task(daemon_fac
     daemon = hostile(daemon_factory, "escaped_grandchild_holds_stdout.sh")
     escapee = None
     try:
-        started = time.monotonic()
         task_id = daemon.submit()
         escapee_file = tmp_path / f"escapee-{task_id}"
         wait_until(lambda: escapee_file.exists() and escapee_file.read_text().strip(), 10,
                    message="the escapee to record its pid")
         escapee = int(escapee_file.read_text())
-        task = daemon.wait_status(task_id, "completed", timeout=PIPE_DRAIN_S + 8)
-        assert time.monotonic() - started < PIPE_DRAIN_S + 3
-        assert task["result"]["duration_seconds"] < PIPE_DRAIN_S + 1
+        daemon.wait_status(task_id, "completed")
         # Out of the creator's process group, it is found by its CONTENTHUB_TASK_ID after
-        # the task ends, and killed.
+        # the task ends, and killed: the task ended while the escapee still held the pipe.
         wait_until(lambda: not pid_alive(escapee), 10, message="the escapee to be killed")
+        def completed_and_killed() -> list[str]:
+            events = [r["event"] for r in task_log(daemon, task_id)
+                      if r["event"] == "task_completed"
+                      or r["event"] == "orphan_process_killed" and escapee in r["pids"]]
+            return events if "orphan_process_killed" in events else []
+
+        events = wait_until(completed_and_killed, 10, message="the escapee's kill in the log")
+        assert events == ["task_completed", "orphan_process_killed"], events
         [creator_pid] = recorded_pids(tmp_path, task_id)
         wait_until(lambda: not pid_alive(creator_pid), 10, message="the creator to be reaped")
         assert_keeps_serving(daemon, "escaped_grandchild_holds_stdout.sh")
@@ -269,8 +281,7 @@ def test_creator_that_never_reads_stdin_completes(daemon_factory, tmp_path, requ
     assert len(json.dumps({"requirements": requirements}, ensure_ascii=False).encode()) >= (
         requirements_size)
     task_id = daemon.submit(requirements=requirements)
-    task = daemon.wait_status(task_id, "completed", timeout=10)
-    assert task["result"]["duration_seconds"] < 5
+    daemon.wait_status(task_id, "completed")  # before task_timeout, the daemon never stalled
     assert_nothing_left(tmp_path, task_id)
     assert_keeps_serving(daemon, "ignore_stdin.sh")
 
