@@ -34,54 +34,101 @@ The file reads top to bottom; each section uses only the ones above it:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import contextlib
-import ctypes
 import dataclasses
-import email.utils
 import errno
 import fcntl
 import functools
 import grp
-import hashlib
 import heapq
-import hmac
-import http.client
+import importlib.util
 import ipaddress
 import json
 import math
 import os
 import pwd
-import queue
-import random
 import re
-import secrets
 import shutil
 import signal
-import socket
-import sqlite3
-import ssl
 import struct
 import sys
 import threading
 import time
-import tomllib
+import types
 import unicodedata
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from itertools import islice, takewhile
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import aiosqlite
-import structlog
-from croniter import CroniterBadDateError, CroniterError, croniter
+
+def lazy_import(name: str) -> types.ModuleType:
+    """What `import name` binds (the top-level package), with `name` itself executed only at
+    its first attribute access (importlib's LazyLoader); an imported module is returned as is."""
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.loader is not None, name
+        spec.loader = importlib.util.LazyLoader(spec.loader)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
+    return sys.modules[name.partition(".")[0]]
+
+
+#: Imported at first use, not here, so that a `contenthubd create` process (one per task, see
+#: creator_argv) never loads what only the daemon needs: an offline draft takes the light half
+#: of the standard library. The daemon loads them all at start (main), on one thread, since
+#: a lazy module's first load is not thread-safe. mypy reads the real imports.
+DAEMON_MODULES = ("aiosqlite", "asyncio", "croniter", "ctypes", "email.utils", "hashlib", "hmac",
+                  "http.client", "queue", "random", "secrets", "socket", "sqlite3", "ssl",
+                  "structlog", "tomllib", "urllib.error", "urllib.request")
+if TYPE_CHECKING:
+    import asyncio
+    import ctypes
+    import email.utils
+    import hashlib
+    import hmac
+    import http.client
+    import queue
+    import random
+    import secrets
+    import socket
+    import sqlite3
+    import ssl
+    import tomllib
+    import urllib.error
+    import urllib.request
+
+    import aiosqlite
+    import croniter
+    import structlog
+else:
+    aiosqlite = lazy_import("aiosqlite")
+    asyncio = lazy_import("asyncio")
+    croniter = lazy_import("croniter")
+    ctypes = lazy_import("ctypes")
+    email = lazy_import("email.utils")
+    hashlib = lazy_import("hashlib")
+    hmac = lazy_import("hmac")
+    http = lazy_import("http.client")
+    queue = lazy_import("queue")
+    random = lazy_import("random")
+    secrets = lazy_import("secrets")
+    socket = lazy_import("socket")
+    sqlite3 = lazy_import("sqlite3")
+    ssl = lazy_import("ssl")
+    structlog = lazy_import("structlog")
+    tomllib = lazy_import("tomllib")
+    urllib = lazy_import("urllib.error")
+    urllib = lazy_import("urllib.request")
 
 __version__ = "0.2.0.dev0"
 
@@ -1075,7 +1122,20 @@ class FollowsConfig:
 
 # Logging and sd_notify #########################################################################
 
-log = structlog.get_logger("contenthubd")
+
+class _Log:
+    """structlog's logger for the daemon, fetched at the first call, so that a process that
+    never logs (the built-in creator) never imports structlog."""
+
+    @functools.cached_property
+    def _logger(self) -> Any:
+        return structlog.get_logger("contenthubd")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
+log = _Log()
 
 
 def configure_logging(log_format: str, level: str, environ: dict[str, str]) -> None:
@@ -3765,6 +3825,32 @@ def mask_values(text: str, values: Iterable[str]) -> str:
     return text
 
 
+#: Under state_dir: this file as bytecode, which the built-in creator's processes run.
+BUILTIN_BYTECODE = Path("bytecode", f"contenthubd.{sys.implementation.cache_tag}.pyc")
+
+
+def write_builtin_bytecode(state_dir: Path) -> Path:
+    """Compile this file into state_dir, once per daemon start. Every task spawns a built-in
+    creator; started from the source, each would compile these 10,000 lines again (0.1 s),
+    since Python never caches a script's bytecode and PYTHONDONTWRITEBYTECODE may forbid
+    writing any. `python FILE.pyc` runs the compiled module directly, with no lookup."""
+    import py_compile
+
+    source = str(Path(__file__).resolve())
+    target = state_dir / BUILTIN_BYTECODE
+    py_compile.compile(source, cfile=str(target), dfile=source, doraise=True)
+    return target
+
+
+def builtin_argv(subcommand: str, config: Config, environ: dict[str, str]) -> list[str]:
+    """`contenthubd create` or `research-topics` with the [creator.llm] settings, as the
+    daemon runs it: on the bytecode that write_builtin_bytecode wrote at start."""
+    llm = config.creator.llm
+    return [sys.executable, str(config.state_dir(environ) / BUILTIN_BYTECODE), subcommand,
+            "--llm-base-url", llm.base_url, "--llm-model", llm.model,
+            "--api-key-env", llm.api_key_env, "--timeout", str(llm.timeout)]
+
+
 def scrub_secrets(text: str, environ: dict[str, str]) -> str:
     """Replace the values of secret-looking variables (…KEY, …TOKEN, …) with ***, so a creator
     that prints its credentials in an error does not get them stored or logged."""
@@ -5482,15 +5568,12 @@ RESEARCH_AVOID_LIMIT = 50
 RESEARCH_OUTPUT_LIMIT = 1 << 20
 
 
-def research_argv(config: Config) -> list[str]:
+def research_argv(config: Config, environ: dict[str, str]) -> list[str]:
     """`[creator] topics_command`, else the built-in research (`contenthubd research-topics`)
     with the `[creator.llm]` settings, whatever the creator kind."""
     if config.creator.topics_command:
         return config.creator.topics_command
-    llm = config.creator.llm
-    return [sys.executable, str(Path(__file__).resolve()), "research-topics",
-            "--llm-base-url", llm.base_url, "--llm-model", llm.model,
-            "--api-key-env", llm.api_key_env, "--timeout", str(llm.timeout)]
+    return builtin_argv("research-topics", config, environ)
 
 
 class TopicResearchExecutor(Executor):
@@ -5566,7 +5649,7 @@ class TopicResearchExecutor(Executor):
                         env: dict[str, str]) -> list[dict[str, str]]:
         """Run the research command for one account; its topics, or a ContentHubError."""
         creator = ctx.config.creator
-        argv = render_argv(research_argv(ctx.config), {
+        argv = render_argv(research_argv(ctx.config, ctx.environ), {
             name: request.get(name) for name in TOPICS_PLACEHOLDERS})
         try:
             result = await run_process(
@@ -5734,7 +5817,7 @@ class Trigger:
         # If `after` is in the first pass of an overlap, the repeated wall times come round again.
         rewind = ((local.utcoffset() or timedelta())
                   - (local.replace(fold=1).utcoffset() or timedelta()))
-        candidates = croniter(
+        candidates = croniter.croniter(
             self.cron, local.replace(tzinfo=None) - rewind, day_or=_cron_day_or(self.cron)
         )
         pending: list[datetime] = []
@@ -5772,11 +5855,11 @@ class Trigger:
         if not after < first_start <= end_start <= until:
             return self._walk_count(after, until)
         _, _, dom, month, dow = self.cron.split()
-        minutes, hours = croniter(self.cron).expanded[:2]
+        minutes, hours = croniter.croniter(self.cron).expanded[:2]
         per_day = (60 if minutes == ["*"] else len(minutes)) * (
             24 if hours == ["*"] else len(hours)
         )
-        days = croniter(
+        days = croniter.croniter(
             f"0 0 {dom} {month} {dow}",
             datetime(first_day.year, first_day.month, first_day.day) - _TICK,
             day_or=_cron_day_or(self.cron),
@@ -5856,8 +5939,8 @@ def _parse_cron(text: str) -> str:
     day_or = _cron_day_or(expression)
     try:
         # One expansion validates every field; a field at a time only finds which one is bad.
-        candidates = croniter(expression, _CRON_PROBE_START, day_or=day_or)
-    except CroniterError:
+        candidates = croniter.croniter(expression, _CRON_PROBE_START, day_or=day_or)
+    except croniter.CroniterError:
         candidates = None
     if candidates is None or not all(
         _CRON_ITEM.fullmatch(item) for part in fields for item in part.split(",")
@@ -5866,20 +5949,20 @@ def _parse_cron(text: str) -> str:
             probe = ["*"] * 5
             probe[index] = part
             if not all(_CRON_ITEM.fullmatch(item) for item in part.split(",")) or not (
-                croniter.is_valid(" ".join(probe))
+                croniter.croniter.is_valid(" ".join(probe))
             ):
                 raise ValueError(
                     f"cron {text!r}: {_CRON_FIELDS[index]} field {part!r} is invalid"
                     f" (allowed: {_CRON_ALLOWED[index]}; lists with ',', ranges with '-',"
                     " steps with '/')"
                 )
-        candidates = croniter(expression, _CRON_PROBE_START, day_or=day_or)
+        candidates = croniter.croniter(expression, _CRON_PROBE_START, day_or=day_or)
     # Only a day-of-month within a restricted month ("0 0 30 2 *") can never come round; a
     # day-of-week OR-ed with the day-of-month comes every week.
     if fields[2] != "*" and fields[3] != "*" and not day_or:
         try:
             candidates.get_next(datetime)
-        except CroniterBadDateError:
+        except croniter.CroniterBadDateError:
             raise ValueError(f"cron {text!r} never matches a real date") from None
     return expression
 
@@ -6468,27 +6551,24 @@ class SavedMedia:
     content_type: str
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to the address that was checked, not to whatever the name resolves to next
-    (a second lookup could answer with a private address)."""
-
-    def __init__(self, host: str, port: int | None, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int | None, address: str, timeout: float):
-        self._tls = ssl.create_default_context()
-        super().__init__(host, port, timeout=timeout, context=self._tls)
-        self._address = address
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+def _pinned_connection(https: bool, host: str, port: int, address: str,
+                       timeout: float) -> http.client.HTTPConnection:
+    """A connection already open to the address that was checked, not to whatever the name
+    resolves to next (a second lookup could answer with a private address)."""
+    sock = socket.create_connection((address, port), timeout)
+    connection: http.client.HTTPConnection
+    if https:
+        tls = ssl.create_default_context()
+        connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=tls)
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        except OSError:
+            sock.close()
+            raise
+    else:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    connection.sock = sock  # http.client connects only when it has no socket
+    return connection
 
 
 def _media_name(position: int, source: str, content_type: str) -> str:
@@ -6592,10 +6672,10 @@ class MediaFetcher:
                 host == allowed or host.endswith("." + allowed.lstrip("."))
                 for allowed in self.config.allowed_hosts):
             raise MediaFailure(f"host {host!r} is not in [media] allowed_hosts", False)
+        https = parts.scheme.lower() == "https"
         try:
-            port = parts.port
-            addresses = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80),
-                                           type=socket.SOCK_STREAM)
+            port = parts.port or (443 if https else 80)
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, ValueError) as exc:
             raise MediaFailure(f"cannot resolve {host!r}: {exc}", True) from None
         address = str(addresses[0][4][0])
@@ -6606,10 +6686,11 @@ class MediaFetcher:
                                    " address; list it in [media] allow_private to allow it",
                                    False)
         timeout = max(0.1, deadline - time.monotonic())
-        connection_class = (_PinnedHTTPSConnection if parts.scheme.lower() == "https"
-                            else _PinnedHTTPConnection)
-        connection = connection_class(host, port, address, timeout)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        try:
+            connection = _pinned_connection(https, host, port, address, timeout)
+        except OSError as exc:
+            raise MediaFailure(f"download failed: {exc}", True) from None
         try:
             connection.request("GET", target, headers={"User-Agent": MEDIA_USER_AGENT,
                                                        "Accept": "image/*"})
@@ -6802,14 +6883,11 @@ def retry_delay(base_s: float, cap_s: float, retry_count: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-def creator_argv(creator: CreatorConfig) -> list[str]:
-    """The argv template for a task; the built-in creator is this very file."""
-    if creator.kind == "builtin":
-        llm = creator.llm
-        return [sys.executable, str(Path(__file__).resolve()), "create",
-                "--llm-base-url", llm.base_url, "--llm-model", llm.model,
-                "--api-key-env", llm.api_key_env, "--timeout", str(llm.timeout)]
-    return creator.command
+def creator_argv(config: Config, environ: dict[str, str]) -> list[str]:
+    """The argv template for a task: `[creator] command`, or the built-in creator."""
+    if config.creator.kind == "builtin":
+        return builtin_argv("create", config, environ)
+    return config.creator.command
 
 
 def task_values(task: dict[str, Any], default_requirements: str = "") -> dict[str, Any]:
@@ -6818,6 +6896,16 @@ def task_values(task: dict[str, Any], default_requirements: str = "") -> dict[st
     values["requirements"] = values["requirements"] or default_requirements
     values["priority_level"] = priority_to_content_creator(int(task.get("priority") or 5))
     return values
+
+
+@dataclass(frozen=True)
+class CreatorSpawn:
+    """How one creator process for a task is started."""
+
+    argv: list[str]
+    env: dict[bytes, bytes]
+    cwd: Path
+    stdin: bytes
 
 
 @dataclass
@@ -7211,20 +7299,25 @@ class WorkerPool(FollowsConfig):
                                   on_line: Callable[[str], None] | None = None,
                                   on_spawn: Callable[[int], None] | None = None
                                   ) -> ProcessResult:
-        """One creator command for a task: argv from the template, the task as JSON on stdin,
-        CONTENTHUB_TASK_ID in the environment, in creator.cwd (with the data/ it needs)."""
+        """One creator command for a task (see creator_spawn)."""
         creator = self.config.creator
+        spawn = self.creator_spawn(template, task)
+        return await run_process(
+            spawn.argv, cwd=spawn.cwd, env=spawn.env, timeout=timeout, stdin=spawn.stdin,
+            max_output=creator.max_output, kill_grace=creator.kill_grace, stop=stop,
+            on_stdout_line=on_line, on_spawn=on_spawn)
+
+    def creator_spawn(self, template: list[str], task: dict[str, Any]) -> CreatorSpawn:
+        """argv from the template, the task as JSON on stdin, CONTENTHUB_TASK_ID in the
+        environment, in creator.cwd (with the data/ it needs)."""
         cwd = self.creator_cwd
         data_dir = os.path.join(cwd, "data")
         if not os.path.isdir(data_dir):  # content-creator dies without ./data
             os.makedirs(data_dir, exist_ok=True)
-        values = task_values(task, creator.default_requirements)
+        values = task_values(task, self.config.creator.default_requirements)
         env = {**self.creator_env_bytes, b"CONTENTHUB_TASK_ID": task["task_id"].encode()}
-        return await run_process(
-            render_argv(template, values), cwd=cwd, env=env, timeout=timeout,
-            stdin=json_text(values).encode() + b"\n",
-            max_output=creator.max_output, kill_grace=creator.kill_grace, stop=stop,
-            on_stdout_line=on_line, on_spawn=on_spawn)
+        return CreatorSpawn(render_argv(template, values), env, cwd,
+                            json_text(values).encode() + b"\n")
 
     async def run_status_batch(self, tasks: list[dict[str, Any]]) -> ProcessResult:
         """status_batch_command for many submitted tasks: {external_ids} becomes one argv
@@ -7267,7 +7360,8 @@ class WorkerPool(FollowsConfig):
             running.pgid = pid
             timers.append(asyncio.get_running_loop().call_later(PID_RECORD_DELAY_S, record_pid))
 
-        template = creator.submit_command if creator.mode == "async" else creator_argv(creator)
+        template = (creator.submit_command if creator.mode == "async"
+                    else creator_argv(self.config, self.environ))
         try:
             result = await self.run_creator_command(
                 template, task, timeout=self.config.daemon.task_timeout, stop=running.stop,
@@ -10299,6 +10393,11 @@ class App(FollowsConfig):
         state_dir = self.config.state_dir(self.environ)
         state_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock(state_dir)
+        try:
+            write_builtin_bytecode(state_dir)
+        except OSError as exc:
+            raise StartupError(f"cannot write the built-in creator's bytecode under"
+                               f" {state_dir}: {exc}") from None
         await self.store.open()
         await self.recover()
         await self.store.sync_accounts(self.config.accounts, self.clock())
@@ -10837,6 +10936,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_builtin_creator(argv[1:])
     if argv[:1] == ["research-topics"]:
         return run_builtin_research(argv[1:])
+    for name in DAEMON_MODULES:  # loaded here, on one thread (see DAEMON_MODULES)
+        importlib.import_module(name)
     parser = argparse.ArgumentParser(
         prog="contenthubd", description="Run the contenthubd daemon in the foreground.",
         epilog="`contenthubd create` is the built-in creator the daemon runs for each task;"

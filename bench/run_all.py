@@ -19,7 +19,7 @@ import sys
 from common import BenchError, Row, print_rows, progress
 
 BENCHMARKS = ("spawn_bound", "sleep_bound", "fire_latency", "control_latency", "idle_cost",
-              "rate_limited", "reload_scale")
+              "creator_spawn", "rate_limited", "reload_scale")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,8 @@ SCRIPTS = {
                             "control latency: monitor metrics (20,000 tasks)"]),
     "idle_cost.py": (["--schedules", "100", "--seconds", "3", "--settle", "0.2"],
                      ["idle cost: CPU (100 schedules, 3 s)", "idle cost: RSS (100 schedules)"]),
+    "creator_spawn.py": (["--rounds", "2"], ["creator spawn: wall (offline draft)",
+                                             "creator spawn: peak RSS (offline draft)"]),
     "rate_limited.py": (["--tasks", "4", "--concurrency", "2", "--rate", "20", "--latency",
                          "0.01"],
                         ["rate-limited: rate_limit = R (4 tasks, c=2, R=20/s)",

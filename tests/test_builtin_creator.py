@@ -17,9 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from contenthubd import CJK_CHAR_RE, count_words, markdown_title, plain_summary
+from contenthubd import (
+    BUILTIN_BYTECODE,
+    CJK_CHAR_RE,
+    DAEMON_MODULES,
+    count_words,
+    markdown_title,
+    plain_summary,
+)
 
-#: How the daemon starts the built-in creator.
+#: How an operator starts the built-in creator (the daemon runs the same module as bytecode,
+#: see test_the_daemon_runs_the_creator_from_bytecode_without_its_own_modules).
 CREATOR_ARGV = [sys.executable, str(Path(__file__).resolve().parents[1] / "contenthubd.py"),
                 "create"]
 API_KEY = "sk-test-0123456789abcdef-SECRET"
@@ -127,6 +135,51 @@ def test_unusable_task_on_stdin_exits_2_with_a_reason(stdin):
 
 def test_bad_arguments_exit_2():
     assert run_creator(TASK, "--timeout", "0").returncode == 2
+
+
+# As the daemon spawns it ######################################################################
+
+#: Put on PYTHONPATH, it records in $MODULES_PROBE_DIR/<pid> what each Python process it starts
+#: in ran as: its argv, then every module whose code was executed. A module imported lazily
+#: and never used stays a _LazyModule, which is not executed.
+MODULES_PROBE = """
+import atexit, os, sys
+
+def _record():
+    loaded = [name for name, module in sys.modules.items()
+              if type(module).__name__ != "_LazyModule"]
+    path = os.path.join(os.environ["MODULES_PROBE_DIR"], str(os.getpid()))
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("\\0".join(sys.argv) + "\\n" + "\\n".join(loaded) + "\\n")
+
+atexit.register(_record)
+"""
+
+
+def test_the_daemon_runs_the_creator_from_bytecode_without_its_own_modules(daemon_factory,
+                                                                           tmp_path):
+    probe, records = tmp_path / "probe", tmp_path / "records"
+    probe.mkdir()
+    records.mkdir()
+    (probe / "sitecustomize.py").write_text(MODULES_PROBE, encoding="utf-8")
+    daemon = daemon_factory(env={"PYTHONPATH": str(probe), "MODULES_PROBE_DIR": str(records)})
+    task_id = daemon.start().submit("AI 技术解析")
+    content_id = daemon.wait_status(task_id, "completed")["content_id"]
+    assert daemon.call("content.show", {"id": content_id})["generator"] == "offline-template"
+    assert daemon.stop() == 0
+
+    runs = {}
+    for record in records.iterdir():
+        argv, *modules = record.read_text(encoding="utf-8").splitlines()
+        runs[tuple(argv.split("\0"))] = set(modules)
+    [creator_argv] = [argv for argv in runs if "create" in argv]
+    [daemon_argv] = [argv for argv in runs if "--config" in argv]
+    assert creator_argv[0] == str(daemon.state / BUILTIN_BYTECODE)
+    assert creator_argv[1] == "create"
+    daemon_only = {*DAEMON_MODULES, "_sqlite3", "_ssl"}
+    assert daemon_only <= runs[daemon_argv]  # the probe sees what a process loads
+    assert not {name for name in runs[creator_argv]
+                if name in daemon_only or name.startswith(tuple(f"{n}." for n in daemon_only))}
 
 
 # LLM mode against a fake OpenAI-compatible server #############################################
