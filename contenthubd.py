@@ -1330,8 +1330,9 @@ class CircuitBreaker:
     quota_exhausted) from BREAKER_TRIP_TASKS distinct tasks in a row open it; any other outcome
     breaks the row. open: nothing is claimed until a probe is due. probing: the pool runs the
     health_command, or lets exactly one task through; success closes the breaker, another
-    creator-wide failure opens it again. Kept in memory: after a restart the first failures
-    open it again, each without spending a retry.
+    creator-wide failure opens it again. Opening and closing are stored (snapshot()): a
+    daemon that starts with it open probes first (restore()) rather than running the queue
+    into the broken creator again.
     """
 
     def __init__(self, clock: Callable[[], datetime] = utc_now):
@@ -1431,6 +1432,27 @@ class CircuitBreaker:
         self._close()
         self.error_class = self.reason = None
         return not was_closed
+
+    def snapshot(self) -> dict[str, Any]:
+        """What is stored of it: probing is open for a daemon that starts anew."""
+        is_open = self.state != "closed"
+        return {"state": "open" if is_open else "closed",
+                "error_class": self.error_class if is_open else None,
+                "reason": self.reason if is_open else None,
+                "since": to_db_time(self.since) if is_open and self.since else None,
+                "failures": self.failures if is_open else 0}
+
+    def restore(self, stored: dict[str, Any]) -> bool:
+        """The stored state at start-up: an open breaker stays open, with its probe due at
+        once. True when it was open."""
+        if stored.get("state") != "open":
+            return False
+        self.state = "open"
+        self.since = from_db_time(stored.get("since")) or self.clock()
+        self.error_class, self.reason = stored.get("error_class"), stored.get("reason")
+        self.failures = int(stored.get("failures") or 0)
+        self.probe_at = self.clock()
+        return True
 
     def describe(self) -> dict[str, Any]:
         return {"state": self.state, "reason": self.reason if self.state != "closed" else None,
@@ -2383,12 +2405,13 @@ class Store:
     async def release_attempt(self, task_id: str, attempt: int, now: datetime,
                               next_attempt_at: datetime, error_kind: str, error_class: str,
                               message: str, why: str, usage: Usage | None = None,
-                              notify: tuple[str, dict[str, Any]] | None = None
-                              ) -> str | None:
+                              notify: tuple[str, dict[str, Any]] | None = None,
+                              breaker: dict[str, Any] | None = None) -> str | None:
         """running/submitted -> pending WITHOUT spending a retry: the failure was the
         creator's (rate limit, circuit breaker), not the task's. Returns "pending", None if
         the attempt no longer owns the task. The attempt's `usage` is recorded all the same,
-        and `notify` (event, data) is enqueued in the same transaction."""
+        and `notify` (event, data) and the circuit breaker's new state (`breaker`, the
+        CircuitBreaker's snapshot) are written in the same transaction."""
 
         def release(conn: sqlite3.Connection) -> str | None:
             stamp = to_db_time(now)
@@ -2406,13 +2429,39 @@ class Store:
                         f"{why}, no retry spent: {error_class}: {message}"[:500])
             if notify is not None:
                 self.enqueue_event(conn, notify[0], notify[1], now)
+            if breaker is not None:
+                self._save_breaker(conn, breaker, stamp)
             return "pending"
 
         return await self._write(release)
 
-    async def notify_creator(self, event: str, data: dict[str, Any], now: datetime) -> None:
-        """creator.recovered (or tripped) when no task changes with it: resume, a probe."""
-        await self._write(lambda conn: self.enqueue_event(conn, event, data, now))
+    async def notify_creator(self, event: str, data: dict[str, Any], now: datetime,
+                             breaker: dict[str, Any] | None = None) -> None:
+        """creator.recovered (or tripped) when no task changes with it (resume, a probe),
+        with the circuit breaker's new state."""
+
+        def notify(conn: sqlite3.Connection) -> None:
+            self.enqueue_event(conn, event, data, now)
+            if breaker is not None:
+                self._save_breaker(conn, breaker, to_db_time(now))
+
+        await self._write(notify)
+
+    @staticmethod
+    def _save_breaker(conn: sqlite3.Connection, breaker: dict[str, Any], stamp: str) -> None:
+        conn.execute(
+            "INSERT INTO creator_breaker (id, state, error_class, reason, since, failures,"
+            " updated_at) VALUES (1, :state, :error_class, :reason, :since, :failures, :at)"
+            " ON CONFLICT (id) DO UPDATE SET state = excluded.state, error_class ="
+            " excluded.error_class, reason = excluded.reason, since = excluded.since,"
+            " failures = excluded.failures, updated_at = excluded.updated_at",
+            {**breaker, "at": stamp})
+
+    async def load_breaker(self) -> dict[str, Any] | None:
+        """The circuit breaker as the last daemon left it; None if it never opened."""
+        rows = await self._query("SELECT state, error_class, reason, since, failures"
+                                 " FROM creator_breaker WHERE id = 1")
+        return rows[0] if rows else None
 
     async def mark_submitted(self, task_id: str, attempt: int, external_id: str,
                              now: datetime) -> bool:
@@ -7034,6 +7083,12 @@ class WorkerPool(FollowsConfig):
         self.wake()
 
     async def start(self) -> None:
+        stored = await self.store.load_breaker()
+        if stored is not None and self.breaker.restore(stored):
+            # The restart may be the fix, or not: one probe tells, not the whole queue.
+            log.warning("creator_breaker_restored", error_class=self.breaker.error_class,
+                        since=stored["since"], reason=self.breaker.reason,
+                        hint="probing the creator before claiming tasks")
         await self.orphans.start()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="worker-pool")
 
@@ -7247,7 +7302,8 @@ class WorkerPool(FollowsConfig):
     async def _recovered(self, how: str) -> None:
         log.info("creator_recovered", how=how)
         await self.store.notify_creator("creator.recovered", {
-            "message": f"内容生成器已恢复（{how}），继续领取任务", "how": how}, self.clock())
+            "message": f"内容生成器已恢复（{how}），继续领取任务", "how": how}, self.clock(),
+            self.breaker.snapshot())
 
     async def _probe_health(self) -> None:
         ok, detail = await self.run_health_command()
@@ -7493,7 +7549,10 @@ class WorkerPool(FollowsConfig):
         class retries with backoff or fails."""
         task_id, attempt = task["task_id"], task["attempt"]
         now, error_class = self.clock(), outcome.error_class
+        was = self.breaker.state
         spend_retry, tripped = self.breaker.record_failure(task_id, error_class, outcome.message)
+        if was != "closed" and self.breaker.state == "closed":
+            await self._recovered(f"probe task {task_id} reached the creator ({error_class})")
         if error_class == "rate_limited":
             pause = self.pause_claims(outcome.retry_after, outcome.message)
             before = self.pacing.limit(self.capacity)
@@ -7521,7 +7580,8 @@ class WorkerPool(FollowsConfig):
                 task_id, attempt, now, now + timedelta(seconds=delay), outcome.kind,
                 error_class, outcome.message,
                 "creator-wide failure" if self.breaker.state == "closed"
-                else "circuit breaker open", usage, notify)
+                else "circuit breaker open", usage, notify,
+                self.breaker.snapshot() if tripped else None)
         retryable = outcome.retryable or error_class in CREATOR_WIDE_CLASSES
         draft = None
         if outcome.draft is not None:

@@ -437,3 +437,16 @@ WHEN OLD.status = 'submitted' AND NEW.status <> 'submitted'
 BEGIN
     UPDATE content_generation_tasks SET remote_status = NULL WHERE id = NEW.id;
 END;
+
+-- migration 13: the creator's circuit breaker, kept across restarts (one row)
+-- Written in the transaction that opens it (with creator.tripped) and in the one that closes it
+-- (with creator.recovered); a daemon that starts with it open probes before claiming anything.
+CREATE TABLE creator_breaker (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    state        TEXT NOT NULL CHECK (state IN ('closed', 'open')),
+    error_class  TEXT,
+    reason       TEXT,
+    since        TEXT,
+    failures     INTEGER NOT NULL DEFAULT 0,
+    updated_at   TEXT NOT NULL
+);

@@ -270,23 +270,39 @@ def test_probe_closes_the_breaker_once_the_creator_works(daemon_factory, tmp_pat
         assert ": ok: " in creator_status(daemon)["last_probe"]
 
 
-def test_kill9_with_the_breaker_open_loses_nothing_and_spends_no_retries(
-        daemon_factory, tmp_path):
+@pytest.mark.parametrize("fixed", [False, True], ids=["still-broken", "fixed-meanwhile"])
+def test_an_open_breaker_survives_kill9_and_probes_once_before_claiming(daemon_factory,
+                                                                       tmp_path, fixed):
     daemon = topic_daemon(daemon_factory, workers=1, retry_backoff="1s").start()
     task_ids = [daemon.submit("needs-key") for _ in range(4)]
     wait_until(lambda: creator_status(daemon)["state"] == "open", message="breaker open")
+    before = creator_status(daemon)
     daemon.kill9()
+    if fixed:
+        (tmp_path / "key").touch()
     daemon.start()
-    # In memory only: after the restart two more runs open it again, still without a retry.
-    wait_until(lambda: creator_status(daemon)["state"] == "open", message="open again")
-    assert len(runs(tmp_path)) == 4
+    assert '"creator_breaker_restored"' in daemon.log()
+    if fixed:  # the one probe task succeeds, and the queue drains without a resume
+        for task_id in task_ids:
+            assert daemon.wait_status(task_id, "completed")["retry_count"] == 0
+        assert len(runs(tmp_path)) == 2 + 4
+        assert creator_status(daemon)["state"] == "closed"
+        return
+    # Still broken: one probe task, not two more failures, and the breaker stays open.
+    wait_until(lambda: len(runs(tmp_path)) == 3 and creator_status(daemon)["state"] == "open",
+               message="one probe, then open again")
+    status = creator_status(daemon)
+    assert status["since"] == before["since"] and status["reason"] == before["reason"]
     assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks WHERE status ="
                          " 'pending' AND retry_count = 0") == 4
+    time.sleep(0.5)  # nothing more is claimed until the next probe, 5 minutes away
+    assert len(runs(tmp_path)) == 3
     (tmp_path / "key").touch()
     assert daemon.ctl("creator", "resume").returncode == 0
     for task_id in task_ids:
         daemon.wait_status(task_id, "completed")
     assert daemon.scalar("SELECT COUNT(*) FROM contents") == 4
+    assert daemon.scalar("SELECT state FROM creator_breaker") == "closed"
 
 
 def test_transient_failures_in_between_keep_the_breaker_closed(daemon_factory, tmp_path):
@@ -295,6 +311,35 @@ def test_transient_failures_in_between_keep_the_breaker_closed(daemon_factory, t
         daemon.wait_status(daemon.submit(topic), "failed")
     assert creator_status(daemon)["state"] == "closed"
     assert '"creator_tripped"' not in daemon.log()
+
+
+def test_ten_transient_failures_in_a_row_degrade_health_but_the_queue_goes_on(
+        daemon_factory, tmp_path):
+    daemon = topic_daemon(daemon_factory, workers=1, max_retries=5).start()
+    for task_id in [daemon.submit("error:transient") for _ in range(2)]:
+        assert daemon.wait_status(task_id, "failed")["retry_count"] == 5
+    status = creator_status(daemon)
+    assert status["state"] == "closed" and status["transient_streak"] == 12
+    health = daemon.ctl("--format", "json", "monitor", "health")
+    assert health.returncode == 1
+    [creator] = [c for c in json.loads(health.stdout)["checks"] if c["name"] == "creator"]
+    assert creator["ok"] is False
+    assert creator["detail"].startswith("12 transient failures in a row (retry backoff raised)")
+    assert "upstream says transient" in creator["detail"]
+    daemon.wait_status(daemon.submit("a normal topic"), "completed")  # still claimed
+    assert creator_status(daemon)["transient_streak"] == 0
+    assert daemon.ctl("monitor", "health").returncode == 0
+
+
+def test_retry_backoff_doubles_per_ten_transient_failures_in_a_row(tmp_path):
+    pool = WorkerPool(None, LiveConfig(parse_config('[daemon]\nretry_backoff = "10s"\n')),  # type: ignore[arg-type]
+                      {"CREATOR_STATE_DIR": str(tmp_path)})
+    first_retry = {"retry_count": 0}  # equal jitter: between half the backoff and all of it
+    assert 5.0 <= pool._retry_delay(first_retry) <= 10.0
+    pool.breaker.transient_streak = 10
+    assert 10.0 <= pool._retry_delay(first_retry) <= 20.0
+    pool.breaker.transient_streak = 25
+    assert 20.0 <= pool._retry_delay(first_retry) <= 40.0
 
 
 # rate_limited ##################################################################################
