@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -55,6 +56,20 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, message
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {message or predicate}")
         time.sleep(interval)
+
+
+async def wait_until_async(predicate, timeout: float = 30.0, interval: float = 0.02,
+                           message: str = ""):
+    """wait_until for a test that runs the App in its own loop: `predicate` is a coroutine
+    function, awaited until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message or predicate}")
+        await asyncio.sleep(interval)
 
 
 class Daemon:

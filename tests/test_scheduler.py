@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import signal
 import textwrap
 import threading
+import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from conftest import ACCOUNTS, command_creator, wait_until
+from conftest import ACCOUNTS, command_creator, wait_until, wait_until_async
 
 import contenthubd
 
@@ -213,8 +213,7 @@ params = { account_ids = [49, 50], count_per_account = 50, category = "技术" }
     rng = random.Random(11)
     for _ in range(3):
         wait_until(lambda: daemon.scalar("SELECT COUNT(*) FROM schedule_runs") >= 1, 20)
-        import time
-        time.sleep(rng.uniform(0.05, 1.2))
+        time.sleep(rng.uniform(0.05, 1.2))  # the kill instant is the workload, not a wait
         daemon.kill9()
         daemon.start()
     wait_until(lambda: daemon.scalar("SELECT COUNT(*) FROM schedule_runs WHERE status ="
@@ -252,11 +251,12 @@ async def test_cron_fires_at_injected_clock_instant(tmp_path):
         assert runs == []
         now[0] = now[0] + timedelta(seconds=3)
         app.scheduler.wake()
-        for _ in range(100):
+
+        async def fired_runs() -> list:
             runs = await app.store.list_runs("daily-tech", 10)
-            if runs and runs[0]["status"] != "firing":
-                break
-            await asyncio.sleep(0.02)
+            return runs if runs and runs[0]["status"] != "firing" else []
+
+        runs = await wait_until_async(fired_runs, message="the 08:00 firing")
         assert [(r["status"], r["trigger"], r["scheduled_for"]) for r in runs] == [
             ("fired", "cron", "2026-11-23T00:00:00.000Z")]
         tasks = await app.store.tasks_for_run(runs[0]["id"])

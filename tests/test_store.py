@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
+import threading
 
 import pytest
 
@@ -25,10 +25,12 @@ def insert_account(account_id: int, then_fail: Exception | None = None):
     return write
 
 
-def hold_the_writer(seconds: float):
-    """A write that keeps the writer thread busy, so the next writes queue into one batch."""
+def hold_the_writer(started: threading.Event, release: threading.Event):
+    """A write that keeps the writer thread busy until `release`, so the writes queued
+    meanwhile form one batch."""
     def write(conn: sqlite3.Connection) -> None:
-        time.sleep(seconds)
+        started.set()
+        assert release.wait(30)
 
     return write
 
@@ -55,18 +57,24 @@ async def test_a_failing_write_is_undone_alone_and_the_rest_of_its_batch_commits
         return commit_batch(cls, conn, batch, savepoints)
 
     Store._commit_batch = classmethod(counting)
+    started, release = threading.Event(), threading.Event()
     try:
-        blocker = asyncio.ensure_future(store._write(hold_the_writer(0.3)))
-        await asyncio.sleep(0.05)
-        results = await asyncio.gather(
+        blocker = asyncio.ensure_future(store._write(hold_the_writer(started, release)))
+        assert await asyncio.to_thread(started.wait, 30)
+        writes = asyncio.gather(
             store._write(insert_account(1)),
             store._write(insert_account(2, then_fail=Conflict("task 2 is not running"))),
             store._write(insert_account(3)),
             store._write(insert_account(1)),  # duplicate key: an sqlite3.IntegrityError
             store._write(insert_account(4)),
             return_exceptions=True)
+        await asyncio.sleep(0)  # one turn of the loop: each write queues itself
+        assert store._writes.qsize() == 5
+        release.set()
+        results = await writes
         await blocker
     finally:
+        release.set()
         Store._commit_batch = classmethod(commit_batch)
 
     assert results[0] == 1 and results[2] == 3 and results[4] == 4
@@ -80,7 +88,7 @@ async def test_close_commits_what_is_queued_then_refuses_writes(tmp_path):
     store = Store(tmp_path / "contenthub.db")
     await store.open()
     pending = [asyncio.ensure_future(store._write(insert_account(i))) for i in range(1, 51)]
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: each write queues itself
     await store.close()
     assert [task.result() for task in pending] == list(range(1, 51))
     assert account_ids(tmp_path / "contenthub.db") == list(range(1, 51))
