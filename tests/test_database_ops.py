@@ -27,7 +27,7 @@ def bulk_import(daemon, count: int, prefix: str) -> None:
 
 
 def test_backup_while_200_tasks_run_is_a_consistent_checked_copy(daemon_factory, tmp_path):
-    daemon = daemon_factory(creator=command_creator("json_article.py"), workers=8,
+    daemon = daemon_factory(creator=command_creator("instant_article.sh"), workers=8,
                             env={"CREATOR_SLEEP": "0.2"}).start()
     bulk_import(daemon, 200, "备份中")
     wait_until(lambda: daemon.scalar("SELECT COUNT(*) FROM contents") >= 20, 60)
@@ -164,13 +164,17 @@ def test_wal_stays_bounded_with_snapshot_readers_and_shrinks_after_a_long_one(da
         conn.close()
 
     def run_batch(prefix: str, count: int) -> int:
+        """The WAL's peak size, sampled until the batch is done."""
         done = daemon.scalar("SELECT COUNT(*) FROM contents") + count
         bulk_import(daemon, count, prefix)
-        peak = 0
-        while daemon.scalar("SELECT COUNT(*) FROM contents") < done:
-            peak = max(peak, wal.stat().st_size)
-            time.sleep(0.05)
-        return peak
+        sizes = []
+
+        def finished() -> bool:
+            sizes.append(wal.stat().st_size)
+            return daemon.scalar("SELECT COUNT(*) FROM contents") >= done
+
+        wait_until(finished, 120, message=f"the {prefix} batch to complete")
+        return max(sizes)
 
     thread = threading.Thread(target=snapshot_reader, daemon=True)
     thread.start()

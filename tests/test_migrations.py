@@ -186,7 +186,11 @@ def test_kill9_in_the_middle_of_a_migration_leaves_a_database_the_next_start_upg
     extra = newest_version() + 1
     wait_until(lambda: any('"schema_migrating"' in line and f'"version": {extra}' in line
                            for line in daemon.log().splitlines()), 60, message="the slow step")
-    time.sleep(0.5)
+    # Its DDL ran and its big table is being written: uncommitted pages spill into the WAL.
+    wal = daemon.db_path.with_name(daemon.db_path.name + "-wal")
+    before_step = wal.stat().st_size
+    wait_until(lambda: wal.stat().st_size > before_step + (4 << 20), 60,
+               message="the slow step to write into the WAL")
     assert proc.poll() is None, daemon.log()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -210,7 +214,7 @@ def test_kill9_at_any_moment_of_the_real_upgrade_is_resumed(daemon_factory, dela
     install_fixture(daemon)
     before = rows_of(daemon.db_path)
     daemon.start(wait=False)
-    time.sleep(delay)
+    time.sleep(delay)  # the kill instant is the workload, not a wait
     daemon.kill9()
     daemon.start()
     assert daemon.call("version")["schema_version"] == newest_version()
