@@ -332,7 +332,7 @@ def test_interval_anchor_survives_params_edits_and_pause_resume(daemon_factory):
         daemon.config_path.write_text(text.replace(f"days = {days - 1}", f"days = {days}"),
                                       encoding="utf-8")
         assert daemon.call("reload")["changes"]["schedules_changed"] == ["tick"]
-        time.sleep(0.5)
+        time.sleep(0.5)  # the edits' pace, a quarter of the period, is the workload
     assert on_grid(fired_instants(daemon, "tick"), 2.0)
     daemon.call("scheduler.pause", {"name": "tick"})
     paused_at = time.monotonic()

@@ -270,7 +270,7 @@ params = { account_ids = [49, 50], count_per_account = 40, topic_source = "pool"
     rng = random.Random(14)
     for _ in range(3):
         wait_until(lambda: daemon.scalar("SELECT COUNT(*) FROM schedule_runs") >= 1, 20)
-        time.sleep(rng.uniform(0.05, 1.0))
+        time.sleep(rng.uniform(0.05, 1.0))  # the kill instant is the workload, not a wait
         daemon.kill9()
         daemon.start()
     wait_until(lambda: daemon.scalar("SELECT COUNT(*) FROM schedule_runs WHERE status ="
