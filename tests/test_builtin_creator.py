@@ -300,11 +300,11 @@ def test_llm_429_waits_for_retry_after_instead_of_the_backoff(fake_llm):
     fake_llm.responses = [{"status": 429, "headers": {"Retry-After": "0"},
                            "body": {"error": {"message": "rate limited"}}},
                           completion(ARTICLE_MD)]
-    started = time.monotonic()
     result = run_creator(TASK, *fake_llm.args("--retry-backoff", "10"), api_key=API_KEY)
     assert article_of(result)["generator"] == "llm"
     assert len(fake_llm.requests) == 2
-    assert time.monotonic() - started < 8
+    stages = [line["stage"] for line in output_lines(result)[:-1]]
+    assert any("HTTP 429" in stage and "retrying in 0s" in stage for stage in stages), stages
 
 
 def structured_error(result) -> dict:
@@ -344,14 +344,12 @@ def test_llm_429_after_the_last_attempt_is_rate_limited_with_retry_after(fake_ll
 
 def test_llm_that_never_answers_times_out_and_exits_75(fake_llm):
     fake_llm.responses = [{"hang": True}]
-    started = time.monotonic()
     result = run_creator(TASK, *fake_llm.args("--timeout", "1", "--retries", "1",
                                               "--retry-backoff", "0.1"), api_key=API_KEY)
     assert result.returncode == 75  # EX_TEMPFAIL
     assert structured_error(result)["kind"] == "transient"
     assert len(fake_llm.requests) == 2
     assert "timed out after 1s" in result.stderr.decode()
-    assert time.monotonic() - started < 10
 
 
 def test_llm_unreachable_is_transient():

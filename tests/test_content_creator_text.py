@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import time
 from pathlib import Path
@@ -383,17 +384,19 @@ def test_fake_help_and_version_replay_the_captures(workdir, args, name):
 def test_fake_delay_prints_the_header_before_the_results(workdir):
     env = {k: v for k, v in os.environ.items() if k not in CC_ENV and not k.startswith("FAKE_CC_")}
     proc = subprocess.Popen([str(FAKE_CLI), *CAPTURED_ARGV], cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, bufsize=0,
                             env={**env, **CC_ENV, "FAKE_CC_DELAY": "1.5"})
     started = time.monotonic()
     try:
         header = b""
-        while "优先级".encode() not in header:  # the header block's last line
+        rule = ("\u2500" * 40 + "\n").encode()  # the line after 优先级 closes the header block
+        while "优先级".encode() not in header or not header.endswith(rule):
             line = proc.stdout.readline()
             assert line, f"stdout ended before the header block: {header!r}"
             header += line
-        assert time.monotonic() - started < 1.2
         assert "✅ 执行成功".encode() not in header
+        # Unbuffered, nothing read ahead: the header came alone, the fake is in its delay.
+        assert select.select([proc.stdout], [], [], 0)[0] == [] and proc.poll() is None
         rest = proc.stdout.read()
         assert time.monotonic() - started >= 1.5
         assert "✅ 执行成功".encode() in rest

@@ -165,7 +165,7 @@ def test_100_mb_of_output_at_the_default_cap_keeps_daemon_memory_bounded(daemon_
                 samples.append(vm_kib(pid, "VmRSS"))
             except (OSError, AssertionError):
                 return
-            time.sleep(0.005)
+            time.sleep(0.005)  # the sampling period; VmHWM covers the moments between
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
