@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +52,25 @@ def creator_status(daemon) -> dict:
     result = daemon.ctl("--format", "json", "creator", "status")
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
+
+
+#: A schedule that fires every second and touches no task: the daemon's own clock.
+TICK = """
+[[schedules]]
+name = "tick"
+executor = "cleanup"
+every = "1s"
+params = { days = 30 }
+"""
+
+
+def wait_two_ticks(daemon) -> None:
+    """Until `tick` fired twice more: a second of the daemon's time has passed, its loop ran."""
+    def ticks() -> int:
+        return daemon.scalar("SELECT COUNT(*) FROM schedule_runs WHERE schedule_name = 'tick'")
+
+    seen = ticks()
+    wait_until(lambda: ticks() >= seen + 2, message="two more firings of the tick schedule")
 
 
 # The vocabulary ################################################################################
@@ -215,7 +233,8 @@ def test_json_creator_error_object_with_an_article_keeps_it_only_for_quality_fai
 
 def test_breaker_opens_after_two_tasks_keeps_retries_and_resume_drains_the_queue(
         daemon_factory, tmp_path):
-    daemon = topic_daemon(daemon_factory, workers=1, max_retries=3, retry_backoff="1s").start()
+    daemon = daemon_factory(creator=command_creator(FAILS_BY_TOPIC), extra=TICK, workers=1,
+                            max_retries=3, retry_backoff="1s").start()
     task_ids = [daemon.submit("needs-key") for _ in range(6)]
     wait_until(lambda: creator_status(daemon)["state"] == "open", message="breaker open")
     status = creator_status(daemon)
@@ -234,8 +253,10 @@ def test_breaker_opens_after_two_tasks_keeps_retries_and_resume_drains_the_queue
     assert creator["ok"] is False
     assert "circuit breaker open" in creator["detail"]
     assert creator["detail"].endswith("SERVICE_KEY is empty: set it in the daemon's environment")
-    time.sleep(0.5)  # nothing is claimed while open
+    wait_two_ticks(daemon)  # nothing is claimed while open
     assert len(runs(tmp_path)) == 2
+    assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks WHERE status ="
+                         " 'pending'") == 6
 
     (tmp_path / "key").touch()
     resumed = daemon.ctl("--format", "json", "creator", "resume")
@@ -273,7 +294,8 @@ def test_probe_closes_the_breaker_once_the_creator_works(daemon_factory, tmp_pat
 @pytest.mark.parametrize("fixed", [False, True], ids=["still-broken", "fixed-meanwhile"])
 def test_an_open_breaker_survives_kill9_and_probes_once_before_claiming(daemon_factory,
                                                                        tmp_path, fixed):
-    daemon = topic_daemon(daemon_factory, workers=1, retry_backoff="1s").start()
+    daemon = daemon_factory(creator=command_creator(FAILS_BY_TOPIC), extra=TICK, workers=1,
+                            retry_backoff="1s").start()
     task_ids = [daemon.submit("needs-key") for _ in range(4)]
     wait_until(lambda: creator_status(daemon)["state"] == "open", message="breaker open")
     before = creator_status(daemon)
@@ -295,8 +317,10 @@ def test_an_open_breaker_survives_kill9_and_probes_once_before_claiming(daemon_f
     assert status["since"] == before["since"] and status["reason"] == before["reason"]
     assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks WHERE status ="
                          " 'pending' AND retry_count = 0") == 4
-    time.sleep(0.5)  # nothing more is claimed until the next probe, 5 minutes away
+    wait_two_ticks(daemon)  # nothing more is claimed until the next probe, 5 minutes away
     assert len(runs(tmp_path)) == 3
+    assert daemon.scalar("SELECT COUNT(*) FROM content_generation_tasks WHERE status ="
+                         " 'pending'") == 4
     (tmp_path / "key").touch()
     assert daemon.ctl("creator", "resume").returncode == 0
     for task_id in task_ids:
