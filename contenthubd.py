@@ -7747,10 +7747,9 @@ class PollLoop(BackgroundLoop, FollowsConfig):
         except OSError as exc:
             log.error("status_batch_command_failed", jobs=len(tasks), error=str(exc))
             return {}
-        if result.exit_code or result.timed_out:
-            log.warning("status_batch_command_failed", jobs=len(tasks),
-                        exit_code=result.exit_code, timed_out=result.timed_out,
-                        stderr=result.stderr_tail(300))
+        failure = result.failure(POLL_COMMAND_TIMEOUT_S, 300)
+        if failure is not None:
+            log.warning("status_batch_command_failed", jobs=len(tasks), error=failure)
             return {}
         lines = parse_status_batch(result.stdout, {task["external_id"] for task in tasks})
         if len(lines) < len(tasks):

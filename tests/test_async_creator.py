@@ -213,6 +213,18 @@ def test_a_job_missing_from_the_batch_reply_is_asked_alone(daemon_factory, tmp_p
     assert statuses["unlisted 不在回复里"] >= 1
 
 
+def test_a_failing_status_batch_command_falls_back_to_asking_each_job(daemon_factory,
+                                                                     tmp_path):
+    broken = 'status_batch_command = ["/bin/sh", "-c", "echo down >&2; exit 3"]\n'
+    daemon = daemon_factory(creator=ASYNC_CREATOR + broken, env={"FAKE_ASYNC_DURATION": "1"})
+    daemon.set_options(poll_interval="0.2s")
+    daemon.start()
+    for task_id in [daemon.submit(f"批量坏了 {i}") for i in range(2)]:
+        daemon.wait_status(task_id, "completed")
+    assert all(job["statuses"] >= 1 for job in jobs(tmp_path))
+    assert '"status_batch_command_failed"' in daemon.log() and "exit 3: down" in daemon.log()
+
+
 @pytest.mark.parametrize("extra, error", [
     ('status_batch_command = ["x", "--ids={external_ids}"]\n', "must be a whole element"),
     ('status_batch_command = ["x", "{topic}"]\n', "unknown placeholder(s) topic"),
