@@ -217,7 +217,7 @@ def test_sigterm_requeues_interrupted_tasks_without_spending_a_retry(daemon_fact
     # Well before the creators' 30 s: the configured grace ended the wait.
     assert daemon.proc.wait(20) == 0
     assert grace_waited_out(daemon) == [1.0]
-    wait_until(lambda: not any(pid_alive(p) for p in pids), 5, message="creators to die")
+    wait_until(lambda: not any(pid_alive(p) for p in pids), message="creators to die")
     assert not daemon.socket.exists()
     for task_id in task_ids:
         status, retries = daemon.db().execute(
@@ -257,7 +257,7 @@ def test_second_sigterm_exits_at_once_and_the_next_start_recovers(daemon_factory
     # Well before the creators' 30 s and the 60 s grace: the second SIGTERM did not wait.
     assert daemon.proc.wait(20) == 1
     assert '"forced_exit"' in daemon.log()
-    wait_until(lambda: not any(pid_alive(p) for p in pids), 5, message="creators to die")
+    wait_until(lambda: not any(pid_alive(p) for p in pids), message="creators to die")
 
     daemon.env["CREATOR_SLEEP"] = "0"
     daemon.start()
