@@ -672,6 +672,16 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleBlocks:
+    """A config file cut at its table headers (split_schedule_blocks): the text of each
+    [[schedules]] block, from its header through its sub-tables to the next table, and the
+    rest of the file, in order."""
+
+    rest: str
+    schedules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     creator: CreatorConfig = field(default_factory=CreatorConfig)
@@ -686,6 +696,9 @@ class Config:
     #: where each effective daemon/creator value came from: "file", "env" or "default"
     sources: dict[str, str] = field(default_factory=dict)
     text: str = ""  #: the file's text, kept so `scheduler create` can append byte for byte
+    #: how `text` splits into its [[schedules]] blocks and the rest (split_schedule_blocks);
+    #: None when it was parsed whole
+    blocks: ScheduleBlocks | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -771,10 +784,11 @@ def entry_key_location(config: Config, section: str, index: int, key: str) -> st
     return f"{section}[{index}].{key}" + (f" (line {line})" if line else "")
 
 
-def _build_section(cls: type, table: Any, where: str, text: str, start: int,
+def _build_section(cls: type, table: Any, where: str, text: str, start: Callable[[], int],
                    errors: list[str], sources: dict[str, str] | None = None,
                    environ: dict[str, str] | None = None) -> Any:
-    """One dataclass from one TOML table, collecting every problem into `errors`."""
+    """One dataclass from one TOML table, collecting every problem into `errors`. `start`
+    gives the 0-based line the table starts at; only an error asks for it."""
     if not isinstance(table, dict):
         errors.append(f"{where}: expected a table, got {type(table).__name__}")
         return cls()
@@ -783,7 +797,7 @@ def _build_section(cls: type, table: Any, where: str, text: str, start: int,
 
     def located(key: str) -> str:
         # Line numbers cost a scan of the text: only an error pays for one.
-        line = _line_of(text, key, start)
+        line = _line_of(text, key, start())
         return f"{where}.{key}" + (f" (line {line})" if line else "")
 
     for key, raw in table.items():
@@ -827,38 +841,123 @@ def _build_section(cls: type, table: Any, where: str, text: str, start: int,
         return cls()
 
 
-def parse_config(text: str, path: str = "", environ: dict[str, str] | None = None,
-                 validate_schedules: Callable[[Config], list[str]] | None = None) -> Config:
-    """Parse and validate a whole config file; raise ConfigError listing every problem."""
-    environ = dict(os.environ if environ is None else environ)
+#: The line break before a line that may open a table. Inside a multi-line string or array it
+#: does not; the piece it would start then fails to parse on its own, and the file is parsed
+#: whole.
+_TABLE_LINE_BREAK = re.compile(r"\n(?=[ \t]*\[)")
+_SCHEDULES_HEADER = re.compile(r"[ \t]*\[\[[ \t]*schedules[ \t]*\]\][ \t]*(?:#.*)?\r?(?:\n|\Z)")
+_SCHEDULES_SUBTABLE = re.compile(r"[ \t]*\[\[?[ \t]*schedules[ \t]*\.")
+
+
+def split_schedule_blocks(text: str, known: dict[str, ScheduleConfig]) -> tuple[
+        dict[str, Any], tuple[ScheduleConfig, ...], ScheduleBlocks] | None:
+    """The TOML data of the file less its schedules, and its schedules: each [[schedules]]
+    block parsed on its own, or taken from `known` (block text -> its schedule) when its
+    text is unchanged. None when a piece has any problem, or the result could differ from
+    parsing the whole text: the caller parses it whole, and names each problem with its line.
+
+    Why it is the same result: each piece is parsed on its own from a line where the whole
+    file's parser stands between statements (the first piece starts the file, and a piece
+    that parses to its end leaves that parser between statements), so a line that only
+    looks like a header, inside a multi-line string or array, leaves its piece unparsed. A
+    block holds [[schedules]] and its [schedules.*] sub-tables only: it defines one new
+    last entry, and TOML forgets the sub-tables of the entry before at each [[schedules]].
+    The rest must not define `schedules` at all, so the two never meet; it is parsed as
+    one text too, for what its pieces say together (a table defined twice)."""
+    runs: list[list[str]] = [[]]  #: the rest's pieces, one list per stretch between blocks
+    blocks: list[str] = []
+    in_block = False
+    parts = _TABLE_LINE_BREAK.split(text)
+    for piece in [part + "\n" for part in parts[:-1]] + parts[-1:]:
+        if _SCHEDULES_HEADER.match(piece):
+            blocks.append(piece)
+            in_block = True
+        elif in_block and _SCHEDULES_SUBTABLE.match(piece):
+            blocks[-1] += piece
+        else:
+            if in_block:
+                runs.append([])
+            runs[-1].append(piece)
+            in_block = False
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path or 'config'}: TOML syntax error: {exc}"]) from None
+        stretches = [tomllib.loads("".join(run)) for run in runs]
+        rest = "".join(piece for run in runs for piece in run)
+        data = stretches[0] if len(stretches) == 1 else tomllib.loads(rest)
+        if "schedules" in data:
+            return None
+        schedules = []
+        for block in blocks:
+            schedule = known.get(block)
+            if schedule is None:
+                parsed = tomllib.loads(block)
+                entries = parsed.get("schedules")
+                if len(parsed) != 1 or not (isinstance(entries, list) and len(entries) == 1):
+                    return None
+                errors: list[str] = []
+                schedule = _build_section(ScheduleConfig, entries[0], "schedules", block,
+                                          lambda: 0, errors)
+                if errors:
+                    return None
+            schedules.append(schedule)
+    except tomllib.TOMLDecodeError:
+        return None
+    return data, tuple(schedules), ScheduleBlocks(rest, tuple(blocks))
+
+
+def parse_config(text: str, path: str = "", environ: dict[str, str] | None = None,
+                 validate_schedules: Callable[[Config], list[str]] | None = None,
+                 previous: Config | None = None) -> Config:
+    """Parse and validate a whole config file; raise ConfigError listing every problem.
+    `previous`: a config parsed before; its schedules whose block is unchanged are reused
+    (not parsed again), so the cost follows what changed, not the size of the file."""
+    environ = dict(os.environ if environ is None else environ)
+    known = (dict(zip(previous.blocks.schedules, previous.schedules))
+             if previous is not None and previous.blocks is not None else {})
+    split = split_schedule_blocks(text, known)
+    blocks = schedules = None
+    if split is not None:
+        data, schedules, blocks = split
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path or 'config'}: TOML syntax error: {exc}"]) from None
     errors: list[str] = []
     sources: dict[str, str] = {}
     sections: dict[str, Any] = {}
+    header_lines: dict[str, list[int]] = {}
+
+    def start_of(header: str, index: int = 0) -> Callable[[], int]:
+        def start() -> int:
+            # A scan of the text: only an error pays for it.
+            if header not in header_lines:
+                header_lines[header] = _header_lines(text, header)
+            found = header_lines[header]
+            return found[index] if index < len(found) else 0
+
+        return start
+
     for name, cls in (("daemon", DaemonConfig), ("creator", CreatorConfig),
                       ("publish", PublishConfig), ("budget", BudgetConfig),
                       ("media", MediaConfig)):
-        start = (_header_lines(text, name) or [0])[0]
-        sections[name] = _build_section(cls, data.pop(name, {}), name, text, start, errors,
-                                        sources, environ)
+        sections[name] = _build_section(cls, data.pop(name, {}), name, text, start_of(name),
+                                        errors, sources, environ)
     for name, entry_cls in SECTION_ENTRIES.items():
+        if name == "schedules" and schedules is not None:
+            sections[name] = schedules
+            continue
         entries = data.pop(name, [])
         if not isinstance(entries, list):
             errors.append(f"{name}: expected [[{name}]] entries")
             entries = []
-        starts = _header_lines(text, name)
         sections[name] = tuple(
-            _build_section(entry_cls, entry, f"{name}[{i}]", text,
-                           starts[i] if i < len(starts) else 0, errors)
+            _build_section(entry_cls, entry, f"{name}[{i}]", text, start_of(name, i), errors)
             for i, entry in enumerate(entries)
         )
     for key in data:
         line = _line_of(text, key) or (_header_lines(text, key) or [-1])[0] + 1
         errors.append(f"{key}" + (f" (line {line})" if line else "") + ": unknown key")
-    config = Config(**sections, path=path, sources=sources, text=text)
+    config = Config(**sections, path=path, sources=sources, text=text, blocks=blocks)
     errors += _check_config(config, environ)
     if validate_schedules is not None:
         # One pass: a bad key elsewhere does not hide a bad cron. A key that already failed
@@ -909,13 +1008,15 @@ def _check_config(config: Config, environ: dict[str, str]) -> list[str]:
         if account.id in seen_ids:
             errors.append(f"accounts[{i}].id: duplicate account id {account.id}")
         seen_ids.add(account.id)
-    names: set[str] = set()
-    for i, schedule in enumerate(config.schedules):
-        if not schedule.name:
-            errors.append(f"schedules[{i}].name: required")
-        elif schedule.name in names:
-            errors.append(f"schedules[{i}].name: duplicate schedule name {schedule.name!r}")
-        names.add(schedule.name)
+    names = [schedule.name for schedule in config.schedules]
+    if "" in names or len(set(names)) < len(names):  # 10,000 names: look closer only then
+        seen: set[str] = set()
+        for i, name in enumerate(names):
+            if not name:
+                errors.append(f"schedules[{i}].name: required")
+            elif name in seen:
+                errors.append(f"schedules[{i}].name: duplicate schedule name {name!r}")
+            seen.add(name)
     for i, hook in enumerate(config.hooks):
         if not hook.command:
             errors.append(f"hooks[{i}].command: required")
@@ -991,16 +1092,19 @@ def config_warnings(config: Config, environ: dict[str, str]) -> list[str]:
     return warnings
 
 
+def read_config_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+
+
 def load_config(path: str | None, environ: dict[str, str] | None = None,
                 validate_schedules: Callable[[Config], list[str]] | None = None) -> Config:
     """The config at `path`, or the embedded default (built-in offline creator) when None."""
     if path is None:
         return parse_config("", "", environ, validate_schedules)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
-    return parse_config(text, str(path), environ, validate_schedules)
+    return parse_config(read_config_text(path), str(path), environ, validate_schedules)
 
 
 #: [daemon] keys only a restart can change: the open database, the bound socket and the
@@ -3324,8 +3428,15 @@ class Store:
 
     # -- schedules -----------------------------------------------------------------------------
 
-    async def schedule_states(self) -> dict[str, dict[str, Any]]:
-        return {row["name"]: row for row in await self._query("SELECT * FROM schedule_state")}
+    async def schedule_states(self, names: list[str] | None = None
+                              ) -> dict[str, dict[str, Any]]:
+        """The saved state of the schedules called `names`, or of every schedule."""
+        if names is None:
+            rows = await self._query("SELECT * FROM schedule_state")
+        else:
+            rows = await self._query("SELECT * FROM schedule_state WHERE name IN"
+                                     " (SELECT value FROM json_each(?))", (json_text(names),))
+        return {row["name"]: row for row in rows}
 
     async def save_schedule_state(self, name: str, **values: Any) -> None:
         columns = ", ".join(values)
@@ -5858,7 +5969,7 @@ class Trigger:
         # Candidates come from croniter on naive wall times; each maps to zero, one or two UTC
         # instants. Their earliest instants never decrease, but in a fall-back overlap the second
         # occurrences of one hour interleave with the next hour's, so instants wait in a heap
-        # until no later candidate can come before them.
+        # until a candidate's earliest instant reaches them: no later candidate comes before.
         assert self.cron is not None  # interval triggers never get here
         zone = ZoneInfo(self.timezone)
         follows_elapsed = _hour_follows_elapsed_time(self.cron)
@@ -5875,14 +5986,14 @@ class Trigger:
             instants = _wall_to_utc(candidates.get_next(datetime), zone, follows_elapsed)
             if not instants:
                 continue
+            for instant in instants:
+                if instant > after:
+                    heapq.heappush(pending, instant)
             while pending and pending[0] <= instants[0]:
                 instant = heapq.heappop(pending)
                 if instant != last_yielded:
                     yield instant
                     last_yielded = instant
-            for instant in instants:
-                if instant > after:
-                    heapq.heappush(pending, instant)
 
     def count_between(self, after_utc: datetime, until_utc: datetime) -> int:
         """How many fire instants lie in (after_utc, until_utc], anchored at `after_utc`.
@@ -6185,7 +6296,7 @@ MAX_SLEEP_S = 60.0
 #: Wall minus monotonic time moving by more than this between two looks is a clock jump.
 CLOCK_JUMP_THRESHOLD_S = 5.0
 #: apply_config plans schedules for at most this long between two yields to the event loop.
-PLAN_SLICE_S = 0.02
+PLAN_SLICE_S = 0.005
 
 
 class ClockWatch:
@@ -6265,12 +6376,21 @@ def _trigger_key(schedule: ScheduleConfig) -> str:
     return "cron"
 
 
-def check_schedules(config: Config,
-                    known: dict[tuple[Any, ...], Trigger] | None = None) -> list[str]:
+def check_schedules(config: Config, known: dict[tuple[Any, ...], Trigger] | None = None,
+                    checked: Config | None = None) -> list[str]:
     """Load-time validation of every schedule: trigger, executor, params (SPEC §8); each
-    error names the entry's key and its line. `known`: see known_trigger."""
+    error names the entry's key and its line. `known`: see known_trigger. `checked`: a
+    config that passed this check; the schedules `config` took from it unchanged (see
+    parse_config's `previous`) are not checked again while the rest of the file is the
+    same, since params are checked against the accounts and sections there."""
     errors = []
+    passed = ({id(schedule) for schedule in checked.schedules}
+              if checked is not None and checked.blocks is not None and config.blocks
+              is not None and checked.blocks.rest == config.blocks.rest else set())
     for i, schedule in enumerate(config.schedules):
+        if id(schedule) in passed:
+            continue
+
         def where(key: str, index: int = i) -> str:
             return entry_key_location(config, "schedules", index, key)
 
@@ -6302,6 +6422,7 @@ class PlannedSchedule:
     paused: bool = False
     last_scheduled_for: datetime | None = None
     next_fire_at: datetime | None = None
+    timing: tuple[Any, ...] | None = None  #: the timing_key `trigger` was found by
 
     @property
     def trigger_kind(self) -> str:
@@ -6359,12 +6480,24 @@ class Scheduler(BackgroundLoop, FollowsConfig):
                 await self._execute(planned, run["id"], from_db_time(run["scheduled_for"]))
 
     async def apply_config(self, config: Config) -> None:
-        """(Re)plan every schedule from config + schedule_state; pause state is kept."""
-        states = await self.store.schedule_states()
+        """(Re)plan every schedule; pause state is kept. A schedule already planned with the
+        same timing keeps its anchor and its planned instant (its very entry when its config
+        is the same object, as parse_config reuses unchanged ones), so a reload plans and
+        writes only what changed."""
+        timezone = config.daemon.timezone
+        # Only schedules new to the plan read their saved state; at start-up, all at once.
+        unplanned = [schedule.name for schedule in config.schedules
+                     if schedule.enabled and schedule.name not in self.schedules]
+        states = {} if not unplanned else await self.store.schedule_states(
+            unplanned if self.schedules else None)
         now = self.clock()
+        now_text = to_db_time(now)
         planned: dict[str, PlannedSchedule] = {}
         fresh: list[tuple[str, int, str, str | None]] = []
         known, triggers = dict(self.triggers), {}
+        #: (trigger, anchor) -> next instant: schedules of one timing that fired together
+        #: (or never) share it, and cron takes croniter a while
+        next_instants: dict[tuple[Trigger, datetime], datetime] = {}
         yielded = time.monotonic()
         for schedule in config.schedules:
             if time.monotonic() - yielded > PLAN_SLICE_S:
@@ -6373,26 +6506,40 @@ class Scheduler(BackgroundLoop, FollowsConfig):
             if not schedule.enabled:
                 continue
             previous = self.schedules.get(schedule.name)
-            trigger = known_trigger(schedule, config.daemon.timezone, known)
-            key = timing_key(schedule, config.daemon.timezone)
+            if (previous is not None and previous.config is schedule
+                    and previous.trigger.timezone == (schedule.timezone or timezone)):
+                # The same object in the same zone has the same timing: nothing to plan.
+                planned[schedule.name] = previous
+                if previous.timing is not None:
+                    triggers[previous.timing] = previous.trigger
+                continue
+            key = timing_key(schedule, timezone)
+            trigger = known_trigger(schedule, timezone, known)
             if key is not None:
                 triggers[key] = trigger
-            entry = PlannedSchedule(schedule, trigger)
+            if previous is not None and previous.trigger == trigger:
+                # Edited but not in its timing (or `every = "60s"` for "1m"): it keeps its
+                # anchor and its planned instant.
+                planned[schedule.name] = dataclasses.replace(previous, config=schedule,
+                                                             timing=key)
+                continue
+            entry = PlannedSchedule(schedule, trigger, timing=key)
             state = states.get(schedule.name)
             digest = trigger.timing_hash
-            if state is None or state["config_hash"] != digest:
+            # A new timing for a planned schedule, or one the database has no anchor for,
+            # starts from now.
+            if previous is not None or state is None or state["config_hash"] != digest:
                 entry.last_scheduled_for = now
-                entry.paused = bool(state and state["paused"])
-                fresh.append((schedule.name, int(entry.paused), digest, to_db_time(now)))
+                entry.paused = previous.paused if previous is not None else bool(
+                    state and state["paused"])
+                fresh.append((schedule.name, int(entry.paused), digest, now_text))
             else:
                 entry.paused = bool(state["paused"])
                 entry.last_scheduled_for = from_db_time(state["last_scheduled_for"]) or now
-            if (previous is not None and previous.trigger == trigger
-                    and previous.last_scheduled_for == entry.last_scheduled_for):
-                # The same instants from the same anchor: a reload plans only what changed.
-                entry.next_fire_at = previous.next_fire_at
-            else:
-                self._plan_next(entry, now)
+            anchor = entry.last_scheduled_for
+            if (trigger, anchor) not in next_instants:
+                next_instants[trigger, anchor] = trigger.next_after(anchor, anchor)
+            entry.next_fire_at = next_instants[trigger, anchor]
             planned[schedule.name] = entry
         await self.store.restart_schedule_states(fresh)
         self.schedules = planned
@@ -10626,18 +10773,33 @@ class App(FollowsConfig):
 
     def _check_schedules(self, config: Config) -> list[str]:
         # A copy: a file that fails validation must leave the running triggers as they were.
-        return check_schedules(config, dict(self.scheduler.triggers))
+        return check_schedules(config, dict(self.scheduler.triggers), self.config)
+
+    def _parse(self, text: str, previous: Config | None = None) -> Config:
+        """`text` as the config file, validated; the schedules it shares with `previous`
+        (default: the running config) are not parsed or validated again."""
+        return parse_config(text, self.config.path, self.environ, self._check_schedules,
+                            previous or self.config)
+
+    def _config_file_now(self) -> Config:
+        """The file as a reload finds it: the running config itself while its text is the
+        running text (the daemon's environment, which ${VAR} values come from, cannot
+        change), else its parse."""
+        text = read_config_text(self.config.path) if self.config.path else ""
+        return self.config if text == self.config.text else self._parse(text)
 
     async def _reload_file(self, parsed: Config | None = None) -> dict[str, Any]:
         """Validate the whole file first; on any error the running config stays as it was.
-        `parsed`: the file as the caller just wrote and validated it. The caller holds
+        `parsed`: the file as the caller just wrote and validated it. A file whose text did
+        not change changes nothing: nothing is parsed or applied. The caller holds
         _config_lock."""
         sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
                   environ=self.environ)
         try:
-            # In a thread: parsing a file of 10,000 schedules must not stall the loop.
+            # In a thread: reading and parsing a file of 10,000 schedules must not stall the
+            # loop.
             new = parsed if parsed is not None else await asyncio.to_thread(
-                load_config, self.config.path or None, self.environ, self._check_schedules)
+                self._config_file_now)
         except ConfigError as exc:
             self.last_reload_error = "; ".join(exc.errors)
             log.error("reload_rejected", errors=exc.errors)
@@ -10647,14 +10809,16 @@ class App(FollowsConfig):
         if needs_restart:
             log.warning("reload_needs_restart", keys=needs_restart,
                         hint="these keys keep their running values until a restart")
-        # The accounts table first: the new schedules and tasks name its accounts.
-        await self.store.sync_accounts(new.accounts, self.clock())
-        old = await self.live.swap(new)
+        unchanged = new is self.config
+        if not unchanged:
+            # The accounts table first: the new schedules and tasks name its accounts.
+            await self.store.sync_accounts(new.accounts, self.clock())
+        old = self.config if unchanged else await self.live.swap(new)
         self.last_reload_error = None
-        # In a thread: comparing 10,000 schedules field by field takes a while.
+        # In a thread: 10,000 schedules that all changed are compared field by field.
         changes = {**await asyncio.to_thread(self._reload_changes, old, new),
                    "restart_required": needs_restart}
-        log.info("config_reloaded", **changes)
+        log.info("config_reloaded", file_unchanged=unchanged, **changes)
         self.metrics_dirty.set()
         sd_notify("READY=1", f"STATUS={await self._status_line()}", environ=self.environ)
         return changes
@@ -10666,15 +10830,17 @@ class App(FollowsConfig):
     @staticmethod
     def _reload_changes(old: Config, new: Config) -> dict[str, Any]:
         """What a reload changed, as `reload` answers it (restart_required aside)."""
-        old_schedules = {s.name: s for s in old.schedules}
-        new_schedules = {s.name: s for s in new.schedules}
+        unchanged = new is old  # a file whose text did not change: nothing to compare
+        old_schedules = {} if unchanged else {s.name: s for s in old.schedules}
+        new_schedules = {} if unchanged else {s.name: s for s in new.schedules}
         return {
             "workers": [old.daemon.max_concurrent_tasks, new.daemon.max_concurrent_tasks],
             "accounts": len(new.accounts), "creator_changed": old.creator != new.creator,
             "schedules_added": sorted(new_schedules.keys() - old_schedules.keys()),
             "schedules_removed": sorted(old_schedules.keys() - new_schedules.keys()),
             "schedules_changed": sorted(n for n in new_schedules.keys() & old_schedules.keys()
-                                        if new_schedules[n] != old_schedules[n])}
+                                        if new_schedules[n] is not old_schedules[n]
+                                        and new_schedules[n] != old_schedules[n])}
 
     # -- systemd status and watchdog -----------------------------------------------------------
 
@@ -10842,7 +11008,7 @@ class App(FollowsConfig):
         if text == self.config.text:
             return {"name": "config", "ok": True, "detail": path}
         try:
-            parse_config(text, path, self.environ, self._check_schedules)
+            self._parse(text)
         except ConfigError as exc:
             return {"name": "config", "ok": False,
                     "detail": f"{path} changed since it was loaded and has {len(exc.errors)}"
@@ -10912,7 +11078,7 @@ class App(FollowsConfig):
         if text == self.config.text:
             return text, self.config
         try:
-            return text, parse_config(text, path, self.environ, self._check_schedules)
+            return text, self._parse(text)
         except ConfigError as exc:
             raise Conflict("\n".join([
                 f"{path} was changed since the last reload and is not valid now; fix it (or"
@@ -10947,8 +11113,7 @@ class App(FollowsConfig):
                     + "[[schedules]]\n"
                     + "".join(f"{key} = {toml_value(value)}\n" for key, value in block.items()))
         try:
-            parsed = await asyncio.to_thread(parse_config, new_text, self.config.path,
-                                             self.environ, self._check_schedules)
+            parsed = await asyncio.to_thread(self._parse, new_text, on_disk)
         except ConfigError as exc:
             raise InvalidRequest("\n".join([
                 f"schedule {name!r} is not valid; the config file is unchanged:", *exc.errors]),
@@ -10972,8 +11137,7 @@ class App(FollowsConfig):
             raise NotFound(f"no schedule {name!r} in {self.config.path}")
         new_text = without_schedule_block(text, names.index(name))
         try:
-            remaining = await asyncio.to_thread(parse_config, new_text, self.config.path,
-                                                self.environ, self._check_schedules)
+            remaining = await asyncio.to_thread(self._parse, new_text, on_disk)
         except ConfigError as exc:
             raise InvalidRequest("\n".join([
                 f"without schedule {name!r} the file would not be valid; it is unchanged:",
