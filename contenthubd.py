@@ -864,6 +864,7 @@ def _build_section(cls: type, table: Any, where: str, text: str, start: Callable
 #: does not; the piece it would start then fails to parse on its own, and the file is parsed
 #: whole.
 _TABLE_LINE_BREAK = re.compile(r"\n(?=[ \t]*\[)")
+_SCHEDULES_LINE_BREAK = re.compile(r"\n(?=[ \t]*\[\[[ \t]*schedules[ \t]*\]\])")
 _SCHEDULES_HEADER = re.compile(r"[ \t]*\[\[[ \t]*schedules[ \t]*\]\][ \t]*(?:#.*)?\r?(?:\n|\Z)")
 _SCHEDULES_SUBTABLE = re.compile(r"[ \t]*\[\[?[ \t]*schedules[ \t]*\.")
 
@@ -885,42 +886,53 @@ def split_schedule_blocks(text: str, known: dict[str, ScheduleConfig]) -> tuple[
     one text too, for what its pieces say together (a table defined twice)."""
     runs: list[list[str]] = [[]]  #: the rest's pieces, one list per stretch between blocks
     blocks: list[str] = []
+    found: list[ScheduleConfig | None] = []  #: each block's schedule, if known already
     in_block = False
-    parts = _TABLE_LINE_BREAK.split(text)
-    for piece in [part + "\n" for part in parts[:-1]] + parts[-1:]:
-        if _SCHEDULES_HEADER.match(piece):
-            blocks.append(piece)
+    # A stretch from one [[schedules]] line to the next is most often a known block whole.
+    chunks = _SCHEDULES_LINE_BREAK.split(text)
+    for chunk in [chunk + "\n" for chunk in chunks[:-1]] + chunks[-1:]:
+        schedule = known.get(chunk)
+        if schedule is not None:
+            blocks.append(chunk)
+            found.append(schedule)
             in_block = True
-        elif in_block and _SCHEDULES_SUBTABLE.match(piece):
-            blocks[-1] += piece
-        else:
-            if in_block:
-                runs.append([])
-            runs[-1].append(piece)
-            in_block = False
+            continue
+        parts = _TABLE_LINE_BREAK.split(chunk)
+        for piece in [part + "\n" for part in parts[:-1]] + parts[-1:]:
+            if _SCHEDULES_HEADER.match(piece):
+                blocks.append(piece)
+                found.append(None)
+                in_block = True
+            elif in_block and _SCHEDULES_SUBTABLE.match(piece):
+                blocks[-1] += piece
+            else:
+                if in_block:
+                    runs.append([])
+                runs[-1].append(piece)
+                in_block = False
     try:
         stretches = [tomllib.loads("".join(run)) for run in runs]
         rest = "".join(piece for run in runs for piece in run)
         data = stretches[0] if len(stretches) == 1 else tomllib.loads(rest)
         if "schedules" in data:
             return None
-        schedules = []
-        for block in handing_over_gil(blocks):
-            schedule = known.get(block)
+        for index in handing_over_gil([i for i, schedule in enumerate(found)
+                                       if schedule is None]):
+            schedule = known.get(blocks[index])
             if schedule is None:
-                parsed = tomllib.loads(block)
+                parsed = tomllib.loads(blocks[index])
                 entries = parsed.get("schedules")
                 if len(parsed) != 1 or not (isinstance(entries, list) and len(entries) == 1):
                     return None
                 errors: list[str] = []
-                schedule = _build_section(ScheduleConfig, entries[0], "schedules", block,
-                                          lambda: 0, errors)
+                schedule = _build_section(ScheduleConfig, entries[0], "schedules",
+                                          blocks[index], lambda: 0, errors)
                 if errors:
                     return None
-            schedules.append(schedule)
+            found[index] = schedule
     except tomllib.TOMLDecodeError:
         return None
-    return data, tuple(schedules), ScheduleBlocks(rest, tuple(blocks))
+    return data, tuple(filter(None, found)), ScheduleBlocks(rest, tuple(blocks))  # all found
 
 
 def parse_config(text: str, path: str = "", environ: dict[str, str] | None = None,
@@ -4009,14 +4021,23 @@ BUILTIN_BYTECODE = Path("bytecode", f"contenthubd.{sys.implementation.cache_tag}
 
 
 def write_builtin_bytecode(state_dir: Path) -> Path:
-    """Compile this file into state_dir, once per daemon start. Every task spawns a built-in
-    creator; started from the source, each would compile these 10,000 lines again (0.1 s),
-    since Python never caches a script's bytecode and PYTHONDONTWRITEBYTECODE may forbid
-    writing any. `python FILE.pyc` runs the compiled module directly, with no lookup."""
+    """Compile this file into state_dir, unless the bytecode there is of this very source.
+    Every task spawns a built-in creator; started from the source, each would compile these
+    10,000 lines again (0.1 s), since Python never caches a script's bytecode and
+    PYTHONDONTWRITEBYTECODE may forbid writing any. `python FILE.pyc` runs the compiled
+    module directly, with no lookup."""
     import py_compile
 
     source = str(Path(__file__).resolve())
     target = state_dir / BUILTIN_BYTECODE
+    # The header py_compile writes: what Python's import checks a .pyc by (the source's
+    # modification time and size), so a start after an upgrade compiles again.
+    stat = os.stat(source)
+    header = importlib.util.MAGIC_NUMBER + struct.pack(
+        "<III", 0, int(stat.st_mtime) & 0xFFFFFFFF, stat.st_size & 0xFFFFFFFF)
+    with contextlib.suppress(OSError), open(target, "rb") as compiled:
+        if compiled.read(len(header)) == header:
+            return target
     py_compile.compile(source, cfile=str(target), dfile=source, doraise=True)
     return target
 
@@ -6406,10 +6427,9 @@ def check_schedules(config: Config, known: dict[tuple[Any, ...], Trigger] | None
     passed = ({id(schedule) for schedule in checked.schedules}
               if checked is not None and checked.blocks is not None and config.blocks
               is not None and checked.blocks.rest == config.blocks.rest else set())
-    for i, schedule in handing_over_gil(enumerate(config.schedules)):
-        if id(schedule) in passed:
-            continue
-
+    unchecked = [(i, schedule) for i, schedule in enumerate(config.schedules)
+                 if id(schedule) not in passed]
+    for i, schedule in handing_over_gil(unchecked):
         def where(key: str, index: int = i) -> str:
             return entry_key_location(config, "schedules", index, key)
 

@@ -182,6 +182,22 @@ def test_the_daemon_runs_the_creator_from_bytecode_without_its_own_modules(daemo
                 if name in daemon_only or name.startswith(tuple(f"{n}." for n in daemon_only))}
 
 
+def test_a_restart_keeps_the_creators_bytecode_of_the_same_source(daemon_factory):
+    """Compiling the daemon is a tenth of a second of each start: a start whose bytecode is of
+    this very source keeps it; one whose bytecode is not (here: damaged) writes it again."""
+    daemon = daemon_factory().start()
+    assert daemon.stop() == 0
+    bytecode = daemon.state / BUILTIN_BYTECODE
+    written = bytecode.stat().st_mtime_ns
+    daemon.start()
+    assert daemon.stop() == 0
+    assert bytecode.stat().st_mtime_ns == written
+    bytecode.write_bytes(b"not bytecode")
+    task_id = daemon.start().submit("AI 技术解析")
+    assert daemon.wait_status(task_id, "completed")["status"] == "completed"
+    assert bytecode.read_bytes() != b"not bytecode"
+
+
 # LLM mode against a fake OpenAI-compatible server #############################################
 
 
