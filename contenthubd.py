@@ -10869,18 +10869,27 @@ class App(FollowsConfig):
     @staticmethod
     def _reload_changes(old: Config, new: Config) -> dict[str, Any]:
         """What a reload changed, as `reload` answers it (restart_required aside)."""
-        unchanged = new is old  # a file whose text did not change: nothing to compare
-        old_schedules = {} if unchanged else {s.name: s for s in old.schedules}
-        new_schedules = {} if unchanged else {s.name: s for s in new.schedules}
+        differ = [(before, after) for before, after in zip(old.schedules, new.schedules)
+                  if before is not after]
+        if len(old.schedules) == len(new.schedules) and all(
+                before.name == after.name for before, after in differ):
+            # Edited in place (parse_config reused every unchanged schedule): compare those.
+            added, removed = [], []
+            changed = [after.name for before, after in handing_over_gil(differ)
+                       if before != after]
+        else:
+            old_schedules = {s.name: s for s in old.schedules}
+            new_schedules = {s.name: s for s in new.schedules}
+            added = list(new_schedules.keys() - old_schedules.keys())
+            removed = list(old_schedules.keys() - new_schedules.keys())
+            changed = [n for n in handing_over_gil(new_schedules.keys() & old_schedules.keys())
+                       if new_schedules[n] is not old_schedules[n]
+                       and new_schedules[n] != old_schedules[n]]
         return {
             "workers": [old.daemon.max_concurrent_tasks, new.daemon.max_concurrent_tasks],
             "accounts": len(new.accounts), "creator_changed": old.creator != new.creator,
-            "schedules_added": sorted(new_schedules.keys() - old_schedules.keys()),
-            "schedules_removed": sorted(old_schedules.keys() - new_schedules.keys()),
-            "schedules_changed": sorted(
-                n for n in handing_over_gil(new_schedules.keys() & old_schedules.keys())
-                if new_schedules[n] is not old_schedules[n]
-                and new_schedules[n] != old_schedules[n])}
+            "schedules_added": sorted(added), "schedules_removed": sorted(removed),
+            "schedules_changed": sorted(changed)}
 
     # -- systemd status and watchdog -----------------------------------------------------------
 

@@ -9,8 +9,9 @@ feeder keeps at least --concurrency x 20 tasks pending (a bulk_import of more wh
 are), each a creator that sleeps --task-seconds and prints an article (0: `/bin/echo`, as
 fast as the daemon goes). Each step then repeats for --window seconds, a pause as long as
 the call (at least 0.2 s) after each: `reload` of the unchanged file; `reload` with --edit
-schedules given a new cron (each time other minutes); `reload` with every schedule given a
-new cron (the most a reload can have to do); `scheduler create` of one more schedule.
+schedules given a new cron (each time other minutes; the file is written before the call,
+untimed); `reload` with every schedule given a new cron (the most a reload can have to do);
+`scheduler create` of one more schedule.
 Beside each step a thread sends `version` on a fresh connection every 20 ms and keeps the
 slowest round trip: how long the event loop did not answer. The batch's rate is the tasks
 it completed per second during the calls (each counted for at least 0.2 s from its start);
@@ -187,17 +188,20 @@ class Batch:
 
 
 def timed_window(daemon: BenchDaemon, batch: Batch, window: float,
-                 step: Callable[[int], Any]) -> dict[str, Any]:
+                 step: Callable[[int], Any],
+                 prepare: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """Call step(0), step(1), ... for `window` seconds (at least once), each call followed by a
     pause as long as itself (at least PAUSE_S), so the daemon is not kept busy with nothing
-    else; the stall probe runs all along. Returns the median call, the worst stall, and the
-    batch's rate over each call (over PAUSE_S from its start when shorter: a few tasks more
-    or less would swing the rate of a 10 ms call)."""
+    else; prepare(k), untimed, before step(k); the stall probe runs all along. Returns the
+    median call, the worst stall, and the batch's rate over each call (over PAUSE_S from its
+    start when shorter: a few tasks more or less would swing the rate of a 10 ms call)."""
     calls: list[float] = []
     done, counted = 0, 0.0
     with StallProbe(daemon) as probe:
         started = time.perf_counter()
         while not calls or time.perf_counter() - started < window:
+            if prepare is not None:
+                prepare(len(calls))
             done_before = batch.completed()
             call_started = time.perf_counter()
             step(len(calls))
@@ -259,31 +263,36 @@ def measure(options: argparse.Namespace) -> list[Row]:
             idle_version.append((time.perf_counter() - started) * 1000)
         bare_ms = statistics.median(idle_version)
 
-        def reload_to(text: str) -> None:
+        def write(text: str) -> None:
             daemon.config_path.write_text(text, encoding="utf-8")
-            daemon.call("reload")
 
         def create(k: int) -> None:
             daemon.call("scheduler.create", {
                 "name": f"bench-created-{k}", "executor": "async_content_generation",
                 "cron": "0 3 * * *", "params": {"account_ids": [1], "count_per_account": 1}})
 
-        steps: dict[str, Callable[[int], Any]] = {
-            "reload, unchanged": lambda k: daemon.call("reload"),
-            f"reload, {len(edited)} edited": lambda k: reload_to(edited_texts[k % 2]),
-            "reload, every schedule edited": lambda k: reload_to(all_edited_texts[k % 2]),
-            "scheduler create": create,
+        def reload(k: int) -> None:
+            daemon.call("reload")
+
+        # (what each call does, what is done before it untimed: the operator's edit)
+        steps: dict[str, tuple[Callable[[int], Any], Callable[[int], Any] | None]] = {
+            "reload, unchanged": (reload, None),
+            f"reload, {len(edited)} edited": (reload, lambda k: write(edited_texts[k % 2])),
+            "reload, every schedule edited": (reload,
+                                              lambda k: write(all_edited_texts[k % 2])),
+            "scheduler create": (create, None),
         }
         progress(f"reload scale: a batch of {options.task_seconds:g} s tasks at concurrency"
                  f" {options.concurrency} beside each step, {options.window:g} s per step")
         with Batch(daemon, options.concurrency * PENDING_PER_WORKER) as batch:
             progress("reload scale: idle, the batch alone")
             idle = idle_window(daemon, batch, options.window)
-            for name, step in steps.items():
+            for name, (step, prepare) in steps.items():
                 if name == "scheduler create":  # it appends to the base text
-                    reload_to(base_text)
+                    write(base_text)
+                    reload(0)
                 progress(f"reload scale: {name}")
-                results[name] = timed_window(daemon, batch, options.window, step)
+                results[name] = timed_window(daemon, batch, options.window, step, prepare)
         listed = len(daemon.call("scheduler.list"))
     idle_rate = idle["tasks_per_second"]
     floor = f"idle: stall {idle['stall_ms']:.0f} ms, {idle_rate:.0f} tasks/s"
