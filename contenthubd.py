@@ -10978,7 +10978,7 @@ class App(FollowsConfig):
              "detail": (f"damaged: {self.store.damage}; {DAMAGE_NEXT_STEP}"
                         if self.store.damage else self.store.last_write_error
                         or self.store.wal_warning or str(self.store.path))},
-            self._config_health(),
+            await self._config_health(),
             {"name": "workers", "ok": True,
              "detail": f"{len(self.pool.running)}/{self.pool.capacity} busy" + (
                  f"; {self.pool.pacing.limit(self.pool.capacity)} allowed since the provider"
@@ -11040,7 +11040,7 @@ class App(FollowsConfig):
                                       f" {len(queued)} accounts")
         return {"name": "topics", "ok": not empty, "detail": detail}, empty + warnings
 
-    def _config_health(self) -> dict[str, Any]:
+    async def _config_health(self) -> dict[str, Any]:
         """A failed reload, or a file edited since it was loaded: an error in it shows here
         (with its line and column) before anyone reloads, so the operator is never guessing."""
         if self.last_reload_error is not None:
@@ -11057,7 +11057,7 @@ class App(FollowsConfig):
         if text == self.config.text:
             return {"name": "config", "ok": True, "detail": path}
         try:
-            self._parse(text)
+            await asyncio.to_thread(self._parse, text)
         except ConfigError as exc:
             return {"name": "config", "ok": False,
                     "detail": f"{path} changed since it was loaded and has {len(exc.errors)}"
@@ -11115,7 +11115,7 @@ class App(FollowsConfig):
                         hint="tasks will fail until this is fixed; see monitor health")
 
 
-    def _config_on_disk(self) -> tuple[str, Config]:
+    async def _config_on_disk(self) -> tuple[str, Config]:
         """The config file as it is now, which an edit starts from: edits saved since the
         last reload are kept, not overwritten with the text that reload read. If those edits
         do not validate, nothing can be merged into them: Conflict, naming the errors."""
@@ -11127,7 +11127,7 @@ class App(FollowsConfig):
         if text == self.config.text:
             return text, self.config
         try:
-            return text, self._parse(text)
+            return text, await asyncio.to_thread(self._parse, text)
         except ConfigError as exc:
             raise Conflict("\n".join([
                 f"{path} was changed since the last reload and is not valid now; fix it (or"
@@ -11150,7 +11150,7 @@ class App(FollowsConfig):
             raise Conflict("the daemon runs on the embedded default config; start it with"
                            " --config FILE to create schedules")
         name = arg(args, "name", str, required=True)
-        text, on_disk = self._config_on_disk()
+        text, on_disk = await self._config_on_disk()
         if any(s.name == name for s in on_disk.schedules):
             raise Conflict(f"schedule {name!r} already exists")
         block = {"name": name, "executor": arg(args, "executor", str, required=True)}
@@ -11180,7 +11180,7 @@ class App(FollowsConfig):
             raise Conflict("the daemon runs on the embedded default config; there is no file"
                            " to delete a schedule from")
         name = arg(args, "name", str, required=True)
-        text, on_disk = self._config_on_disk()
+        text, on_disk = await self._config_on_disk()
         names = [s.name for s in on_disk.schedules]
         if name not in names:
             raise NotFound(f"no schedule {name!r} in {self.config.path}")

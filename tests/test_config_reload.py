@@ -209,3 +209,21 @@ def test_reload_replans_only_the_schedules_whose_timing_changed(daemon_factory):
         n: before[n] for n in before if n not in ("s2", "s7", "s9")}
     daemon.call("scheduler.resume", {"name": "s7"})
     assert daemon.call("scheduler.show", {"name": "s7"})["next_fire_at"]
+
+
+def test_the_change_list_names_renamed_moved_and_edited_schedules():
+    first = contenthubd.parse_config(config_text(), "c.toml", {}, contenthubd.check_schedules)
+
+    def changes(text: str) -> tuple[list[str], list[str], list[str]]:
+        new = contenthubd.parse_config(text, "c.toml", {}, None, first)
+        found = contenthubd.App._reload_changes(first, new)
+        return found["schedules_added"], found["schedules_removed"], found["schedules_changed"]
+
+    assert changes(config_text()) == ([], [], [])
+    assert changes(config_text(s4=block("s4", 'cron = "4 9 * * *"\n'))) == ([], [], ["s4"])
+    assert changes(config_text(s4=block("renamed", 'cron = "4 8 * * *"\n'))) == (
+        ["renamed"], ["s4"], [])
+    moved = config_text().replace(block("s1", 'cron = "1 8 * * *"\n'), "") + block(
+        "s1", 'cron = "1 8 * * *"\n')
+    assert changes(moved) == ([], [], [])
+    assert changes(moved + block("s20")) == (["s20"], [], [])
