@@ -198,6 +198,21 @@ def test_a_restart_keeps_the_creators_bytecode_of_the_same_source(daemon_factory
     assert bytecode.read_bytes() != b"not bytecode"
 
 
+def test_a_start_that_cannot_write_the_creators_bytecode_says_why(daemon_factory):
+    """The bytecode is compiled in a child process; its failure still stops the start with
+    one line naming the directory and the compiler's reason."""
+    daemon = daemon_factory()
+    daemon.state.mkdir()
+    (daemon.state / BUILTIN_BYTECODE.parent).write_text("a file where the directory goes")
+    daemon.start(wait=False)
+    assert daemon.proc.wait(30) == 1
+    [failure] = [json.loads(line) for line in daemon.log().splitlines()
+                 if '"startup_failed"' in line]
+    assert failure["error"].startswith("cannot write the built-in creator's bytecode under"
+                                       f" {daemon.state}: ")
+    assert "Error" in failure["error"]  # the compiler's exception, not only its exit status
+
+
 # LLM mode against a fake OpenAI-compatible server #############################################
 
 
