@@ -44,10 +44,10 @@ def measure(options: argparse.Namespace) -> list[Row]:
         creator = write_script(Path(directory) / "sleep_creator.sh",
                                f"sleep {options.sleep}\n"
                                f"printf '%s\\n' {shlex.quote(article_line())}\n")
-        return [compare_throughput(f"sleep-bound ({options.tasks} × {options.sleep:g}s,"
-                                   f" c={options.concurrency})", [str(creator)], options.tasks,
-                                   options.concurrency, options.repeat, TARGET_RATIO,
-                                   options.keep)]
+        return compare_throughput(f"sleep-bound ({options.tasks} × {options.sleep:g}s,"
+                                  f" c={options.concurrency})", [str(creator)], options.tasks,
+                                  options.concurrency, options.repeat, TARGET_RATIO,
+                                  options.keep)
 
 
 if __name__ == "__main__":

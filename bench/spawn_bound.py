@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """spawn-bound (SPEC §12): 1,000 tasks whose creator is `/bin/echo` printing a JSON article,
 concurrency 8, submitted by one bulk_import, until every task has its contents row; against a
-bare asyncio loop spawning the same processes under a semaphore. Target: ≥ 0.8 × bare.
+bare asyncio loop spawning the same processes under a semaphore. Target: the median of
+--repeat alternating rounds ≥ 0.9 × the bare loop's median. A second row compares the daemon
+with a plain posix_spawn loop (no event loop, no pipes): the machine's spawn limit.
 
     .venv/bin/python bench/spawn_bound.py [--tasks 1000] [--concurrency 8] [--repeat 3] [--json]
 """
@@ -20,7 +22,7 @@ from common import (
     script_main,
 )
 
-TARGET_RATIO = 0.8
+TARGET_RATIO = 0.9
 QUICK_ARGS = ["--tasks", "20", "--repeat", "1"]
 
 
@@ -34,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def measure(options: argparse.Namespace) -> list[Row]:
-    return [compare_throughput(f"spawn-bound ({options.tasks} × echo, c={options.concurrency})",
-                               ["/bin/echo", article_line()], options.tasks,
-                               options.concurrency, options.repeat, TARGET_RATIO, options.keep)]
+    return compare_throughput(f"spawn-bound ({options.tasks} × echo, c={options.concurrency})",
+                              ["/bin/echo", article_line()], options.tasks, options.concurrency,
+                              options.repeat, TARGET_RATIO, options.keep, spawn_limit=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The Store's writer thread: group commit, one failing write undone alone, clean close.
+"""The Store's writer thread: group commit, one failing write undone alone, clean close; the
+short writes the event loop commits itself, in order with the thread's.
 
 A real SQLite file in a temp dir; writes are plain functions, as the daemon's own are.
 """
@@ -6,12 +7,14 @@ A real SQLite file in a temp dir; writes are plain functions, as the daemon's ow
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
+import time
 
 import pytest
 
-from contenthubd import Conflict, Store, utc_now
+from contenthubd import LOOP_WRITES_PER_CHECKPOINT, Conflict, Store, utc_now
 
 
 def insert_account(account_id: int, then_fail: Exception | None = None):
@@ -33,6 +36,24 @@ def hold_the_writer(started: threading.Event, release: threading.Event):
         assert release.wait(30)
 
     return write
+
+
+def rename_account(account_id: int, name: str):
+    """A write that needs an earlier one: 0 if the account is not there yet."""
+    def write(conn: sqlite3.Connection) -> tuple[int, str]:
+        changed = conn.execute("UPDATE accounts SET name = ? WHERE id = ?",
+                               (name, account_id)).rowcount
+        return changed, threading.current_thread().name
+
+    return write
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    """Let the loop run until `predicate()` holds (the writer thread settles on the loop)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        await asyncio.sleep(0.01)
 
 
 def account_ids(path) -> list[int]:
@@ -140,3 +161,78 @@ async def test_tasks_whose_dedup_key_exists_or_repeats_are_skipped(store):
     assert [task_id for task_id, _ in tasks] == first + second
     assert [(e[1], e[2]) for e in events] == [(None, "pending")] * 4
     assert events[-1] == (second[-1], None, "pending", "bulk import")
+
+
+async def test_short_writes_commit_on_the_loop_together_and_never_overtake_a_queued_one(store):
+    batches: list[tuple[int, str]] = []
+    commit_batch = Store._commit_batch.__func__
+
+    def recording(cls, conn, batch, savepoints=False):
+        batches.append((len(batch), threading.current_thread().name))
+        return commit_batch(cls, conn, batch, savepoints)
+
+    Store._commit_batch = classmethod(recording)
+    try:
+        # Nothing queued: the loop commits the three in one transaction of its own.
+        assert await asyncio.gather(*(store._write_short(insert_account(i))
+                                      for i in (1, 2, 3))) == [1, 2, 3]
+        assert batches == [(3, threading.current_thread().name)]
+        # Queued behind a busy writer thread, a short write waits its turn there.
+        started, release = threading.Event(), threading.Event()
+        blocker = asyncio.ensure_future(store._write(hold_the_writer(started, release)))
+        assert await asyncio.to_thread(started.wait, 30)
+        queued = asyncio.ensure_future(store._write(insert_account(4)))
+        renamed = asyncio.ensure_future(store._write_short(rename_account(4, "four")))
+        await asyncio.sleep(0)  # one turn of the loop: both writes queue themselves
+        assert store._writes.qsize() == 2
+        release.set()
+        assert await renamed == (1, "store-writer")
+        await asyncio.gather(blocker, queued)
+        # A queued write made after a short one commits after it.
+        short = asyncio.ensure_future(store._write_short(insert_account(5)))
+        await asyncio.sleep(0)
+        assert not short.done()
+        assert await store._write(rename_account(5, "five")) == (1, "store-writer")
+        assert await short == 5
+    finally:
+        release.set()
+        Store._commit_batch = classmethod(commit_batch)
+    with sqlite3.connect(store.path) as conn:
+        names = dict(conn.execute("SELECT id, name FROM accounts"))
+    assert names[4] == "four" and names[5] == "five"
+
+
+async def test_a_locked_database_sends_short_writes_to_the_writer_thread(store):
+    session = sqlite3.connect(store.path, isolation_level=None)  # an operator's sqlite3
+    try:
+        session.execute("BEGIN IMMEDIATE")
+        write = asyncio.ensure_future(store._write_short(insert_account(1)))
+        # The loop does not wait for the lock: the write is handed to the writer thread,
+        # which waits and retries while the loop goes on.
+        await until(lambda: store._queued == 1)
+        assert not write.done()
+        session.execute("COMMIT")
+    finally:
+        session.close()
+    assert await write == 1
+    assert account_ids(store.path) == [1]
+    assert await store._write_short(rename_account(1, "again")) == (
+        1, threading.current_thread().name)
+
+
+async def test_the_loop_never_checkpoints_and_the_writer_thread_keeps_the_wal_small(store):
+    def three_pages(account_id: int):
+        def write(conn: sqlite3.Connection) -> str:
+            conn.executemany("INSERT INTO accounts (id, name, updated_at) VALUES (?, ?, 'now')",
+                             [(account_id * 3 + k, "x" * 3000) for k in range(3)])
+            return threading.current_thread().name
+
+        return write
+
+    # One at a time, as completions come: each its own transaction of ~4 pages, ~6,000
+    # pages in all. The loop's connection never checkpoints; every
+    # LOOP_WRITES_PER_CHECKPOINT-th write goes through the writer thread, whose commit does.
+    threads = [await store._write_short(three_pages(i)) for i in range(1500)]
+    assert threads.count("store-writer") >= 1500 // (LOOP_WRITES_PER_CHECKPOINT + 1)
+    assert threads.count(threading.current_thread().name) > 1400
+    assert os.stat(f"{store.path}-wal").st_size < 8 << 20
