@@ -797,10 +797,32 @@ def _error_subject(error: str) -> tuple[str, str] | None:
     return match.group(1), "trigger" if key in _TRIGGER_KEYS else key
 
 
+def _entry_line_of(text: str, section: str, start: int, key: str) -> int:
+    """The 1-based line of `key` in the [[section]] entry whose header is line `start`
+    (0-based): its `key =` line, else its [section.key] sub-table, else the header itself.
+    The search ends with the entry, so a key the entry lacks never names the next one's."""
+    own_key = re.compile(rf"^\s*(\"?){re.escape(key)}\1\s*=")
+    own_table = re.compile(rf"^\s*\[\[?\s*{re.escape(section)}\s*\.\s*(\"?)"
+                           rf"{re.escape(key)}\1\s*\]")
+    sub_table = re.compile(rf"^\s*\[\[?\s*{re.escape(section)}\s*\.")
+    in_sub_table = False
+    for number, line in enumerate(text.splitlines()[start + 1:], start=start + 2):
+        if line.lstrip().startswith("["):
+            if not sub_table.match(line):
+                break
+            if own_table.match(line):
+                return number
+            in_sub_table = True
+        elif not in_sub_table and own_key.match(line):
+            return number
+    return start + 1
+
+
 def entry_key_location(config: Config, section: str, index: int, key: str) -> str:
-    """`schedules[2].cron (line 31)`: where an error about one key of one entry points."""
+    """`schedules[2].cron (line 31)`: where an error about one key of one entry points; a
+    key the entry lacks points at the entry's header."""
     starts = _header_lines(config.text, section)
-    line = _line_of(config.text, key, starts[index]) if index < len(starts) else 0
+    line = _entry_line_of(config.text, section, starts[index], key) if index < len(starts) else 0
     return f"{section}[{index}].{key}" + (f" (line {line})" if line else "")
 
 

@@ -92,6 +92,46 @@ every = "1h"
         assert sum(where in error for error in errors) == 1, (where, result.stderr)
 
 
+def test_a_key_an_entry_lacks_is_located_at_that_entrys_header(tmp_path):
+    """A missing key names the line of the entry at fault, never the same key in the next
+    entry; params written as a [schedules.params] sub-table name that table's line."""
+    config = tmp_path / "contenthubd.toml"
+    config.write_text("""[[accounts]]
+id = 49
+name = "a"
+category = "技术"
+
+[[schedules]]
+name = "no-trigger"
+executor = "cleanup"
+
+[[schedules]]
+name = "no-params"
+cron = "0 9 * * *"
+
+[[schedules]]
+name = "sub-table-params"
+cron = "0 10 * * *"
+
+[schedules.params]
+account_ids = [49]
+count_per_account = 0
+
+[[schedules]]
+name = "well-formed"
+cron = "0 11 * * *"
+params = { account_ids = [49] }
+""", encoding="utf-8")
+    result = check_config(config)
+    assert result.returncode == 1
+    errors = result.stderr.splitlines()
+    assert len(errors) == 3, result.stderr
+    expected = ["schedules[0].cron (line 6) 'no-trigger'", "schedules[1].params (line 10)",
+                "schedules[2].params (line 18)"]
+    for where, error in zip(expected, errors, strict=True):
+        assert where in error, (where, result.stderr)
+
+
 # 3. Interval schedules as a user writes them; LAST columns; scheduler delete ###############
 
 INTERVALS = """
