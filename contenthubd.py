@@ -673,7 +673,7 @@ class AccountConfig:
     monthly_budget: float = _key(_non_negative(_typed(float)), default=0.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScheduleConfig:
     name: str = _key(_typed(str), default="")
     executor: str = _key(_typed(str), default="async_content_generation")
@@ -6614,7 +6614,7 @@ def check_schedules(config: Config, known: dict[tuple[Any, ...], Trigger] | None
     return errors
 
 
-@dataclass
+@dataclass(slots=True)
 class PlannedSchedule:
     config: ScheduleConfig
     trigger: Trigger
