@@ -1664,14 +1664,18 @@ WAL_KEEP_BYTES = 16 << 20  #: journal_size_limit: what a reset WAL file is trimm
 WRITER_PRAGMAS = ("journal_mode = WAL", f"journal_size_limit = {WAL_KEEP_BYTES}")
 #: The event-loop thread's connection, for short writes: it never waits for a lock (a
 #: locked database sends the writes to the writer thread) and never checkpoints, so no
-#: fsync runs on the loop. Checkpoints stay with the writer thread's commits.
+#: fsync runs on the loop. Checkpoints are the writer thread's.
 LOOP_WRITER_PRAGMAS = ("synchronous = NORMAL", "foreign_keys = ON", "busy_timeout = 0",
                        "wal_autocheckpoint = 0", f"journal_size_limit = {WAL_KEEP_BYTES}")
-#: Every this many short writes committed on the loop, one goes through the writer thread
-#: instead: its commit checkpoints a WAL over 1,000 pages (SQLite's automatic checkpoint)
-#: and runs the WAL-size policy above. A completion adds 10-25 pages, so the WAL stays
-#: within ~2,000 pages (8 MiB) however few writes the thread sees otherwise.
-LOOP_WRITES_PER_CHECKPOINT = 50
+#: Every this many short writes committed on the loop, the writer thread is asked for a
+#: checkpoint (and runs the WAL-size policy above). A completion adds 10-25 pages, so the
+#: WAL stays within ~2,500 pages (10 MiB) however few writes the thread sees otherwise;
+#: every 50 cost spawn-bound 1-2 % more.
+LOOP_WRITES_PER_CHECKPOINT = 100
+#: That request in the writer's queue, beside the writes.
+CHECKPOINT_REQUEST = ("checkpoint", (), None)
+#: How long the checkpoint's catch-up waits for the write lock before it tries next time.
+CHECKPOINT_CATCH_UP_WAIT_MS = 100
 #: A completion whose article is longer than this many characters is written by the writer
 #: thread: copying it into the WAL must not stall the loop.
 SHORT_ARTICLE_MAX_CHARS = 100_000
@@ -1858,12 +1862,17 @@ class Store:
         self.path = path
         self.log = log_ or log
         self._reader: aiosqlite.Connection | None = None
-        #: (work, args, future) for the writer thread; None tells it to close and stop
+        #: (work, args, future) or CHECKPOINT_REQUEST for the writer thread; None tells it
+        #: to close and stop
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
         self._writer_thread: threading.Thread | None = None
         self._loop_writer: sqlite3.Connection | None = None  #: the loop thread's connection
         self._queued = 0  #: writes handed to the writer thread and not yet settled on the loop
-        self._loop_writes = 0  #: short writes taken on the loop since one went to the thread
+        self._loop_writes = 0  #: short writes taken on the loop since the last checkpoint request
+        self._checkpoint_wanted = False  #: set on the writer thread by a CHECKPOINT_REQUEST
+        #: set by the writer thread while a checkpoint catches up: the loop's short writes
+        #: wait for it
+        self._loop_writes_held = False
         self._short_writes: list[tuple] = []  #: (work, args, future) the loop commits next
         self._closing = False
         self.last_write_error: str | None = None  #: shown by `monitor health` while retrying
@@ -1902,7 +1911,7 @@ class Store:
     async def close(self) -> None:
         """Commit what is queued (a disk-full retry gives up after CLOSE_WAIT_S), then close."""
         if self._loop_writer is not None:
-            self._commit_short_writes()
+            self._commit_or_hand_over_short_writes()
             self._loop_writer.close()
             self._loop_writer = None
         if self._reader is not None:
@@ -1936,7 +1945,7 @@ class Store:
 
     def _write_forever(self, loop: asyncio.AbstractEventLoop, opened: asyncio.Future) -> None:
         """The writer thread: opens the database, then commits batches until told to stop."""
-        conn = None
+        conn = lock_holder = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None)
             conn.create_function("topic_key", 1, topic_key, deterministic=True)
@@ -1944,9 +1953,13 @@ class Store:
                 conn.execute(f"PRAGMA {pragma}")
             self._quick_check(conn)
             self._apply_schema(conn)
+            #: holds the write lock during a checkpoint's catch-up
+            lock_holder = sqlite3.connect(self.path, isolation_level=None)
+            lock_holder.execute(f"PRAGMA busy_timeout = {CHECKPOINT_CATCH_UP_WAIT_MS}")
         except Exception as exc:
-            if conn is not None:
-                conn.close()
+            for opened_connection in (conn, lock_holder):
+                if opened_connection is not None:
+                    opened_connection.close()
             if _damage(exc) is not None:
                 exc = StartupError(f"database {self.path} is unusable: {exc}; {DAMAGE_NEXT_STEP}",
                                    EX_CONFIG)
@@ -1967,11 +1980,39 @@ class Store:
                     if self._events_written:
                         self._events_written = False
                         loop.call_soon_threadsafe(self.on_events_written)
+                if self._checkpoint_wanted:
+                    self._checkpoint_wanted = False
+                    self._checkpoint_beside_loop(conn, lock_holder)
+                    loop.call_soon_threadsafe(self._commit_short_writes)  # those it held
                 if (self._writes.empty() and time.monotonic() >= next_truncate
                         and not self._truncate_wal(conn)):
                     next_truncate = time.monotonic() + WAL_TRUNCATE_RETRY_S
         finally:
+            lock_holder.close()
             conn.close()
+
+    def _checkpoint_beside_loop(self, conn: sqlite3.Connection,
+                                lock_holder: sqlite3.Connection) -> None:
+        """Copy the WAL into the database while the loop goes on writing, then catch up with
+        the write lock held for a moment (the loop holds its short writes meanwhile), so
+        that the next write starts the WAL from its beginning. A checkpoint that blocked the
+        loop's writes stalled every completion for its few milliseconds (spawn-bound: -8 %);
+        one without the catch-up never lets the WAL restart while writes go on, since the
+        loop adds pages during each, and the file grows with every write."""
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            # Else the loop's writes would win the lock from SQLite's busy handler, which
+            # only polls. At most one of its commits is under way now.
+            self._loop_writes_held = True
+            lock_holder.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                lock_holder.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:  # another session writes: the next request
+            self.log.debug("wal_checkpoint_deferred", error=str(exc))
+        finally:
+            self._loop_writes_held = False
 
     def _quick_check(self, conn: sqlite3.Connection) -> None:
         """PRAGMA quick_check, stopped after QUICK_CHECK_BUDGET_S: a damaged file refuses to
@@ -2025,7 +2066,10 @@ class Store:
         try:
             item = self._writes.get(timeout=timeout) if block else self._writes.get_nowait()
             while item is not None:
-                batch.append(item)
+                if item is CHECKPOINT_REQUEST:
+                    self._checkpoint_wanted = True
+                else:
+                    batch.append(item)
                 item = self._writes.get_nowait()
         except queue.Empty:
             return batch, False
@@ -2119,12 +2163,15 @@ class Store:
     async def _write(self, work: Callable[..., Any], *args: Any) -> Any:
         if self._writer_thread is None:
             raise RuntimeError("the store is closed")
-        if self._short_writes:  # made earlier: they commit first
-            self._commit_short_writes()
+        self._commit_or_hand_over_short_writes()  # made earlier: they commit first
         done = asyncio.get_running_loop().create_future()
-        self._queued += 1
-        self._writes.put((work, args, done))
+        self._hand_to_writer([(work, args, done)])
         return await done
+
+    def _hand_to_writer(self, batch: list[tuple]) -> None:
+        self._queued += len(batch)
+        for item in batch:
+            self._writes.put(item)
 
     def _settled(self, batch: list[tuple], outcomes: list[tuple[bool, Any]]) -> None:
         """On the loop: the writer thread is done with `batch` (committed, or failed)."""
@@ -2135,34 +2182,34 @@ class Store:
         """`_write` for a write of a few rows: committed on the loop thread, with the other
         short writes made in the same loop iteration (group commit, as the writer thread
         does), when nothing is queued for the writer thread; else queued like any other.
-        Every LOOP_WRITES_PER_CHECKPOINT-th goes to the writer thread for its checkpoint."""
-        if (self._loop_writer is None or self._queued
-                or self._loop_writes >= LOOP_WRITES_PER_CHECKPOINT):
-            self._loop_writes = 0
+        Every LOOP_WRITES_PER_CHECKPOINT-th asks the writer thread for a checkpoint."""
+        if self._loop_writer is None or self._queued:
             return await self._write(work, *args)
+        self._loop_writes += 1
+        if self._loop_writes >= LOOP_WRITES_PER_CHECKPOINT:
+            self._loop_writes = 0
+            self._writes.put(CHECKPOINT_REQUEST)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         if not self._short_writes:
             loop.call_soon(self._commit_short_writes)
         self._short_writes.append((work, args, done))
-        self._loop_writes += 1
         return await done
 
     def _commit_short_writes(self) -> None:
         """On the loop: commit the short writes made since the last call in one transaction.
-        A locked or full database hands them, in order, to the writer thread, which waits
-        and retries; the loop never waits on a lock (busy_timeout 0)."""
-        batch, self._short_writes = self._short_writes, []
-        if not batch:
+        While a checkpoint catches up they wait for it, which calls this again when done. A
+        locked or full database hands them, in order, to the writer thread, which waits and
+        retries; the loop never waits on a lock (busy_timeout 0)."""
+        if self._loop_writes_held or not self._short_writes:
             return
+        batch, self._short_writes = self._short_writes, []
         assert self._loop_writer is not None  # close() commits what is left before closing it
         try:
             outcomes = self._commit_batch(self._loop_writer, batch)
         except sqlite3.Error as exc:
             if _is_transient(exc):
-                self._queued += len(batch)
-                for item in batch:
-                    self._writes.put(item)
+                self._hand_to_writer(batch)
                 return
             self._note_damage(exc)
             outcomes = [(False, exc)] * len(batch)
@@ -2173,6 +2220,14 @@ class Store:
             self._events_written = False
             self.on_events_written()
         _settle_all(batch, outcomes)
+
+    def _commit_or_hand_over_short_writes(self) -> None:
+        """Before a write that must come after them: the pending short writes commit now,
+        or, while a checkpoint holds them, go first to the writer thread."""
+        self._commit_short_writes()
+        if self._short_writes:
+            self._hand_to_writer(self._short_writes)
+            self._short_writes = []
 
     @classmethod
     def _commit_batch(cls, conn: sqlite3.Connection, batch: list[tuple],

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from contenthubd import LOOP_WRITES_PER_CHECKPOINT, Conflict, Store, utc_now
+from contenthubd import Conflict, Store, utc_now
 
 
 def insert_account(account_id: int, then_fail: Exception | None = None):
@@ -229,10 +229,12 @@ async def test_the_loop_never_checkpoints_and_the_writer_thread_keeps_the_wal_sm
 
         return write
 
-    # One at a time, as completions come: each its own transaction of ~4 pages, ~6,000
-    # pages in all. The loop's connection never checkpoints; every
-    # LOOP_WRITES_PER_CHECKPOINT-th write goes through the writer thread, whose commit does.
-    threads = [await store._write_short(three_pages(i)) for i in range(1500)]
-    assert threads.count("store-writer") >= 1500 // (LOOP_WRITES_PER_CHECKPOINT + 1)
-    assert threads.count(threading.current_thread().name) > 1400
-    assert os.stat(f"{store.path}-wal").st_size < 8 << 20
+    # One at a time, as completions come: each its own transaction of ~4 pages, ~12,000
+    # pages in all, 50-60 MiB of WAL without checkpoints. The loop's connection never
+    # checkpoints; every LOOP_WRITES_PER_CHECKPOINT writes the writer thread is asked to,
+    # and its catch-up under the write lock (the loop holds its writes meanwhile) lets the
+    # next write restart the WAL from its beginning. The file keeps the largest size it had
+    # (up to journal_size_limit), which a busy host makes a few checkpoints late.
+    threads = [await store._write_short(three_pages(i)) for i in range(3000)]
+    assert threads.count(threading.current_thread().name) > 2900  # the rest met the lock
+    assert os.stat(f"{store.path}-wal").st_size < 16 << 20
