@@ -2009,7 +2009,8 @@ class Store:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             finally:
                 lock_holder.execute("ROLLBACK")
-        except sqlite3.OperationalError as exc:  # another session writes: the next request
+        except sqlite3.Error as exc:  # another session writes: the next request will do
+            self._note_damage(exc)
             self.log.debug("wal_checkpoint_deferred", error=str(exc))
         finally:
             self._loop_writes_held = False
