@@ -90,7 +90,7 @@ def lazy_import(name: str) -> types.ModuleType:
 #: a lazy module's first load is not thread-safe. mypy reads the real imports.
 DAEMON_MODULES = ("aiosqlite", "asyncio", "croniter", "ctypes", "email.utils", "hashlib", "hmac",
                   "http.client", "queue", "random", "secrets", "socket", "sqlite3", "ssl",
-                  "structlog", "tomllib", "urllib.error", "urllib.request")
+                  "structlog", "subprocess", "tomllib", "urllib.error", "urllib.request")
 if TYPE_CHECKING:
     import asyncio
     import ctypes
@@ -104,6 +104,7 @@ if TYPE_CHECKING:
     import socket
     import sqlite3
     import ssl
+    import subprocess
     import tomllib
     import urllib.error
     import urllib.request
@@ -127,6 +128,7 @@ else:
     sqlite3 = lazy_import("sqlite3")
     ssl = lazy_import("ssl")
     structlog = lazy_import("structlog")
+    subprocess = lazy_import("subprocess")
     tomllib = lazy_import("tomllib")
     urllib = lazy_import("urllib.error")
     urllib = lazy_import("urllib.request")
@@ -4189,13 +4191,11 @@ BUILTIN_BYTECODE = Path("bytecode", f"contenthubd.{sys.implementation.cache_tag}
 
 def write_builtin_bytecode(state_dir: Path) -> Path:
     """Compile this file into state_dir, unless the bytecode there is of this very source.
-    Every task spawns a built-in creator; started from the source, each would compile these
-    10,000 lines again (0.1 s), since Python never caches a script's bytecode and
+    Every task spawns a built-in creator; started from the source, each would compile this
+    whole file again (0.1 s), since Python never caches a script's bytecode and
     PYTHONDONTWRITEBYTECODE may forbid writing any. `python FILE.pyc` runs the compiled
     module directly, with no lookup. A child process compiles: compiling this file leaves
     30 MB of freed heap that the daemon's RSS would keep for good."""
-    import subprocess
-
     source = str(Path(__file__).resolve())
     target = state_dir / BUILTIN_BYTECODE
     # The header py_compile writes: what Python's import checks a .pyc by (the source's
@@ -4493,8 +4493,6 @@ async def run_process(argv: list[str], *, stdin: bytes = b"", cwd: Path | None =
     group gets SIGTERM, then SIGKILL after `kill_grace`; after any exit the group gets SIGKILL
     so stray grandchildren die with it. Spawn failures (missing binary) raise OSError.
     """
-    import subprocess
-
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     stdin_r, stdin_w = os.pipe()
