@@ -2348,6 +2348,9 @@ class Store:
             " updated_at) VALUES (:task_id, :account_id, :topic, :keywords, :category,"
             " :requirements, :tone, :target_audience, :priority, :auto_approve, :max_retries,"
             " :schedule_run_id, :dedup_key, 'pending', :now, :now, :now)", rows)
+        if rows:  # counted here, not by a trigger: one statement, not one per row
+            conn.execute("INSERT INTO counters VALUES ('task:pending', ?) ON CONFLICT (name)"
+                         " DO UPDATE SET value = value + excluded.value", (len(rows),))
         conn.executemany("INSERT INTO task_events (task_id, at, to_status, detail)"
                          " VALUES (:task_id, :now, 'pending', :origin)", rows)
         conn.executemany("INSERT INTO topic_history (account_id, topic_key, topic, task_id,"
@@ -8301,7 +8304,7 @@ PROMETHEUS_TASK_KEYS = {"pending": "pending", "submitted": "submitted", "running
 #: How an attempt ended (schema.sql, migration 7): every class is exported from zero.
 ATTEMPT_CLASSES = ("success", "retry", "interrupted", "failed", "timeout", "cancelled")
 RUN_STATUSES = ("fired", "failed", "missed", "skipped_overlap")
-#: Upper bounds of contenthub_task_duration_seconds; migration 7's trigger counts the same.
+#: Upper bounds of contenthub_task_duration_seconds; migration 14's trigger uses the same.
 DURATION_BUCKETS_S = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 METRICS_TEXTFILE_EVERY_S = 15.0  #: metrics_textfile is rewritten this often, and on change
 METRICS_TEXTFILE_MIN_GAP_S = 1.0  #: ...but not more often than this
@@ -8371,9 +8374,12 @@ def prometheus_text(metrics: dict[str, Any], counters: dict[str, int],
     name = "contenthub_task_duration_seconds"
     lines += [f"# HELP {name} Run time of completed tasks (their last attempt).",
               f"# TYPE {name} histogram"]
-    lines += [f'{name}_bucket{{le="{le}"}} {counters.get(f"duration_le:{le}", 0)}'
-              for le in DURATION_BUCKETS_S]
-    count = counters.get("duration_count", 0)
+    # Stored per bucket (a completion adds to one); Prometheus buckets are cumulative.
+    count = 0
+    for le in DURATION_BUCKETS_S:
+        count += counters.get(f"duration_in:{le}", 0)
+        lines.append(f'{name}_bucket{{le="{le}"}} {count}')
+    count += counters.get("duration_in:inf", 0)
     lines += [f'{name}_bucket{{le="+Inf"}} {count}',
               f"{name}_sum {counters.get('duration_ms_sum', 0) / 1000:g}", f"{name}_count {count}"]
     name = "contenthub_schedule_last_success_timestamp_seconds"

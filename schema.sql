@@ -450,3 +450,43 @@ CREATE TABLE creator_breaker (
     failures     INTEGER NOT NULL DEFAULT 0,
     updated_at   TEXT NOT NULL
 );
+
+-- migration 14: cheaper counting on the task hot path
+-- A bulk insert counts its pending tasks in one statement (Store.insert_tasks) instead of one
+-- trigger run per row. The duration histogram keeps one counter per bucket, 'duration_in:<le>'
+-- (the tasks whose run time falls in that bucket and not a smaller one; 'inf' above the last),
+-- so a completion adds to one bucket instead of to every bucket it fits; the metrics sum them
+-- up. 'duration_count' is now their total.
+DROP TRIGGER count_task_insert;
+DROP TRIGGER count_task_duration;
+CREATE TRIGGER count_task_duration AFTER UPDATE OF status ON content_generation_tasks
+WHEN OLD.status <> 'completed' AND NEW.status = 'completed' AND NEW.started_at IS NOT NULL
+     AND NEW.completed_at IS NOT NULL
+BEGIN
+    INSERT INTO counters
+        SELECT 'duration_in:' || CASE WHEN s <= 10 THEN '10' WHEN s <= 30 THEN '30'
+            WHEN s <= 60 THEN '60' WHEN s <= 120 THEN '120' WHEN s <= 300 THEN '300'
+            WHEN s <= 600 THEN '600' WHEN s <= 1200 THEN '1200' WHEN s <= 1800 THEN '1800'
+            WHEN s <= 3600 THEN '3600' ELSE 'inf' END, 1
+        FROM (SELECT (julianday(NEW.completed_at) - julianday(NEW.started_at)) * 86400 AS s)
+        WHERE true  -- without a WHERE, SQLite reads the ON CONFLICT below as a join's ON
+        ON CONFLICT (name) DO UPDATE SET value = value + 1;
+    INSERT INTO counters VALUES ('duration_ms_sum', CAST(round(
+            (julianday(NEW.completed_at) - julianday(NEW.started_at)) * 86400000) AS INTEGER))
+        ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
+END;
+INSERT INTO counters
+    SELECT bucket, tasks FROM (
+        SELECT 'duration_in:' || le AS bucket, value - COALESCE((SELECT value FROM counters
+                WHERE name = 'duration_le:' || previous), 0) AS tasks
+        FROM (SELECT 10 AS le, NULL AS previous UNION ALL SELECT 30, 10 UNION ALL SELECT 60, 30
+              UNION ALL SELECT 120, 60 UNION ALL SELECT 300, 120 UNION ALL SELECT 600, 300
+              UNION ALL SELECT 1200, 600 UNION ALL SELECT 1800, 1200 UNION ALL SELECT 3600, 1800)
+        JOIN counters ON name = 'duration_le:' || le)
+    WHERE tasks > 0;
+INSERT INTO counters
+    SELECT 'duration_in:inf', value - COALESCE((SELECT value FROM counters
+            WHERE name = 'duration_le:3600'), 0)
+    FROM counters WHERE name = 'duration_count'
+    AND value > COALESCE((SELECT value FROM counters WHERE name = 'duration_le:3600'), 0);
+DELETE FROM counters WHERE name LIKE 'duration\_le:%' ESCAPE '\' OR name = 'duration_count';

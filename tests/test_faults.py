@@ -179,6 +179,8 @@ def test_recovery_spares_an_unrelated_process_that_owns_a_recorded_pgid(daemon_f
                 (task_id, bystander.pid, bystander.pid, stamp, stamp, stamp, stamp))
             conn.execute("INSERT INTO task_events (task_id, at, from_status, to_status)"
                          " VALUES (?, ?, 'pending', 'running')", (task_id, stamp))
+            conn.execute("INSERT INTO counters VALUES ('task:running', 1)"
+                         " ON CONFLICT (name) DO UPDATE SET value = value + 1")
         daemon.start()
         task = daemon.wait_status(task_id, "completed")
         assert pid_alive(bystander.pid), "recovery killed a process that was not its creator"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import DAEMON, ROOT, command_creator, wait_until
 
-from contenthubd import SCHEMA_PATH, StartupError, schema_steps
+from contenthubd import SCHEMA_PATH, StartupError, prometheus_text, schema_steps, topic_key
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "contenthub-0.1.0.db"
 #: The schedules the fixture's database knows; one of them is paused there.
@@ -240,3 +240,44 @@ def test_release_schema_parses():
     steps = schema_steps(SCHEMA_PATH.read_text(encoding="utf-8"))
     assert steps[0][0] == 1 and all(statements for _v, _t, statements in steps)
     assert ROOT.joinpath("schema.sql") == SCHEMA_PATH
+
+
+def test_the_duration_histogram_keeps_its_counts_across_migration_14(tmp_path):
+    """Migration 14 turns the cumulative 'duration_le:' counters into one per bucket; the
+    Prometheus histogram reads the same before and after, and new completions add to one."""
+    db = tmp_path / "contenthub.db"
+    steps = schema_steps(SCHEMA_PATH.read_text(encoding="utf-8"))
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.create_function("topic_key", 1, topic_key, deterministic=True)
+    for version, _title, statements in steps:
+        if version == 14:
+            break
+        for statement in statements:
+            conn.execute(statement)
+    # 3 tasks within 10 s, 2 more within 30 s, none up to an hour, and 1 longer.
+    cumulative = {10: 3, 30: 5, 60: 5, 120: 5, 300: 5, 600: 5, 1200: 5, 1800: 5, 3600: 5}
+    conn.executemany("INSERT INTO counters VALUES (?, ?)",
+                     [(f"duration_le:{le}", n) for le, n in cumulative.items()]
+                     + [("duration_count", 6), ("duration_ms_sum", 9_000_000)])
+    for statement in steps[13][2]:
+        conn.execute(statement)
+    counters = dict(conn.execute("SELECT name, value FROM counters"))
+    assert {k: v for k, v in counters.items() if k.startswith("duration")} == {
+        "duration_in:10": 3, "duration_in:30": 2, "duration_in:inf": 1,
+        "duration_ms_sum": 9_000_000}
+    text = prometheus_text({}, counters, {}, [])
+    buckets = {le: int(line.rsplit(" ", 1)[1]) for le in [*cumulative, "+Inf"]
+               for line in text.splitlines()
+               if line.startswith(f'contenthub_task_duration_seconds_bucket{{le="{le}"}}')}
+    assert buckets == {**cumulative, "+Inf": 6}
+    assert "contenthub_task_duration_seconds_count 6" in text
+    # A completion of 45 s adds to the 60 s bucket only.
+    conn.execute("INSERT INTO accounts (id, name, updated_at) VALUES (1, 'a', 'x')")
+    conn.execute("INSERT INTO content_generation_tasks (task_id, account_id, topic, status,"
+                 " started_at, next_attempt_at, created_at, updated_at) VALUES ('t', 1, 'x',"
+                 " 'running', '2026-12-02T10:00:00.000Z', 'x', 'x', 'x')")
+    conn.execute("UPDATE content_generation_tasks SET status = 'completed',"
+                 " completed_at = '2026-12-02T10:00:45.000Z'")
+    counters = dict(conn.execute("SELECT name, value FROM counters"))
+    assert counters["duration_in:60"] == 1 and counters["duration_in:30"] == 2
+    assert counters["duration_ms_sum"] == 9_045_000
