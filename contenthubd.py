@@ -210,23 +210,26 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-#: How long a long pass over a big config (a thread's parse, say) computes between two
-#: handovers of the GIL.
-GIL_HANDOVER_S = 0.001
-_Item = TypeVar("_Item")
+#: The GIL switch interval while a thread computes for long (Python's is 5 ms)
+BUSY_THREAD_SWITCH_INTERVAL_S = 0.0001
+NORMAL_SWITCH_INTERVAL_S = sys.getswitchinterval()
+_Result = TypeVar("_Result")
 
 
-def handing_over_gil(items: Iterable[_Item]) -> Iterator[_Item]:
-    """`items`, with the GIL handed to a thread that waits for it once a millisecond of work
-    has passed between them. Computing in a thread, without that, makes the event loop's
-    thread wait sys.getswitchinterval() (5 ms) for the GIL after each of its system calls: a
-    parse of 10,000 schedules stalled the loop for 0.2-0.3 s, and 70 ms with it."""
-    handed = time.monotonic()
-    for item in items:
-        yield item
-        if time.monotonic() - handed > GIL_HANDOVER_S:
-            time.sleep(0)  # releases the GIL: a thread waiting for it wakes and takes it
-            handed = time.monotonic()
+def sharing_gil(work: Callable[..., _Result], *args: Any) -> _Result:
+    """`work(*args)`, for a thread that computes for long (`asyncio.to_thread(sharing_gil,
+    work, ...)`: a parse of 10,000 schedules), with the event loop's thread never waiting
+    long for the GIL meanwhile. The loop's thread gives the GIL up in every system call and
+    SQLite call, and getting it back from a computing thread takes up to the switch
+    interval: at 5 ms, a reload of 10,000 edited schedules made a short write of eight rows
+    on the loop take 16-53 ms. So the interval is 0.1 ms until `work` returns, then the
+    normal one again (of two that overlap, the later one may end at the normal interval; the
+    short one never outlasts them)."""
+    sys.setswitchinterval(BUSY_THREAD_SWITCH_INTERVAL_S)
+    try:
+        return work(*args)
+    finally:
+        sys.setswitchinterval(NORMAL_SWITCH_INTERVAL_S)
 
 
 @overload
@@ -941,8 +944,7 @@ def split_schedule_blocks(text: str, known: dict[str, ScheduleConfig]) -> tuple[
         data = stretches[0] if len(stretches) == 1 else tomllib.loads(rest)
         if "schedules" in data:
             return None
-        for index in handing_over_gil([i for i, schedule in enumerate(found)
-                                       if schedule is None]):
+        for index in [i for i, schedule in enumerate(found) if schedule is None]:
             schedule = known.get(blocks[index])
             if schedule is None:
                 parsed = tomllib.loads(blocks[index])
@@ -6653,7 +6655,7 @@ def check_schedules(config: Config, known: dict[tuple[Any, ...], Trigger] | None
               is not None and checked.blocks.rest == config.blocks.rest else set())
     unchecked = [(i, schedule) for i, schedule in enumerate(config.schedules)
                  if id(schedule) not in passed]
-    for i, schedule in handing_over_gil(unchecked):
+    for i, schedule in unchecked:
         def where(key: str, index: int = i) -> str:
             return entry_key_location(config, "schedules", index, key)
 
@@ -11065,7 +11067,7 @@ class App(FollowsConfig):
             # In a thread: reading and parsing a file of 10,000 schedules must not stall the
             # loop.
             new = parsed if parsed is not None else await asyncio.to_thread(
-                self._config_file_now)
+                sharing_gil, self._config_file_now)
         except ConfigError as exc:
             self.last_reload_error = "; ".join(exc.errors)
             log.error("reload_rejected", errors=exc.errors)
@@ -11082,7 +11084,7 @@ class App(FollowsConfig):
         old = self.config if unchanged else await self.live.swap(new)
         self.last_reload_error = None
         # In a thread: 10,000 schedules that all changed are compared field by field.
-        changes = {**await asyncio.to_thread(self._reload_changes, old, new),
+        changes = {**await asyncio.to_thread(sharing_gil, self._reload_changes, old, new),
                    "restart_required": needs_restart}
         log.info("config_reloaded", file_unchanged=unchanged, **changes)
         self.metrics_dirty.set()
@@ -11102,14 +11104,13 @@ class App(FollowsConfig):
                 before.name == after.name for before, after in differ):
             # Edited in place (parse_config reused every unchanged schedule): compare those.
             added, removed = [], []
-            changed = [after.name for before, after in handing_over_gil(differ)
-                       if before != after]
+            changed = [after.name for before, after in differ if before != after]
         else:
             old_schedules = {s.name: s for s in old.schedules}
             new_schedules = {s.name: s for s in new.schedules}
             added = list(new_schedules.keys() - old_schedules.keys())
             removed = list(old_schedules.keys() - new_schedules.keys())
-            changed = [n for n in handing_over_gil(new_schedules.keys() & old_schedules.keys())
+            changed = [n for n in new_schedules.keys() & old_schedules.keys()
                        if new_schedules[n] is not old_schedules[n]
                        and new_schedules[n] != old_schedules[n]]
         return {
@@ -11284,7 +11285,7 @@ class App(FollowsConfig):
         if text == self.config.text:
             return {"name": "config", "ok": True, "detail": path}
         try:
-            await asyncio.to_thread(self._parse, text)
+            await asyncio.to_thread(sharing_gil, self._parse, text)
         except ConfigError as exc:
             return {"name": "config", "ok": False,
                     "detail": f"{path} changed since it was loaded and has {len(exc.errors)}"
@@ -11354,7 +11355,7 @@ class App(FollowsConfig):
         if text == self.config.text:
             return text, self.config
         try:
-            return text, await asyncio.to_thread(self._parse, text)
+            return text, await asyncio.to_thread(sharing_gil, self._parse, text)
         except ConfigError as exc:
             raise Conflict("\n".join([
                 f"{path} was changed since the last reload and is not valid now; fix it (or"
@@ -11389,7 +11390,7 @@ class App(FollowsConfig):
                     + "[[schedules]]\n"
                     + "".join(f"{key} = {toml_value(value)}\n" for key, value in block.items()))
         try:
-            parsed = await asyncio.to_thread(self._parse, new_text, on_disk)
+            parsed = await asyncio.to_thread(sharing_gil, self._parse, new_text, on_disk)
         except ConfigError as exc:
             raise InvalidRequest("\n".join([
                 f"schedule {name!r} is not valid; the config file is unchanged:", *exc.errors]),
@@ -11413,7 +11414,7 @@ class App(FollowsConfig):
             raise NotFound(f"no schedule {name!r} in {self.config.path}")
         new_text = without_schedule_block(text, names.index(name))
         try:
-            remaining = await asyncio.to_thread(self._parse, new_text, on_disk)
+            remaining = await asyncio.to_thread(sharing_gil, self._parse, new_text, on_disk)
         except ConfigError as exc:
             raise InvalidRequest("\n".join([
                 f"without schedule {name!r} the file would not be valid; it is unchanged:",
