@@ -158,7 +158,8 @@ command = ["{CREATORS / 'record_hook.py'}", "{{task_id}}"]
     task_id = daemon.submit("钩子测试")
     daemon.wait_status(task_id, "completed")
     record = tmp_path / "hooks.jsonl"
-    wait_until(record.exists, 10)
+    # The hook opens the file before it writes its line: wait for the whole line.
+    wait_until(lambda: record.exists() and record.read_text().endswith("\n"), 10)
     event = json.loads(record.read_text().splitlines()[0])
     assert event["event"] == "completed" and event["task"]["task_id"] == task_id
     assert event["content"]["title"] == "钩子测试"
