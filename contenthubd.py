@@ -216,20 +216,23 @@ NORMAL_SWITCH_INTERVAL_S = sys.getswitchinterval()
 _Result = TypeVar("_Result")
 
 
-def sharing_gil(work: Callable[..., _Result], *args: Any) -> _Result:
-    """`work(*args)`, for a thread that computes for long (`asyncio.to_thread(sharing_gil,
-    work, ...)`: a parse of 10,000 schedules), with the event loop's thread never waiting
-    long for the GIL meanwhile. The loop's thread gives the GIL up in every system call and
-    SQLite call, and getting it back from a computing thread takes up to the switch
-    interval: at 5 ms, a reload of 10,000 edited schedules made a short write of eight rows
-    on the loop take 16-53 ms. So the interval is 0.1 ms until `work` returns, then the
-    normal one again (of two that overlap, the later one may end at the normal interval; the
-    short one never outlasts them)."""
-    sys.setswitchinterval(BUSY_THREAD_SWITCH_INTERVAL_S)
-    try:
-        return work(*args)
-    finally:
-        sys.setswitchinterval(NORMAL_SWITCH_INTERVAL_S)
+async def in_thread_sharing_gil(work: Callable[..., _Result], *args: Any) -> _Result:
+    """`work(*args)` in a thread that computes for long (a parse of 10,000 schedules), with
+    the event loop's thread never waiting long for the GIL meanwhile. The loop's thread gives
+    the GIL up in every system call and SQLite call, and getting it back from a computing
+    thread takes up to the switch interval: at 5 ms, a reload of 10,000 edited schedules made
+    a short write of eight rows on the loop take 16-53 ms. So the interval is 0.1 ms until
+    `work` returns, then the normal one again (of two that overlap, the later one may end at
+    the normal interval; the short one never outlasts them)."""
+
+    def run() -> _Result:
+        sys.setswitchinterval(BUSY_THREAD_SWITCH_INTERVAL_S)
+        try:
+            return work(*args)
+        finally:
+            sys.setswitchinterval(NORMAL_SWITCH_INTERVAL_S)
+
+    return await asyncio.to_thread(run)
 
 
 @overload
@@ -2313,7 +2316,7 @@ class Store:
                      now: datetime) -> list[str]:
         """Insert tasks inside the caller's transaction; rows whose dedup_key exists (or
         comes twice) are skipped: a restarted firing must not double its tasks. Returns the
-        inserted ids. Three statements however many tasks: a firing of 100 commits at once."""
+        inserted ids. Four statements however many tasks: a firing of 100 commits at once."""
         stamp = to_db_time(now)
         rows = []
         # The ids of one batch share their millisecond: 5,000 rows differ in 32 random bits
@@ -11066,8 +11069,8 @@ class App(FollowsConfig):
         try:
             # In a thread: reading and parsing a file of 10,000 schedules must not stall the
             # loop.
-            new = parsed if parsed is not None else await asyncio.to_thread(
-                sharing_gil, self._config_file_now)
+            new = parsed if parsed is not None else await in_thread_sharing_gil(
+                self._config_file_now)
         except ConfigError as exc:
             self.last_reload_error = "; ".join(exc.errors)
             log.error("reload_rejected", errors=exc.errors)
@@ -11084,7 +11087,7 @@ class App(FollowsConfig):
         old = self.config if unchanged else await self.live.swap(new)
         self.last_reload_error = None
         # In a thread: 10,000 schedules that all changed are compared field by field.
-        changes = {**await asyncio.to_thread(sharing_gil, self._reload_changes, old, new),
+        changes = {**await in_thread_sharing_gil(self._reload_changes, old, new),
                    "restart_required": needs_restart}
         log.info("config_reloaded", file_unchanged=unchanged, **changes)
         self.metrics_dirty.set()
@@ -11285,7 +11288,7 @@ class App(FollowsConfig):
         if text == self.config.text:
             return {"name": "config", "ok": True, "detail": path}
         try:
-            await asyncio.to_thread(sharing_gil, self._parse, text)
+            await in_thread_sharing_gil(self._parse, text)
         except ConfigError as exc:
             return {"name": "config", "ok": False,
                     "detail": f"{path} changed since it was loaded and has {len(exc.errors)}"
@@ -11355,7 +11358,7 @@ class App(FollowsConfig):
         if text == self.config.text:
             return text, self.config
         try:
-            return text, await asyncio.to_thread(sharing_gil, self._parse, text)
+            return text, await in_thread_sharing_gil(self._parse, text)
         except ConfigError as exc:
             raise Conflict("\n".join([
                 f"{path} was changed since the last reload and is not valid now; fix it (or"
@@ -11390,7 +11393,7 @@ class App(FollowsConfig):
                     + "[[schedules]]\n"
                     + "".join(f"{key} = {toml_value(value)}\n" for key, value in block.items()))
         try:
-            parsed = await asyncio.to_thread(sharing_gil, self._parse, new_text, on_disk)
+            parsed = await in_thread_sharing_gil(self._parse, new_text, on_disk)
         except ConfigError as exc:
             raise InvalidRequest("\n".join([
                 f"schedule {name!r} is not valid; the config file is unchanged:", *exc.errors]),
@@ -11414,7 +11417,7 @@ class App(FollowsConfig):
             raise NotFound(f"no schedule {name!r} in {self.config.path}")
         new_text = without_schedule_block(text, names.index(name))
         try:
-            remaining = await asyncio.to_thread(sharing_gil, self._parse, new_text, on_disk)
+            remaining = await in_thread_sharing_gil(self._parse, new_text, on_disk)
         except ConfigError as exc:
             raise InvalidRequest("\n".join([
                 f"without schedule {name!r} the file would not be valid; it is unchanged:",

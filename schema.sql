@@ -456,7 +456,7 @@ CREATE TABLE creator_breaker (
 -- trigger run per row. The duration histogram keeps one counter per bucket, 'duration_in:<le>'
 -- (the tasks whose run time falls in that bucket and not a smaller one; 'inf' above the last),
 -- so a completion adds to one bucket instead of to every bucket it fits; the metrics sum them
--- up. 'duration_count' is now their total.
+-- up, and their total is the count ('duration_count' goes).
 DROP TRIGGER count_task_insert;
 DROP TRIGGER count_task_duration;
 CREATE TRIGGER count_task_duration AFTER UPDATE OF status ON content_generation_tasks
@@ -476,17 +476,19 @@ BEGIN
         ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
 END;
 INSERT INTO counters
-    SELECT bucket, tasks FROM (
-        SELECT 'duration_in:' || le AS bucket, value - COALESCE((SELECT value FROM counters
-                WHERE name = 'duration_le:' || previous), 0) AS tasks
-        FROM (SELECT 10 AS le, NULL AS previous UNION ALL SELECT 30, 10 UNION ALL SELECT 60, 30
-              UNION ALL SELECT 120, 60 UNION ALL SELECT 300, 120 UNION ALL SELECT 600, 300
-              UNION ALL SELECT 1200, 600 UNION ALL SELECT 1800, 1200 UNION ALL SELECT 3600, 1800)
-        JOIN counters ON name = 'duration_le:' || le)
+    SELECT 'duration_in:' || bucket, tasks FROM (
+        SELECT bucket, value - COALESCE((SELECT value FROM counters WHERE name = below), 0)
+            AS tasks
+        FROM (SELECT '10' AS bucket, 'duration_le:10' AS up_to, NULL AS below
+              UNION ALL SELECT '30', 'duration_le:30', 'duration_le:10'
+              UNION ALL SELECT '60', 'duration_le:60', 'duration_le:30'
+              UNION ALL SELECT '120', 'duration_le:120', 'duration_le:60'
+              UNION ALL SELECT '300', 'duration_le:300', 'duration_le:120'
+              UNION ALL SELECT '600', 'duration_le:600', 'duration_le:300'
+              UNION ALL SELECT '1200', 'duration_le:1200', 'duration_le:600'
+              UNION ALL SELECT '1800', 'duration_le:1800', 'duration_le:1200'
+              UNION ALL SELECT '3600', 'duration_le:3600', 'duration_le:1800'
+              UNION ALL SELECT 'inf', 'duration_count', 'duration_le:3600')
+        JOIN counters ON name = up_to)
     WHERE tasks > 0;
-INSERT INTO counters
-    SELECT 'duration_in:inf', value - COALESCE((SELECT value FROM counters
-            WHERE name = 'duration_le:3600'), 0)
-    FROM counters WHERE name = 'duration_count'
-    AND value > COALESCE((SELECT value FROM counters WHERE name = 'duration_le:3600'), 0);
 DELETE FROM counters WHERE name LIKE 'duration\_le:%' ESCAPE '\' OR name = 'duration_count';
